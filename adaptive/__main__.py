@@ -1,0 +1,107 @@
+"""Command line: ``python -m adaptive {generate,bench,train-model,train-exits}``.
+
+Errors the runtime raises on purpose (bad input, missing files) print as one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import AdaptiveError
+
+# Sub-commands whose code lives elsewhere: (module, help). Imported only when used, so `generate` starts fast.
+_EXTERNAL_COMMANDS = {
+    "train-model": ("adaptive.training.train_model", "train the bundled default model (resumable)"),
+    "train-exits": ("adaptive.training.train_exits", "train per-layer exit adapters for a checkpoint"),
+}
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text and print it (optionally write the full trace)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="full", help="full | early_exit")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--measure", default=None, help="max_prob | margin | entropy | cosine | patience")
+    p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--kv-policy", default=None, help="propagate | defer")
+    p.add_argument("--exit-layers", default=None, help="comma-separated layer counts where tokens may exit")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result with every token trace")
+    p.add_argument("--stats", action="store_true", help="print the stats after the text")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _generate(args) -> int:
+    import json
+
+    from .runtime import Runtime
+
+    rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    options = {name: getattr(args, name) for name in ("threshold", "measure", "min_layer", "kv_policy", "top_k", "top_p")
+               if getattr(args, name) is not None}
+    if args.exit_layers:
+        try:
+            options["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --exit-layers must be comma-separated integers, got {args.exit_layers!r}")
+    stream = rt.stream(args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                       temperature=args.temperature, seed=args.seed, **options)
+    for trace in stream:
+        sys.stdout.write(trace.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = stream.result
+    if args.stats:
+        print(json.dumps({k: v for k, v in result.stats.items()}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(result.to_json())
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="side-by-side measurements in one process")
+    add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adaptive", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_bench(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module, help_text) in _EXTERNAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if argv and argv[0] == name:  # only import the training code when it is asked for
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError as e:
+                print(f"error: {name} is not available: {e}", file=sys.stderr)
+                return 2
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+            return bench_main(args)
+        return importlib.import_module(_EXTERNAL_COMMANDS[args.command][0]).main(args)
+    except AdaptiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

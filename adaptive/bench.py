@@ -1,0 +1,178 @@
+"""``python -m adaptive bench``: side-by-side decode measurements in one process.
+
+Every row decodes the same prompts, batch 1, greedy, with EOS disabled so each run produces exactly
+``--max-new-tokens`` tokens. Rows are interleaved inside each repeat (so drift in machine load hits all
+rows alike) and the reported speed is the median over repeats of (tokens / wall seconds) summed over
+the prompt set. Agreement is measured against our own full-depth output of the same prompt: the share
+of positions where the tokens match, and the share of prompts whose outputs match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .runtime import ASSETS_DIR, Runtime
+
+RANDOM_LLAMA = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=688, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=True)
+DEFAULT_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    for i in range(len(items)):\n",
+    "def read_config(path):\n    \"\"\"Read a JSON config file.\"\"\"\n",
+    "# Copyright 2001 Python Software Foundation\n",
+]
+
+
+@dataclass
+class Row:
+    name: str
+    mode: str
+    options: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    ms_per_token: float = 0.0
+    ratio_to_hf: float | None = None
+    ratio_to_full: float | None = None
+    layers_run_mean: float | None = None
+    compute_fraction: float | None = None
+    agreement: float | None = None
+    exact_prompts: float | None = None
+    repeat_tokens_per_s: list = field(default_factory=list)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--random-llama", action="store_true",
+                   help="a random-weight 8-layer, 256-wide Llama (vocab 8192), no checkpoint needed")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", default=None, help="JSON file with a list of prompt strings")
+    p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--thresholds", default="0.5,0.8,0.9,0.95", help="early-exit thresholds to measure")
+    p.add_argument("--measure", default=None, help="early-exit measure (default: the model's default)")
+    p.add_argument("--kv-policy", default=None, help="propagate | defer (default: the model's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() row")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
+
+
+def _build(args):
+    """(runtime, hf_model, prompts as token-id lists, model description)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.random_llama:
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA, bos_token_id=None, eos_token_id=None)).eval()
+        rt = Runtime.from_model(hf)
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, RANDOM_LLAMA["vocab_size"], (12 + 4 * i,), generator=gen).tolist() for i in range(6)]
+        return rt, hf, prompts, "random-llama-8x256"
+    rt = Runtime.from_pretrained(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(str(rt.directory), dtype=torch.float32).eval()
+    texts = DEFAULT_PROMPTS
+    if args.prompts:
+        texts = json.loads(Path(args.prompts).read_text())
+    elif (ASSETS_DIR / "prompts.json").is_file() and rt.directory and rt.directory.parent == ASSETS_DIR:
+        texts = [p["prompt"] for p in json.loads((ASSETS_DIR / "prompts.json").read_text())]
+    return rt, hf, [rt.encode(t) for t in texts], str(rt.directory)
+
+
+def _hf_generate(hf, prompt: list[int], n: int) -> list[int]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt, hf, prompts, description = _build(args)
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    n = args.max_new_tokens
+    ee_knobs = {k: v for k, v in (("measure", args.measure), ("kv_policy", args.kv_policy)) if v is not None}
+    rows = [] if args.no_hf else [Row("hf_generate", "hf")]
+    rows.append(Row("full", "full"))
+    for thr in (float(t) for t in args.thresholds.split(",") if t):
+        rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
+
+    def decode(row: Row, prompt: list[int]):
+        if row.mode == "hf":
+            return _hf_generate(hf, prompt, n), None
+        res = rt.generate(prompt, max_new_tokens=n, mode=row.mode, stop_at_eos=False, **row.options)
+        return res.token_ids, res.stats
+
+    # Warm-up: first calls pay for allocation and lazy initialisation.
+    for row in rows:
+        decode(row, prompts[0])
+    outputs: dict[str, list] = {row.name: [] for row in rows}
+    stats: dict[str, list] = {row.name: [] for row in rows}
+    from tqdm import tqdm
+
+    for rep in tqdm(range(args.repeats), desc="bench repeats"):
+        elapsed = {row.name: 0.0 for row in rows}
+        for i, prompt in enumerate(prompts):
+            for row in rows:
+                start = time.perf_counter()
+                tokens, st = decode(row, prompt)
+                elapsed[row.name] += time.perf_counter() - start
+                if rep == 0:
+                    outputs[row.name].append(tokens)
+                    stats[row.name].append(st)
+        for row in rows:
+            row.repeat_tokens_per_s.append(len(prompts) * n / elapsed[row.name])
+
+    full_out = outputs["full"]
+    for row in rows:
+        row.tokens_per_s = statistics.median(row.repeat_tokens_per_s)
+        row.ms_per_token = 1000.0 / row.tokens_per_s
+        matches = [sum(a == b for a, b in zip(out, ref)) for out, ref in zip(outputs[row.name], full_out)]
+        row.agreement = sum(matches) / (len(prompts) * n)
+        row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
+        if stats[row.name][0] is not None:
+            row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])
+            row.compute_fraction = sum(s["macs"] for s in stats[row.name]) / sum(s["full_macs"] for s in stats[row.name])
+    hf_row = next((r for r in rows if r.mode == "hf"), None)
+    full_row = next(r for r in rows if r.mode == "full")
+    for row in rows:
+        row.ratio_to_hf = row.tokens_per_s / hf_row.tokens_per_s if hf_row else None
+        row.ratio_to_full = row.tokens_per_s / full_row.tokens_per_s
+    return {"model": description, "max_new_tokens": n, "prompts": len(prompts), "repeats": args.repeats,
+            "batch_size": 1, "greedy": True, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+            "early_exit_defaults": {k: v for k, v in rt.early_exit_config(**ee_knobs).__dict__.items() if k != "num_layers"},
+            "exit_heads": rt.heads.source, "rows": [asdict(r) for r in rows]}
+
+
+def _fmt(v, spec):
+    return format("-", spec.replace(".2f", "").replace(".3f", "")) if v is None else format(v, spec)
+
+
+def format_table(report: dict) -> str:
+    head = f"{'row':<22}{'tok/s':>9}{'ms/tok':>9}{'x HF':>7}{'x full':>8}{'layers':>8}{'compute':>9}{'agree':>8}{'exact':>7}"
+    lines = [f"model {report['model']}, {report['prompts']} prompts x {report['max_new_tokens']} tokens, "
+             f"median of {report['repeats']} repeats, batch 1, greedy, {report['torch_threads']} threads", head]
+    for r in report["rows"]:
+        lines.append(f"{r['name']:<22}{r['tokens_per_s']:>9.1f}{r['ms_per_token']:>9.2f}{_fmt(r['ratio_to_hf'], '>7.2f')}"
+                     f"{_fmt(r['ratio_to_full'], '>8.2f')}{_fmt(r['layers_run_mean'], '>8.2f')}"
+                     f"{_fmt(r['compute_fraction'], '>9.3f')}{_fmt(r['agreement'], '>8.3f')}{_fmt(r['exact_prompts'], '>7.2f')}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    report = run(args)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,129 @@
+"""One dataclass per concern; derived fields and range checks live in ``__post_init__``.
+
+``ModelSpec`` describes the architecture the lean forward needs (filled by ``loading.py``, the only
+module that reads Hugging Face configs). ``SamplingConfig`` and ``EarlyExitConfig`` hold the knobs of
+``Runtime.generate``; their checks turn out-of-range input into ``InvalidRequestError`` up front.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError
+
+MODES = ("full", "early_exit")
+KV_POLICIES = ("propagate", "defer")
+MEASURES = ("max_prob", "margin", "entropy", "cosine", "patience")
+# Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.
+ABSURD_MAX_NEW_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture facts of a decoder-only LM, independent of where the weights came from."""
+
+    family: str  # "llama" (Llama, Qwen2, Mistral, SmolLM) or "gpt2"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    norm_eps: float
+    norm_kind: str  # "rms" or "layer"
+    mlp_kind: str  # "gated" (act(gate) * up) or "plain" (act(fc))
+    activation: str  # "silu", "gelu_tanh", "gelu"
+    positional: str  # "rope" or "learned"
+    # Per layer: attend only to the last `w` positions (Mistral, Qwen2 sliding layers), or None.
+    sliding_windows: tuple[int | None, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = ""  # the HF class name, for messages and traces
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows needs one entry per layer")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a token is picked from logits. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or not (
+            0.0 <= self.temperature <= 100.0
+        ):
+            raise InvalidRequestError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidRequestError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Knobs of mode="early_exit".
+
+    A token stops after layer k (1-based count of layers run) when k is an exit point, k >= min_layer
+    and the confidence measure at k reaches ``threshold``. ``exit_layers`` restricts the exit points:
+    every check through a logit-based measure costs one LM-head evaluation, which on small models
+    weighs as much as several layers, so sparse exit points are often cheaper overall.
+    """
+
+    threshold: float = 0.9
+    measure: str = "max_prob"
+    min_layer: int = 1
+    kv_policy: str = "propagate"
+    exit_layers: tuple[int, ...] | None = None  # None: every layer from min_layer to L-1
+    patience: int = 2  # for measure="patience": this many consecutive exits must agree
+    num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise InvalidRequestError(f"unknown measure {self.measure!r}; choose one of {', '.join(MEASURES)}")
+        if self.kv_policy not in KV_POLICIES:
+            raise InvalidRequestError(
+                f"unknown kv_policy {self.kv_policy!r}; choose one of {', '.join(KV_POLICIES)}"
+            )
+        if not isinstance(self.threshold, (int, float)) or not (0.0 <= self.threshold <= 1.0):
+            raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise InvalidRequestError(f"patience must be an integer >= 1, got {self.patience!r}")
+        L = self.num_layers
+        if not isinstance(self.min_layer, int) or self.min_layer < 1 or (L and self.min_layer > L):
+            raise InvalidRequestError(f"min_layer must be an integer in [1, {L or 'num_layers'}], got {self.min_layer!r}")
+        if self.exit_layers is not None:
+            layers = tuple(sorted(set(int(k) for k in self.exit_layers)))
+            if not layers or layers[0] < 1 or (L and layers[-1] > L):
+                raise InvalidRequestError(f"exit_layers must be layer counts in [1, {L or 'num_layers'}], got {self.exit_layers!r}")
+            object.__setattr__(self, "exit_layers", layers)
+
+    def exit_points(self, num_layers: int) -> frozenset[int]:
+        """Layer counts k < L after which a token may stop (exiting at L is just full depth)."""
+        candidates = self.exit_layers if self.exit_layers is not None else range(1, num_layers)
+        return frozenset(k for k in candidates if self.min_layer <= k < num_layers)

@@ -1,0 +1,46 @@
+"""Counting the compute a decode actually spends, in multiply-accumulates (MACs).
+
+Every piece of work the runtime does is charged here when it happens: layers run (weights plus
+attention over the visible context), K/V filled for skipped layers, every exit-head evaluation, every
+adapter. ``compute_fraction`` divides that by what full depth would have spent on the same tokens, so
+a saving is only reported net of the bookkeeping that bought it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelSpec
+
+
+@dataclass(frozen=True)
+class CostModel:
+    layer_weight_macs: int  # weight matmuls of one layer for one position
+    attention_macs_per_key: int  # QK^T plus AV for one (query, key) pair in one layer
+    head_macs: int  # LM head for one position
+    kv_fill_macs: int  # K and V projections of one layer for one position
+    adapter_macs: int  # one exit adapter (d x d) for one position
+    num_layers: int
+    sliding_windows: tuple[int | None, ...]
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "CostModel":
+        d, ff = spec.hidden_size, spec.intermediate_size
+        attn_weights = d * (2 * spec.q_dim + 2 * spec.kv_dim)
+        mlp_weights = d * ff * (3 if spec.mlp_kind == "gated" else 2)
+        return cls(layer_weight_macs=attn_weights + mlp_weights, attention_macs_per_key=2 * spec.q_dim,
+                   head_macs=d * spec.vocab_size, kv_fill_macs=2 * d * spec.kv_dim, adapter_macs=d * d,
+                   num_layers=spec.num_layers, sliding_windows=spec.sliding_windows)
+
+    def layer_macs(self, layer: int, position: int) -> int:
+        """One layer for one query at ``position`` (it sees position + 1 keys, fewer in a window)."""
+        window = self.sliding_windows[layer]
+        keys = position + 1 if window is None else min(position + 1, window)
+        return self.layer_weight_macs + self.attention_macs_per_key * keys
+
+    def layers_macs(self, start: int, end: int, position: int) -> int:
+        return sum(self.layer_macs(layer, position) for layer in range(start, end))
+
+    def full_token_macs(self, position: int) -> int:
+        """Full depth for one token: every layer plus one LM head."""
+        return self.layers_macs(0, self.num_layers, position) + self.head_macs

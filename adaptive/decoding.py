@@ -1,0 +1,86 @@
+"""Decode strategies behind one small interface: ``prefill(prompt)`` then ``step(token)`` per token.
+
+Each call returns a ``StepOutcome``: the logits for the *next* token plus what it cost and how it was
+decided. The runtime samples from those logits, writes the TokenTrace and feeds the sampled token back
+with ``step``. Full depth lives here; early exit in ``early_exit.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .costs import CostModel
+from .kv_cache import KVCache
+from .model import LeanModel
+
+
+@dataclass
+class StepOutcome:
+    logits: torch.Tensor  # (V,) next-token logits
+    exit_layer: int  # layers that produced the logits (1..L)
+    confidence: float | None = None
+    layer_confidence: dict[int, float] = field(default_factory=dict)
+    layer_top1: dict[int, int] = field(default_factory=dict)
+    kv_fill_layers: int = 0
+    deferred_positions: int = 0
+    macs: int = 0  # spent on this step, overheads included
+    full_macs: int = 0  # what full depth spends on the same step
+
+
+@dataclass
+class ComputeTotals:
+    """Running sums over decode steps (the prefill is full depth in every mode and is kept apart)."""
+
+    steps: int = 0
+    layers_run: int = 0
+    macs: int = 0
+    full_macs: int = 0
+    layer_macs: int = 0
+    kv_fill_macs: int = 0
+    head_macs: int = 0
+    prefill_macs: int = 0
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.steps += 1
+        self.layers_run += outcome.exit_layer
+        self.macs += outcome.macs
+        self.full_macs += outcome.full_macs
+
+
+class Decoder:
+    """Owns the cache and the position of one sequence; subclasses decide how deep each step goes."""
+
+    def __init__(self, model: LeanModel, costs: CostModel, max_len: int):
+        self.model = model
+        self.costs = costs
+        self.cache: KVCache = model.new_cache(1, max_len)
+        self.pos = 0  # number of positions fed so far
+        self.totals = ComputeTotals()
+
+    def prefill(self, prompt_ids: torch.Tensor) -> StepOutcome:
+        """Run the whole prompt (1, T) through every layer; logits for the first new token."""
+        L, T = self.model.spec.num_layers, prompt_ids.shape[1]
+        h = self.model.run_layers(self.model.embed(prompt_ids, 0), 0, L, 0, self.cache)
+        self.pos = T
+        macs = sum(self.costs.full_token_macs(p) - self.costs.head_macs for p in range(T)) + self.costs.head_macs
+        self.totals.prefill_macs += macs
+        return StepOutcome(logits=self.model.head(h[0, -1]), exit_layer=L, macs=macs, full_macs=macs)
+
+    def step(self, token_id: int) -> StepOutcome:
+        raise NotImplementedError
+
+
+class FullDecoder(Decoder):
+    def step(self, token_id: int) -> StepOutcome:
+        model, pos, L = self.model, self.pos, self.model.spec.num_layers
+        ids = torch.tensor([[token_id]], device=model.device)
+        h = model.run_layers(model.embed(ids, pos), 0, L, pos, self.cache)
+        self.pos = pos + 1
+        macs = self.costs.full_token_macs(pos)
+        self.totals.layer_macs += macs - self.costs.head_macs
+        self.totals.head_macs += self.costs.head_macs
+        outcome = StepOutcome(logits=model.head(h[0, -1]), exit_layer=L, macs=macs, full_macs=macs)
+        self.totals.add(outcome)
+        return outcome

@@ -1,0 +1,174 @@
+"""Exit heads at every layer and the confidence measures that decide whether to stop.
+
+Exit head after k layers (k = 1..L): the model's own final norm + LM head (the *logit lens*), optionally
+preceded by a trained per-layer adapter (the *tuned lens*): ``h' = h + W_k h + b_k``. At k = L the head
+is the model's own output, never adapted.
+
+Adapter file format (``exit_adapters.safetensors`` next to the checkpoint's weights):
+  tensors   ``exit.{k}.weight`` (d, d) and ``exit.{k}.bias`` (d,) for any subset of k in 1..L-1
+  metadata  ``format="adaptive-exit-adapters"``, ``version="1"``, ``kind="residual_affine"``,
+            ``hidden_size``, ``num_layers`` (strings, as safetensors metadata must be)
+Layers without an adapter fall back to the logit lens. A zero adapter equals the logit lens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError, InvalidRequestError
+from .model import LeanModel
+
+ADAPTER_FILE = "exit_adapters.safetensors"
+ADAPTER_FORMAT = "adaptive-exit-adapters"
+
+
+class ExitHeads:
+    def __init__(self, model: LeanModel, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.model = model
+        self.adapters = dict(adapters or {})
+        self.source: str = "logit lens"
+
+    def adapt(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
+        adapter = self.adapters.get(layers_run) if layers_run < self.model.spec.num_layers else None
+        if adapter is None:
+            return h
+        w, b = adapter
+        return h + F.linear(h, w, b)
+
+    def logits(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
+        """Hidden state after ``layers_run`` layers (..., d) -> next-token logits (..., V)."""
+        return self.model.head(self.adapt(h, layers_run))
+
+    def has_adapter(self, layers_run: int) -> bool:
+        return layers_run in self.adapters and layers_run < self.model.spec.num_layers
+
+
+def load_adapters(path: str | Path, hidden_size: int, num_layers: int,
+                  dtype: torch.dtype = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Read an adapter file, checking its format, shapes and layer range."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != ADAPTER_FORMAT or meta.get("kind") != "residual_affine":
+        raise CheckpointError(f"{path}: not an exit-adapter file (metadata format={meta.get('format')!r})")
+    if meta.get("hidden_size") != str(hidden_size) or meta.get("num_layers") != str(num_layers):
+        raise CheckpointError(f"{path}: adapters are for hidden_size={meta.get('hidden_size')}, "
+                              f"num_layers={meta.get('num_layers')}, not {hidden_size}, {num_layers}")
+    adapters = {}
+    for name, w in tensors.items():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "exit" or parts[2] not in ("weight", "bias") or not parts[1].isdigit():
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}")
+        k = int(parts[1])
+        if not 1 <= k < num_layers:
+            raise CheckpointError(f"{path}: adapter for layer {k} is outside 1..{num_layers - 1}")
+        if parts[2] == "weight":
+            b = tensors.get(f"exit.{k}.bias")
+            if w.shape != (hidden_size, hidden_size) or b is None or b.shape != (hidden_size,):
+                raise CheckpointError(f"{path}: adapter {k} must have weight ({hidden_size}, {hidden_size}) and bias ({hidden_size},)")
+            if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+                raise CheckpointError(f"{path}: adapter {k} holds non-finite values")
+            adapters[k] = (w.to(dtype), b.to(dtype))
+    return adapters
+
+
+def save_adapters(path: str | Path, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                  hidden_size: int, num_layers: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, (w, b) in sorted(adapters.items()):
+        tensors[f"exit.{k}.weight"] = w.detach().float().contiguous()
+        tensors[f"exit.{k}.bias"] = b.detach().float().contiguous()
+    save_file(tensors, str(path), metadata={"format": ADAPTER_FORMAT, "version": "1", "kind": "residual_affine",
+                                            "hidden_size": str(hidden_size), "num_layers": str(num_layers)})
+
+
+# ---- confidence measures ----------------------------------------------------------------------------
+# Each returns a value in [0, 1] (cosine in [-1, 1]); a token exits when the value reaches the threshold.
+# Per token, the runtime calls reset() once, then score() at each exit point in order of depth.
+
+class ConfidenceMeasure:
+    name = ""
+    needs_logits = True  # False: decided from hidden states alone, no LM-head evaluation needed
+
+    def reset(self) -> None:
+        pass
+
+    def score(self, logits: torch.Tensor | None, hidden: torch.Tensor, prev_hidden: torch.Tensor) -> float:
+        raise NotImplementedError
+
+
+class MaxProb(ConfidenceMeasure):
+    """Softmax probability of the top token."""
+    name = "max_prob"
+
+    def score(self, logits, hidden, prev_hidden):
+        # log p_max = max logit - logsumexp: two reductions instead of a full softmax.
+        return math.exp(float(logits.max() - torch.logsumexp(logits.float(), dim=-1)))
+
+
+class Margin(ConfidenceMeasure):
+    """Probability of the top token minus that of the runner-up."""
+    name = "margin"
+
+    def score(self, logits, hidden, prev_hidden):
+        top2 = torch.topk(torch.softmax(logits.float(), dim=-1), 2).values
+        return float(top2[0] - top2[1])
+
+
+class Entropy(ConfidenceMeasure):
+    """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
+    name = "entropy"
+
+    def score(self, logits, hidden, prev_hidden):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum()
+        return 1.0 - float(entropy) / math.log(logits.shape[-1])
+
+
+class HiddenCosine(ConfidenceMeasure):
+    """Cosine similarity of the hidden state with the previous layer's: the last layer changed little."""
+    name = "cosine"
+    needs_logits = False
+
+    def score(self, logits, hidden, prev_hidden):
+        return float(F.cosine_similarity(hidden.reshape(-1).float(), prev_hidden.reshape(-1).float(), dim=0))
+
+
+class Patience(ConfidenceMeasure):
+    """Agreement run: the fraction of the last ``patience`` exits whose top-1 matches the current one."""
+    name = "patience"
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.reset()
+
+    def reset(self):
+        self._last: int | None = None
+        self._run = 0
+
+    def score(self, logits, hidden, prev_hidden):
+        top = int(torch.argmax(logits))
+        self._run = self._run + 1 if top == self._last else 1
+        self._last = top
+        return min(1.0, self._run / self.patience)
+
+
+def make_measure(name: str, patience: int = 2) -> ConfidenceMeasure:
+    measures = {"max_prob": MaxProb, "margin": Margin, "entropy": Entropy, "cosine": HiddenCosine}
+    if name == "patience":
+        return Patience(patience)
+    if name not in measures:
+        raise InvalidRequestError(f"unknown measure {name!r}; choose one of {', '.join([*measures, 'patience'])}")
+    return measures[name]()

@@ -1,0 +1,70 @@
+"""Preallocated positional KV cache with a fill level per layer.
+
+Position is the cache key (gpt-fast / litgpt habit): buffers are allocated once for the whole context,
+writes go to ``[start, start + T)``, and rollback is a crop of the fill levels, never a copy.
+
+Early exit makes layers disagree on how far they are filled: a token that stops after k layers has no
+K/V in layers k..L-1 until a KV policy fills them. ``fill[l]`` is the number of leading positions whose
+K/V is valid in layer l; ``write`` refuses to leave a hole, and ``keys_values`` refuses to hand out
+slots that were never written, so nothing can attend to garbage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheHoleError(RuntimeError):
+    """An internal invariant broke: something tried to read or write past a layer's fill level."""
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)  # (L, B, Hkv, T, hd)
+        # One tensor for all layers: the propagate policy fills several layers with a single write.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.fill = [0] * num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.fill)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (B, Hkv, T, hd) of positions [start, start+T) in one layer."""
+        end = start + k.shape[2]
+        if start > self.fill[layer]:
+            raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
+        if end > self.max_len:
+            raise CacheHoleError(f"layer {layer}: write up to {end} exceeds the cache length {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.fill[layer] = max(self.fill[layer], end)
+
+    def write_layers(self, first_layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (L', B, Hkv, T, hd) of positions [start, start+T) in layers first_layer..first_layer+L'-1."""
+        end = start + k.shape[3]
+        last = first_layer + k.shape[0]
+        for layer in range(first_layer, last):
+            if start > self.fill[layer]:
+                raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
+        self.k[first_layer:last, :, :, start:end] = k
+        self.v[first_layer:last, :, :, start:end] = v
+        for layer in range(first_layer, last):
+            self.fill[layer] = max(self.fill[layer], end)
+
+    def keys_values(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, Hkv, end-start, hd) of the valid K/V of positions [start, end) in one layer."""
+        if end > self.fill[layer]:
+            raise CacheHoleError(f"layer {layer}: reading up to {end} but only {self.fill[layer]} positions are filled")
+        return self.k[layer, :, :, start:end], self.v[layer, :, :, start:end]
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` positions in every layer (stale slots are simply overwritten later)."""
+        self.fill = [min(f, length) for f in self.fill]
+
+    def is_complete(self, length: int) -> bool:
+        """True when every layer holds valid K/V for positions [0, length)."""
+        return all(f >= length for f in self.fill)

@@ -1,0 +1,206 @@
+"""A lean forward over loaded decoder weights: ``embed()``, ``run_layers()``, ``head()``.
+
+Batch-1 decoding on a CPU is bound by memory traffic and per-operation overhead, so each layer is a
+short, fixed sequence of torch calls on plain tensors: no modules, no hooks, no per-step allocation of
+caches or masks. The weights are the checkpoint's own tensors (shared, never copied), so wrapping an
+in-memory transformers model costs no memory.
+
+Positions are contiguous: ``run_layers(h, start, end, pos)`` runs layers [start, end) on hidden states
+of positions [pos, pos + T). Layer indices are 0-based; "exit after k layers" means layers [0, k) ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelSpec
+from .kv_cache import KVCache
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer. Linear weights are (out, in) as F.linear expects; biases may be None."""
+
+    attn_norm_w: torch.Tensor  # (d,)
+    attn_norm_b: torch.Tensor | None
+    q_w: torch.Tensor  # (H*hd, d)
+    q_b: torch.Tensor | None
+    k_w: torch.Tensor  # (Hkv*hd, d)
+    k_b: torch.Tensor | None
+    v_w: torch.Tensor  # (Hkv*hd, d)
+    v_b: torch.Tensor | None
+    o_w: torch.Tensor  # (d, H*hd)
+    o_b: torch.Tensor | None
+    mlp_norm_w: torch.Tensor  # (d,)
+    mlp_norm_b: torch.Tensor | None
+    up_w: torch.Tensor  # (ff, d)
+    up_b: torch.Tensor | None
+    gate_w: torch.Tensor | None  # (ff, d) for gated MLPs, None for GPT-2's plain MLP
+    gate_b: torch.Tensor | None
+    down_w: torch.Tensor  # (d, ff)
+    down_b: torch.Tensor | None
+    attn_scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # (V, d)
+    layers: list[LayerWeights]
+    final_norm_w: torch.Tensor  # (d,)
+    final_norm_b: torch.Tensor | None
+    lm_head: torch.Tensor  # (V, d); the embedding itself when tied
+    pos_embed: torch.Tensor | None = None  # (max_positions, d) for learned positions (GPT-2)
+    rope_inv_freq: torch.Tensor | None = None  # (hd/2,)
+    rope_scale: float = 1.0  # attention scaling some RoPE variants apply to cos/sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanModel:
+    def __init__(self, spec: ModelSpec, weights: ModelWeights):
+        self.spec = spec
+        self.w = weights
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        if spec.positional == "rope":
+            if weights.rope_inv_freq is None:
+                raise ValueError("a RoPE model needs rope_inv_freq")
+            # The same expression as transformers' rotary embedding, tabulated once for every position.
+            positions = torch.arange(spec.max_positions, dtype=torch.float32)
+            freqs = positions[:, None] * weights.rope_inv_freq.float()[None, :]  # (T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+            self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)
+            self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)
+        self._act = {"silu": F.silu, "gelu": F.gelu,
+                     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[spec.activation]
+        self._kv_stack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        d = (self.spec.hidden_size,)
+        if self.spec.norm_kind == "rms":
+            return F.rms_norm(x, d, w, self.spec.norm_eps)
+        return F.layer_norm(x, d, w, b, self.spec.norm_eps)
+
+    def embed(self, token_ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """(B, T) token ids at positions [pos, pos+T) -> hidden states (B, T, d)."""
+        h = F.embedding(token_ids, self.w.embed)
+        if self.w.pos_embed is not None:
+            h = h + self.w.pos_embed[pos:pos + token_ids.shape[1]]
+        return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h, self.w.final_norm_w, self.w.final_norm_b)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: hidden (..., d) -> logits (..., V)."""
+        return F.linear(self.final_norm(h), self.w.lm_head)
+
+    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        T = x.shape[-2]
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, hd), broadcast over (B, H)
+        return x * cos + _rotate_half(x) * sin
+
+    def _attention_mask(self, pos: int, T: int, key_start: int, window: int | None) -> torch.Tensor:
+        """Boolean (T, S) mask: query pos+i may see key key_start+j iff causal and inside the window."""
+        q_pos = torch.arange(pos, pos + T, device=self.device)[:, None]
+        k_pos = torch.arange(key_start, pos + T, device=self.device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        return allowed
+
+    def layer(self, index: int, h: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """One decoder layer on hidden states (B, T, d) of positions [pos, pos+T); writes its K/V."""
+        spec, lw = self.spec, self.w.layers[index]
+        B, T, _ = h.shape
+        H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+        x = self.norm(h, lw.attn_norm_w, lw.attn_norm_b)
+        q = F.linear(x, lw.q_w, lw.q_b).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = F.linear(x, lw.k_w, lw.k_b).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = F.linear(x, lw.v_w, lw.v_b).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if spec.positional == "rope":
+            q, k = self._rope(q, pos), self._rope(k, pos)
+        cache.write(index, pos, k, v)
+
+        window = spec.sliding_windows[index]
+        key_start = 0 if window is None else max(0, pos - window + 1)
+        keys, values = cache.keys_values(index, key_start, pos + T)  # (B, Hkv, S, hd)
+        mask, causal = None, False
+        if T > 1:
+            if key_start == 0 and pos == 0 and (window is None or window >= T):
+                causal = True
+            else:
+                mask = self._attention_mask(pos, T, key_start, window)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              scale=lw.attn_scale or 1.0 / math.sqrt(hd),
+                                              enable_gqa=Hkv != H)  # (B, H, T, hd)
+        attn = attn.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
+        h = h + F.linear(attn, lw.o_w, lw.o_b)
+
+        x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
+        if lw.gate_w is not None:
+            inner = self._act(F.linear(x, lw.gate_w, lw.gate_b)) * F.linear(x, lw.up_w, lw.up_b)
+        else:
+            inner = self._act(F.linear(x, lw.up_w, lw.up_b))
+        return h + F.linear(inner, lw.down_w, lw.down_b)
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache) -> torch.Tensor:
+        """Layers [start, end) on hidden states (B, T, d) of positions [pos, pos+T)."""
+        for index in range(start, end):
+            h = self.layer(index, h, pos, cache)
+        return h
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        spec = self.spec
+        return KVCache(spec.num_layers, batch_size, spec.num_kv_heads, max_len or spec.max_positions,
+                       spec.head_dim, dtype=self.dtype, device=self.device)
+
+    # ---- propagate KV policy ----------------------------------------------------------------------
+    def _kv_projection_stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V projections of every layer with that layer's norm weight folded in.
+
+        For RMSNorm, K_l(h) = W_l (g_l * n(h)) + b_l = (W_l * g_l) n(h) + b_l, where n(h) is the weightless
+        normalisation shared by all layers; LayerNorm's shift folds into the bias as W_l beta_l. Stacking
+        the folded matrices lets one matmul produce K/V for all skipped layers at once (CALM's
+        state propagation) instead of 2 * (L - k) small matmuls. Built on first use: a copy of the K/V
+        weights, about 2 * kv_dim / (4 * d + 3 * ff) of the layer weights.
+        """
+        if self._kv_stack is None:
+            mats, biases = [], []
+            for lw in self.w.layers:
+                w = torch.cat((lw.k_w, lw.v_w), dim=0)  # (2*kv, d)
+                b = torch.cat((lw.k_b if lw.k_b is not None else torch.zeros_like(lw.k_w[:, 0]),
+                               lw.v_b if lw.v_b is not None else torch.zeros_like(lw.v_w[:, 0])))
+                if lw.attn_norm_b is not None:
+                    b = b + w @ lw.attn_norm_b
+                mats.append(w * lw.attn_norm_w[None, :])
+                biases.append(b)
+            self._kv_stack = (torch.stack(mats), torch.stack(biases))  # (L, 2*kv, d), (L, 2*kv)
+        return self._kv_stack
+
+    def propagate_kv(self, h: torch.Tensor, first_layer: int, pos: int, cache: KVCache) -> None:
+        """Fill K/V of layers [first_layer, L) at position ``pos`` from the exit hidden state h (B, 1, d)."""
+        spec = self.spec
+        if first_layer >= spec.num_layers:
+            return
+        mats, biases = self._kv_projection_stack()
+        B = h.shape[0]
+        d = (spec.hidden_size,)
+        n = F.rms_norm(h, d, None, spec.norm_eps) if spec.norm_kind == "rms" else F.layer_norm(h, d, None, None, spec.norm_eps)
+        n = n.reshape(B, spec.hidden_size).T  # (d, B)
+        kv = torch.matmul(mats[first_layer:], n) + biases[first_layer:, :, None]  # (L', 2*kv, B)
+        Lp = kv.shape[0]
+        kv = kv.permute(0, 2, 1).reshape(Lp, B, 2, spec.num_kv_heads, 1, spec.head_dim)  # (L', B, 2, Hkv, 1, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]  # (L', B, Hkv, 1, hd)
+        if spec.positional == "rope":
+            k = self._rope(k, pos)
+        cache.write_layers(first_layer, pos, k, v)

@@ -1,0 +1,228 @@
+"""``Runtime``: the public entry point. Loads a model, validates requests, drives a decoder, records traces.
+
+``stream()`` is the one decode loop; ``generate()`` drains it. Both accept a str prompt (tokenised with
+the checkpoint's tokenizer) or a list of token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import ABSURD_MAX_NEW_TOKENS, MODES, EarlyExitConfig, SamplingConfig
+from .costs import CostModel
+from .decoding import Decoder, FullDecoder, StepOutcome
+from .early_exit import EarlyExitDecoder
+from .errors import CheckpointError, ContextLengthError, InvalidRequestError
+from .exits import ADAPTER_FILE, ExitHeads, load_adapters
+from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
+from .model import LeanModel
+from .sampling import Sampler
+from .trace import GenerationResult, TokenTrace
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
+DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
+EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience")
+SAMPLING_KNOBS = ("top_k", "top_p")
+
+
+class GenerationStream:
+    """Iterate to receive TokenTrace records as tokens are produced; ``result`` is set at the end."""
+
+    def __init__(self, records: Iterator[TokenTrace]):
+        self._records = records
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenTrace]:
+        self.result = yield from self._records
+
+
+class Runtime:
+    def __init__(self, loaded: LoadedCheckpoint, name: str = ""):
+        self.spec = loaded.spec
+        self.model = LeanModel(loaded.spec, loaded.weights)
+        self.tokenizer = loaded.tokenizer
+        self.costs = CostModel.from_spec(loaded.spec)
+        self.directory = loaded.directory
+        self.name = name or (str(loaded.directory) if loaded.directory else loaded.spec.architecture)
+        self.heads = ExitHeads(self.model)
+        self.defaults: dict[str, dict[str, Any]] = {}
+        if loaded.directory is not None:
+            self._load_sidecars(loaded.directory)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                        trust_remote_code: bool = False) -> "Runtime":
+        """No argument: the bundled default model, offline. Otherwise a local directory or a hub id."""
+        if path is None:
+            if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+                raise CheckpointError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}; "
+                                      "train it with `python -m adaptive train-model` or pass a model path")
+            path = DEFAULT_MODEL_DIR
+        return cls(load_checkpoint(str(path), dtype=dtype, trust_remote_code=trust_remote_code))
+
+    @classmethod
+    def from_model(cls, hf_model, tokenizer=None) -> "Runtime":
+        """Wrap an in-memory transformers model; its weights are shared, not copied."""
+        return cls(from_hf_model(hf_model, tokenizer))
+
+    def _load_sidecars(self, directory: Path) -> None:
+        adapter_path = directory / ADAPTER_FILE
+        if adapter_path.is_file():
+            self.heads = ExitHeads(self.model, load_adapters(adapter_path, self.spec.hidden_size,
+                                                              self.spec.num_layers, self.model.dtype))
+            self.heads.source = f"adapters ({adapter_path.name})"
+        defaults_path = directory / DEFAULTS_FILE
+        if defaults_path.is_file():
+            try:
+                defaults = json.loads(defaults_path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{defaults_path} is not valid JSON: {e}") from e
+            if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
+                raise CheckpointError(f"{defaults_path} must map a mode name to an object of knobs")
+            self.defaults = defaults
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidRequestError("the prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass the prompt as a list of token ids")
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise InvalidRequestError("a token-id prompt must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        else:
+            raise InvalidRequestError(f"the prompt must be a str or a list of token ids, not {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None and token_ids else ""
+
+    def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if max_new_tokens > ABSURD_MAX_NEW_TOKENS:
+            raise InvalidRequestError(f"max_new_tokens={max_new_tokens} is absurdly large (limit {ABSURD_MAX_NEW_TOKENS})")
+        context = self.spec.max_positions
+        if prompt_len >= context:
+            raise ContextLengthError(f"the prompt has {prompt_len} tokens but the model's context is {context}")
+        if prompt_len + max_new_tokens > context:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                f"{context}; use max_new_tokens <= {context - prompt_len}")
+
+    def early_exit_config(self, **knobs) -> EarlyExitConfig:
+        merged = {**self.defaults.get("early_exit", {}), **knobs}
+        merged = {k: v for k, v in merged.items() if k in EARLY_EXIT_KNOBS}
+        if isinstance(merged.get("exit_layers"), list):
+            merged["exit_layers"] = tuple(merged["exit_layers"])
+        return EarlyExitConfig(num_layers=self.spec.num_layers, **merged)
+
+    def _decoder(self, mode: str, options: dict[str, Any], max_len: int) -> tuple[Decoder, dict[str, Any]]:
+        allowed = {"full": (), "early_exit": EARLY_EXIT_KNOBS}
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        unknown = set(options) - set(allowed[mode]) - set(SAMPLING_KNOBS) - {"stop_at_eos"}
+        if unknown:
+            raise InvalidRequestError(f"unknown option(s) {sorted(unknown)} for mode={mode!r}; "
+                                      f"valid: {', '.join([*allowed[mode], *SAMPLING_KNOBS, 'stop_at_eos'])}")
+        if mode == "full":
+            return FullDecoder(self.model, self.costs, max_len), {}
+        cfg = self.early_exit_config(**{k: v for k, v in options.items() if k in EARLY_EXIT_KNOBS})
+        settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
+                    "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
+                    "exit_heads": self.heads.source}
+        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg), settings
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
+               temperature: float = 0.0, seed: int | None = None, **options) -> GenerationStream:
+        """Validate everything up front, then return an iterator of TokenTrace records."""
+        prompt_ids = self.encode(prompt)
+        self._check_lengths(len(prompt_ids), max_new_tokens)
+        sampling = SamplingConfig(temperature=temperature, seed=seed, top_k=options.get("top_k", 0),
+                                  top_p=options.get("top_p", 1.0))
+        decoder, settings = self._decoder(mode, options, len(prompt_ids) + max_new_tokens)
+        stop_at_eos = options.get("stop_at_eos", True)
+        prompt_text = prompt if isinstance(prompt, str) else self.decode(prompt_ids)
+        records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, Sampler(sampling, self.model.device),
+                                decoder, settings, stop_at_eos)
+        return GenerationStream(records)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
+                 temperature: float = 0.0, seed: int | None = None, **options) -> GenerationResult:
+        stream = self.stream(prompt, max_new_tokens, mode, temperature, seed, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    # ---- the decode loop ----------------------------------------------------------------------------
+    def _records(self, prompt_ids: list[int], prompt_text: str, max_new_tokens: int, mode: str,
+                 sampler: Sampler, decoder: Decoder, settings: dict[str, Any], stop_at_eos: bool):
+        eos = set(self.spec.eos_token_ids) if stop_at_eos else set()
+        traces: list[TokenTrace] = []
+        with torch.inference_mode():
+            start = time.perf_counter()
+            outcome: StepOutcome = decoder.prefill(torch.tensor([prompt_ids], device=self.model.device))
+            # The first new token's share of the prefill: its own position at full depth.
+            outcome.macs = outcome.full_macs = self.costs.full_token_macs(len(prompt_ids) - 1)
+            prefill_s = time.perf_counter() - start
+            last = time.perf_counter()
+            stop_reason = "max_new_tokens"
+            while True:
+                token = sampler.sample(outcome.logits)
+                now = time.perf_counter()
+                trace = TokenTrace(
+                    token_id=token, position=decoder.pos, exit_layer=outcome.exit_layer,
+                    confidence=outcome.confidence, text=self.decode([token]),
+                    layer_confidence=outcome.layer_confidence, layer_top1=outcome.layer_top1,
+                    kv_fill_layers=outcome.kv_fill_layers, deferred_positions=outcome.deferred_positions,
+                    macs=outcome.macs, full_macs=outcome.full_macs, elapsed_ms=(now - last) * 1000)
+                last = now
+                traces.append(trace)
+                yield trace
+                if token in eos:
+                    stop_reason = "eos"
+                    break
+                if len(traces) >= max_new_tokens:
+                    break
+                outcome = decoder.step(token)
+            total_s = time.perf_counter() - start
+        token_ids = [t.token_id for t in traces]
+        stats = self._stats(traces, decoder, mode, settings, prefill_s, total_s, len(prompt_ids))
+        stats["stop_reason"] = stop_reason
+        return GenerationResult(token_ids=token_ids, text=self.decode(token_ids), traces=traces, stats=stats,
+                                prompt_ids=prompt_ids, prompt_text=prompt_text, stop_reason=stop_reason)
+
+    def _stats(self, traces: list[TokenTrace], decoder: Decoder, mode: str, settings: dict[str, Any],
+               prefill_s: float, total_s: float, prompt_len: int) -> dict[str, Any]:
+        n, L = len(traces), self.spec.num_layers
+        macs = sum(t.macs for t in traces)
+        full = sum(t.full_macs for t in traces)
+        totals = decoder.totals
+        decode_s = max(total_s - prefill_s, 1e-9)
+        return {
+            "mode": mode, "model": self.name, "num_layers": L, "prompt_tokens": prompt_len, "new_tokens": n,
+            "layers_run_mean": sum(t.exit_layer for t in traces) / n,
+            "compute_fraction": macs / full,
+            "kv_fill_fraction": totals.kv_fill_macs / full,
+            "head_fraction": (totals.head_macs + self.costs.head_macs) / full,
+            "exit_layer_histogram": {str(k): v for k, v in sorted(Counter(t.exit_layer for t in traces).items())},
+            "tokens_per_s": n / total_s, "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
+            "ms_per_token": 1000 * total_s / n, "prefill_ms": 1000 * prefill_s, "total_ms": 1000 * total_s,
+            "macs": macs, "full_macs": full, "prefill_macs": totals.prefill_macs, **settings,
+        }

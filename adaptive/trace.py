@@ -1,0 +1,118 @@
+"""What a generation leaves behind: one ``TokenTrace`` per new token and a ``GenerationResult``.
+
+Traces are plain data. They serialise to JSON and back (``to_json`` / ``from_json``) with validation,
+so a trace written by the CLI can be uploaded to the app and redrawn without the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TraceFormatError
+
+TRACE_FORMAT = "adaptive-trace"
+TRACE_VERSION = 1
+
+
+@dataclass
+class TokenTrace:
+    """The record of one generated token and every decision that produced it."""
+
+    token_id: int
+    position: int  # absolute position in the sequence (prompt tokens come first)
+    exit_layer: int  # 1..num_layers: how many layers produced this token's prediction
+    confidence: float | None = None  # the measure's value at the exit layer (None when none was computed)
+    drafted: bool = False
+    accepted: bool | None = None
+    gate: dict[str, float] | None = None  # path -> probability
+    text: str = ""  # the token's own decoded text (may be a partial UTF-8 sequence shown as U+FFFD)
+    # Confidence at every layer that was checked, as {layer count: value}; keys are strings in JSON.
+    layer_confidence: dict[int, float] = field(default_factory=dict)
+    layer_top1: dict[int, int] = field(default_factory=dict)  # the exit head's argmax at each checked layer
+    kv_fill_layers: int = 0  # skipped layers whose K/V was filled for this token (propagate)
+    deferred_positions: int = 0  # earlier positions run through deeper layers alongside this token (defer)
+    macs: int = 0  # multiply-accumulates actually spent on this token, overheads included
+    full_macs: int = 0  # what full depth would have spent on it
+    elapsed_ms: float = 0.0  # wall time from the previous token (or the start of decoding)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_confidence"] = {str(k): v for k, v in self.layer_confidence.items()}
+        d["layer_top1"] = {str(k): v for k, v in self.layer_top1.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, index: int = 0) -> "TokenTrace":
+        where = f"trace {index}"
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"{where}: expected an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TraceFormatError(f"{where}: unknown fields {sorted(unknown)}")
+        for name in ("token_id", "position", "exit_layer"):
+            if not isinstance(d.get(name), int) or isinstance(d.get(name), bool) or d[name] < 0:
+                raise TraceFormatError(f"{where}: {name!r} must be a non-negative integer")
+        kwargs = dict(d)
+        try:
+            kwargs["layer_confidence"] = {int(k): _number(v) for k, v in d.get("layer_confidence", {}).items()}
+            kwargs["layer_top1"] = {int(k): int(v) for k, v in d.get("layer_top1", {}).items()}
+            if kwargs.get("confidence") is not None:
+                kwargs["confidence"] = _number(kwargs["confidence"])
+            if kwargs.get("gate") is not None:
+                kwargs["gate"] = {str(k): _number(v) for k, v in kwargs["gate"].items()}
+        except (TypeError, ValueError, AttributeError) as e:
+            raise TraceFormatError(f"{where}: {e}") from e
+        return cls(**kwargs)
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return float(v)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens only
+    text: str
+    traces: list[TokenTrace]
+    stats: dict[str, Any]
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_text: str = ""
+    stop_reason: str = ""  # "max_new_tokens", "eos" or "context"
+
+    def to_json(self) -> str:
+        payload = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "token_ids": self.token_ids,
+                   "text": self.text, "prompt_ids": self.prompt_ids, "prompt_text": self.prompt_text,
+                   "stop_reason": self.stop_reason, "stats": self.stats,
+                   "traces": [t.to_dict() for t in self.traces]}
+        return json.dumps(payload, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "GenerationResult":
+        try:
+            payload = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TraceFormatError(f"not a JSON file: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != TRACE_FORMAT:
+            raise TraceFormatError(f"not an adaptive trace: expected \"format\": \"{TRACE_FORMAT}\"")
+        if payload.get("version") != TRACE_VERSION:
+            raise TraceFormatError(f"unsupported trace version {payload.get('version')!r} (this runtime reads {TRACE_VERSION})")
+        traces_raw = payload.get("traces")
+        if not isinstance(traces_raw, list):
+            raise TraceFormatError("'traces' must be a list")
+        traces = [TokenTrace.from_dict(t, i) for i, t in enumerate(traces_raw)]
+        token_ids = payload.get("token_ids")
+        if not isinstance(token_ids, list) or [t.token_id for t in traces] != token_ids:
+            raise TraceFormatError("'token_ids' must list the traces' token ids in order")
+        stats = payload.get("stats", {})
+        if not isinstance(stats, dict):
+            raise TraceFormatError("'stats' must be an object")
+        return cls(token_ids=token_ids, text=str(payload.get("text", "")), traces=traces, stats=stats,
+                   prompt_ids=list(payload.get("prompt_ids", [])), prompt_text=str(payload.get("prompt_text", "")),
+                   stop_reason=str(payload.get("stop_reason", "")))

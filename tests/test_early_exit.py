@@ -1,0 +1,126 @@
+"""Early exit: never-exit equals full, both KV policies keep the cache complete, honest accounting."""
+
+import pytest
+import torch
+
+from adaptive import Runtime
+from adaptive.config import EarlyExitConfig
+from adaptive.costs import CostModel
+from adaptive.early_exit import EarlyExitDecoder
+from adaptive.exits import ExitHeads
+
+from conftest import make_model, random_prompt
+
+MEASURES = ["max_prob", "margin", "entropy", "cosine", "patience"]
+
+
+@pytest.mark.parametrize("kv_policy", ["propagate", "defer"])
+@pytest.mark.parametrize("measure", MEASURES)
+def test_unreachable_threshold_equals_full(family, measure, kv_policy):
+    rt = Runtime.from_model(make_model(family))
+    prompt = random_prompt(6, seed=4)
+    full = rt.generate(prompt, max_new_tokens=20)
+    # max_prob/margin/entropy/patience of a tiny random model never reach 1.0; cosine is capped at 1 too
+    ee = rt.generate(prompt, max_new_tokens=20, mode="early_exit", threshold=1.0, measure=measure,
+                     kv_policy=kv_policy, patience=99)
+    assert ee.token_ids == full.token_ids
+    assert all(t.exit_layer == rt.spec.num_layers for t in ee.traces)
+
+
+def _decoder(rt, **knobs):
+    cfg = rt.early_exit_config(**knobs)
+    return EarlyExitDecoder(rt.model, rt.costs, 64, rt.heads, cfg)
+
+
+@torch.inference_mode()
+def test_propagate_fills_every_skipped_layer_each_step(family):
+    rt = Runtime.from_model(make_model(family))
+    dec = _decoder(rt, threshold=0.0, min_layer=1, kv_policy="propagate")
+    dec.prefill(torch.tensor([random_prompt(5)]))
+    token = 3
+    for _ in range(8):
+        out = dec.step(token)
+        assert out.exit_layer == 1 and out.kv_fill_layers == rt.spec.num_layers - 1
+        assert dec.cache.fill == [dec.pos] * rt.spec.num_layers
+        token = int(torch.argmax(out.logits))
+
+
+@torch.inference_mode()
+def test_propagated_kv_equals_layer_projection_of_exit_state():
+    rt = Runtime.from_model(make_model("qwen2"))  # q/k/v biases exercise the folded bias
+    model = rt.model
+    dec = _decoder(rt, threshold=0.0, exit_layers=(2,), kv_policy="propagate")
+    dec.prefill(torch.tensor([random_prompt(5)]))
+    pos = dec.pos
+    # recompute by hand: embed, two layers into a scratch cache, then each deeper layer's own norm + k_proj + rope
+    scratch = model.new_cache(1, 64)
+    scratch.fill = list(dec.cache.fill)
+    scratch.k.copy_(dec.cache.k)
+    scratch.v.copy_(dec.cache.v)
+    h = model.run_layers(model.embed(torch.tensor([[7]]), pos), 0, 2, pos, scratch)
+    dec.step(7)
+    for layer in range(2, model.spec.num_layers):
+        lw = model.w.layers[layer]
+        x = model.norm(h, lw.attn_norm_w, lw.attn_norm_b)
+        k = torch.nn.functional.linear(x, lw.k_w, lw.k_b).view(1, 1, model.spec.num_kv_heads, -1).transpose(1, 2)
+        v = torch.nn.functional.linear(x, lw.v_w, lw.v_b).view(1, 1, model.spec.num_kv_heads, -1).transpose(1, 2)
+        k = model._rope(k, pos)
+        assert torch.allclose(dec.cache.k[layer, :, :, pos:pos + 1], k, atol=1e-5)
+        assert torch.allclose(dec.cache.v[layer, :, :, pos:pos + 1], v, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_defer_keeps_depth_monotone_and_flush_gives_exact_cache(family):
+    """Deferred positions get exactly the K/V a full-depth pass over the same tokens produces."""
+    rt = Runtime.from_model(make_model(family))
+    model, L = rt.model, rt.spec.num_layers
+    dec = _decoder(rt, threshold=0.0, exit_layers=(1, 2, 3), kv_policy="defer")
+    prompt = random_prompt(6, seed=1)
+    out = dec.prefill(torch.tensor([prompt]))
+    tokens = []
+    # alternate shallow and full-depth steps by switching the threshold: exits at 1, 2, never, ...
+    schedule = [0.0, 0.0, 1.1, 0.0, 1.1, 1.1, 0.0, 0.0]
+    for thr in schedule:
+        dec.config = EarlyExitConfig(threshold=min(thr, 1.0), exit_layers=(1, 2, 3), kv_policy="defer", num_layers=L)
+        dec.exit_points = frozenset() if thr > 1 else dec.config.exit_points(L)
+        token = int(torch.argmax(out.logits))
+        tokens.append(token)
+        out = dec.step(token)
+        fill = dec.cache.fill
+        assert fill[0] == dec.pos  # every token runs layer 0
+        assert all(a >= b for a, b in zip(fill, fill[1:]))  # depth never increases along the sequence
+        if thr > 1:
+            assert fill == [dec.pos] * L  # a full-depth token brings every earlier position up to date
+    assert dec.cache.fill[-1] < dec.pos  # the last token exited early: some work is still owed
+    dec.flush()
+    assert dec.cache.is_complete(dec.pos)
+    ref = model.new_cache(1, 64)
+    model.run_layers(model.embed(torch.tensor([prompt + tokens]), 0), 0, L, 0, ref)
+    n = dec.pos
+    assert torch.allclose(dec.cache.k[:, :, :, :n], ref.k[:, :, :, :n], atol=1e-4)
+    assert torch.allclose(dec.cache.v[:, :, :, :n], ref.v[:, :, :, :n], atol=1e-4)
+
+
+def test_compute_accounting_counts_heads_and_kv_fill():
+    rt = Runtime.from_model(make_model("llama"))
+    c: CostModel = rt.costs
+    L = rt.spec.num_layers
+    res = rt.generate(random_prompt(5), max_new_tokens=6, mode="early_exit", threshold=0.0, exit_layers=(2,),
+                      kv_policy="propagate")
+    for t in res.traces[1:]:
+        assert t.exit_layer == 2 and t.kv_fill_layers == L - 2
+        pos = t.position - 1  # the position whose forward produced this token's logits
+        expected = c.layers_macs(0, 2, pos) + c.head_macs + (L - 2) * c.kv_fill_macs
+        assert t.macs == expected
+        assert t.full_macs == c.full_token_macs(pos)
+    assert res.stats["compute_fraction"] == pytest.approx(sum(t.macs for t in res.traces) / sum(t.full_macs for t in res.traces))
+    assert res.stats["compute_fraction"] < 1.0
+
+
+def test_checking_every_layer_costs_more_than_full_depth():
+    """An LM-head check at every layer is charged: with no exit, early exit is dearer than full."""
+    rt = Runtime.from_model(make_model("llama"))
+    res = rt.generate(random_prompt(5), max_new_tokens=6, mode="early_exit", threshold=1.0)
+    assert res.stats["compute_fraction"] > 1.0
+    cos = rt.generate(random_prompt(5), max_new_tokens=6, mode="early_exit", threshold=1.0, measure="cosine")
+    assert cos.stats["compute_fraction"] == pytest.approx(1.0)  # hidden-state measures need no head

@@ -1,0 +1,69 @@
+"""Our lean forward against Hugging Face's, on tiny random models of every supported family."""
+
+import pytest
+import torch
+
+from adaptive import Runtime
+from adaptive.loading import from_hf_model
+from adaptive.model import LeanModel
+
+from conftest import make_model, random_prompt
+
+
+def _lean(hf):
+    loaded = from_hf_model(hf)
+    return LeanModel(loaded.spec, loaded.weights)
+
+
+@torch.inference_mode()
+def test_prefill_and_incremental_logits_match_hf(family):
+    hf = make_model(family)
+    model = _lean(hf)
+    ids = torch.tensor([random_prompt(20)])
+    ref = hf(ids).logits[0]  # (T, V)
+    L = model.spec.num_layers
+    cache = model.new_cache(1, 64)
+    ours = [model.head(model.run_layers(model.embed(ids[:, :12], 0), 0, L, 0, cache))[0]]
+    for t in range(12, 20):  # one token at a time through the cache
+        ours.append(model.head(model.run_layers(model.embed(ids[:, t:t + 1], t), 0, L, t, cache))[0])
+    ours = torch.cat(ours)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+def test_chunked_prefill_matches_hf(family):
+    """Several positions at once on top of a filled cache (the path verification and defer use)."""
+    hf = make_model(family)
+    model = _lean(hf)
+    ids = torch.tensor([random_prompt(24, seed=3)])
+    ref = hf(ids).logits[0]
+    L = model.spec.num_layers
+    cache = model.new_cache(1, 64)
+    a = model.head(model.run_layers(model.embed(ids[:, :10], 0), 0, L, 0, cache))[0]
+    b = model.head(model.run_layers(model.embed(ids[:, 10:], 10), 0, L, 10, cache))[0]
+    assert (torch.cat([a, b]) - ref).abs().max().item() < 1e-4
+
+
+def test_full_mode_greedy_equals_hf_generate(family):
+    hf = make_model(family)
+    rt = Runtime.from_model(hf)
+    for seed, length in ((0, 5), (1, 17)):
+        prompt = random_prompt(length, seed)
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, length:].tolist()
+        assert rt.generate(prompt, max_new_tokens=40).token_ids == ref
+
+
+def test_weights_are_shared_with_the_hf_model(llama):
+    rt = Runtime.from_model(llama)
+    assert rt.model.w.embed.data_ptr() == llama.model.embed_tokens.weight.data_ptr()
+    assert rt.model.w.layers[0].q_w.data_ptr() == llama.model.layers[0].self_attn.q_proj.weight.data_ptr()
+
+
+def test_saved_checkpoint_loads_and_matches(tmp_path, family):
+    hf = make_model(family)
+    hf.save_pretrained(tmp_path)
+    rt = Runtime.from_pretrained(tmp_path)
+    prompt = random_prompt(9, seed=5)
+    assert rt.generate(prompt, max_new_tokens=12).token_ids == Runtime.from_model(hf).generate(prompt, max_new_tokens=12).token_ids

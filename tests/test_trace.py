@@ -1,0 +1,40 @@
+"""Traces round-trip through JSON; a broken trace file gets a TraceFormatError, never a crash."""
+
+import json
+
+import pytest
+
+from adaptive import GenerationResult, Runtime, TraceFormatError
+
+from conftest import make_model, random_prompt
+
+
+def test_json_round_trip():
+    rt = Runtime.from_model(make_model("llama"))
+    res = rt.generate(random_prompt(5), max_new_tokens=8, mode="early_exit", threshold=0.02)
+    back = GenerationResult.from_json(res.to_json())
+    assert back.token_ids == res.token_ids
+    assert [t.to_dict() for t in back.traces] == [t.to_dict() for t in res.traces]
+    assert back.stats == json.loads(json.dumps(res.stats))
+
+
+def test_stream_yields_the_same_records():
+    rt = Runtime.from_model(make_model("gpt2"))
+    stream = rt.stream(random_prompt(5), max_new_tokens=8)
+    seen = [t.token_id for t in stream]
+    assert seen == stream.result.token_ids == rt.generate(random_prompt(5), max_new_tokens=8).token_ids
+
+
+@pytest.mark.parametrize("payload, message", [
+    ("{not json", "not a JSON file"),
+    ("[]", "not an adaptive trace"),
+    ('{"format": "adaptive-trace", "version": 99, "traces": []}', "unsupported trace version"),
+    ('{"format": "adaptive-trace", "version": 1, "traces": {}}', "'traces' must be a list"),
+    ('{"format": "adaptive-trace", "version": 1, "token_ids": [1], "traces": [{"token_id": -1, "position": 0, "exit_layer": 1}]}', "token_id"),
+    ('{"format": "adaptive-trace", "version": 1, "token_ids": [1], "traces": [{"token_id": 1, "position": 0, "exit_layer": 1, "evil": 1}]}', "unknown fields"),
+    ('{"format": "adaptive-trace", "version": 1, "token_ids": [2], "traces": [{"token_id": 1, "position": 0, "exit_layer": 1}]}', "token_ids"),
+    ('{"format": "adaptive-trace", "version": 1, "token_ids": [1], "traces": [{"token_id": 1, "position": 0, "exit_layer": 1, "confidence": "high"}]}', "finite number"),
+])
+def test_bad_trace_files(payload, message):
+    with pytest.raises(TraceFormatError, match=message):
+        GenerationResult.from_json(payload)
