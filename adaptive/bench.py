@@ -71,7 +71,7 @@ def _build(args):
     if args.random_llama:
         torch.manual_seed(0)
         hf = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA, bos_token_id=None, eos_token_id=None)).eval()
-        rt = Runtime.from_model(hf)
+        rt = Runtime.from_model(hf, share_weights=False)  # the fused layout from_pretrained uses
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, RANDOM_LLAMA["vocab_size"], (12 + 4 * i,), generator=gen).tolist() for i in range(6)]
         return rt, hf, prompts, "random-llama-8x256"

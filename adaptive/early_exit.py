@@ -83,7 +83,7 @@ class EarlyExitDecoder(Decoder):
                 logits = self.heads.logits(h, k)[0, 0]
                 head_macs += costs.head_macs + (costs.adapter_macs if self.heads.has_adapter(k) else 0)
                 outcome.layer_top1[k] = int(torch.argmax(logits))
-            conf = self.measure.score(logits, h, prev)
+            conf = float(self.measure.score(logits, h, prev).reshape(()))
             outcome.layer_confidence[k] = conf
             if conf >= cfg.threshold:
                 outcome.exit_layer, outcome.confidence = k, conf

@@ -95,8 +95,10 @@ def save_adapters(path: str | Path, adapters: dict[int, tuple[torch.Tensor, torc
 
 
 # ---- confidence measures ----------------------------------------------------------------------------
-# Each returns a value in [0, 1] (cosine in [-1, 1]); a token exits when the value reaches the threshold.
-# Per token, the runtime calls reset() once, then score() at each exit point in order of depth.
+# Each maps exit logits (..., V) and hidden states (..., d) to a confidence (...) in [0, 1] (cosine in
+# [-1, 1]); a token exits when the value reaches the threshold. They work on any leading shape, so the
+# decoder scores one token and the lens scores a whole sequence with the same code. Per token, the
+# decoder calls reset() once, then score() at each exit point in order of depth.
 
 class ConfidenceMeasure:
     name = ""
@@ -105,7 +107,7 @@ class ConfidenceMeasure:
     def reset(self) -> None:
         pass
 
-    def score(self, logits: torch.Tensor | None, hidden: torch.Tensor, prev_hidden: torch.Tensor) -> float:
+    def score(self, logits: torch.Tensor | None, hidden: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -115,7 +117,8 @@ class MaxProb(ConfidenceMeasure):
 
     def score(self, logits, hidden, prev_hidden):
         # log p_max = max logit - logsumexp: two reductions instead of a full softmax.
-        return math.exp(float(logits.max() - torch.logsumexp(logits.float(), dim=-1)))
+        logits = logits.float()
+        return torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
 
 
 class Margin(ConfidenceMeasure):
@@ -123,8 +126,8 @@ class Margin(ConfidenceMeasure):
     name = "margin"
 
     def score(self, logits, hidden, prev_hidden):
-        top2 = torch.topk(torch.softmax(logits.float(), dim=-1), 2).values
-        return float(top2[0] - top2[1])
+        top2 = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
 
 
 class Entropy(ConfidenceMeasure):
@@ -133,8 +136,8 @@ class Entropy(ConfidenceMeasure):
 
     def score(self, logits, hidden, prev_hidden):
         logp = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum()
-        return 1.0 - float(entropy) / math.log(logits.shape[-1])
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        return 1.0 - entropy / math.log(logits.shape[-1])
 
 
 class HiddenCosine(ConfidenceMeasure):
@@ -143,7 +146,7 @@ class HiddenCosine(ConfidenceMeasure):
     needs_logits = False
 
     def score(self, logits, hidden, prev_hidden):
-        return float(F.cosine_similarity(hidden.reshape(-1).float(), prev_hidden.reshape(-1).float(), dim=0))
+        return F.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
 
 
 class Patience(ConfidenceMeasure):
@@ -155,14 +158,17 @@ class Patience(ConfidenceMeasure):
         self.reset()
 
     def reset(self):
-        self._last: int | None = None
-        self._run = 0
+        self._last: torch.Tensor | None = None
+        self._run: torch.Tensor | None = None
 
     def score(self, logits, hidden, prev_hidden):
-        top = int(torch.argmax(logits))
-        self._run = self._run + 1 if top == self._last else 1
+        top = torch.argmax(logits, dim=-1)
+        if self._last is None:
+            self._run = torch.ones_like(top)
+        else:
+            self._run = torch.where(top == self._last, self._run + 1, torch.ones_like(top))
         self._last = top
-        return min(1.0, self._run / self.patience)
+        return torch.clamp(self._run.float() / self.patience, max=1.0)
 
 
 def make_measure(name: str, patience: int = 2) -> ConfidenceMeasure:

@@ -44,6 +44,11 @@ class LayerWeights:
     down_w: torch.Tensor  # (d, ff)
     down_b: torch.Tensor | None
     attn_scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)
+    # Fused copies (set by LeanModel when it may own the weights): one matmul instead of three / two.
+    qkv_w: torch.Tensor | None = None  # (H*hd + 2*Hkv*hd, d); q_w, k_w, v_w then become views into it
+    qkv_b: torch.Tensor | None = None
+    gate_up_w: torch.Tensor | None = None  # (2*ff, d); gate_w, up_w then become views into it
+    gate_up_b: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,15 +63,46 @@ class ModelWeights:
     rope_scale: float = 1.0  # attention scaling some RoPE variants apply to cos/sin
 
 
+def _cat_or_none(parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor | None:
+    """Concatenate (bias, weight) pairs' biases, zeros standing in for missing ones; None if all are missing."""
+    if all(b is None for b, _ in parts):
+        return None
+    return torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                      for b, w in parts])
+
+
+def fuse_layer(lw: LayerWeights) -> None:
+    """Replace q/k/v and gate/up by views into fused matrices (fewer, larger matmuls at batch 1)."""
+    qkv = torch.cat((lw.q_w, lw.k_w, lw.v_w))
+    nq, nk = lw.q_w.shape[0], lw.k_w.shape[0]
+    lw.qkv_w = qkv
+    lw.qkv_b = _cat_or_none([(lw.q_b, lw.q_w), (lw.k_b, lw.k_w), (lw.v_b, lw.v_w)])
+    lw.q_w, lw.k_w, lw.v_w = qkv[:nq], qkv[nq:nq + nk], qkv[nq + nk:]
+    if lw.qkv_b is not None:
+        lw.q_b, lw.k_b, lw.v_b = lw.qkv_b[:nq], lw.qkv_b[nq:nq + nk], lw.qkv_b[nq + nk:]
+    if lw.gate_w is not None:
+        ff = lw.gate_w.shape[0]
+        lw.gate_up_w = torch.cat((lw.gate_w, lw.up_w))
+        lw.gate_up_b = _cat_or_none([(lw.gate_b, lw.gate_w), (lw.up_b, lw.up_w)])
+        lw.gate_w, lw.up_w = lw.gate_up_w[:ff], lw.gate_up_w[ff:]
+        if lw.gate_up_b is not None:
+            lw.gate_b, lw.up_b = lw.gate_up_b[:ff], lw.gate_up_b[ff:]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class LeanModel:
-    def __init__(self, spec: ModelSpec, weights: ModelWeights):
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, fuse: bool = True):
+        """``fuse=False`` keeps the given tensors as they are (weights shared with another model);
+        ``fuse=True`` concatenates q/k/v and gate/up once, which costs a copy unless we own the weights."""
         self.spec = spec
         self.w = weights
+        if fuse:
+            for lw in weights.layers:
+                fuse_layer(lw)
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         if spec.positional == "rope":
@@ -76,8 +112,9 @@ class LeanModel:
             positions = torch.arange(spec.max_positions, dtype=torch.float32)
             freqs = positions[:, None] * weights.rope_inv_freq.float()[None, :]  # (T, hd/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-            self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)
-            self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)
+            # (T, 1, hd): broadcasts over heads in the (B, T, heads, hd) layout of the fused projection.
+            self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)[:, None, :]
+            self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)[:, None, :]
         self._act = {"silu": F.silu, "gelu": F.gelu,
                      "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[spec.activation]
         self._kv_stack: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -104,9 +141,25 @@ class LeanModel:
         return F.linear(self.final_norm(h), self.w.lm_head)
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        T = x.shape[-2]
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, hd), broadcast over (B, H)
+        """RoPE on x (..., T, heads, hd) for positions [pos, pos+T)."""
+        T = x.shape[-3]
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, 1, hd)
         return x * cos + _rotate_half(x) * sin
+
+    def _qkv(self, lw: LayerWeights, x: torch.Tensor, pos: int):
+        """Normed hidden (B, T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""
+        spec = self.spec
+        B, T, _ = x.shape
+        H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        if lw.qkv_w is not None:
+            qkv = F.linear(x, lw.qkv_w, lw.qkv_b).view(B, T, H + 2 * Hkv, hd)  # (B, T, H+2Hkv, hd)
+            qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        else:
+            qk = torch.cat((F.linear(x, lw.q_w, lw.q_b), F.linear(x, lw.k_w, lw.k_b)), dim=-1).view(B, T, H + Hkv, hd)
+            v = F.linear(x, lw.v_w, lw.v_b).view(B, T, Hkv, hd)
+        if spec.positional == "rope":
+            qk = self._rope(qk, pos)  # q and k rotated together: one set of ops instead of two
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def _attention_mask(self, pos: int, T: int, key_start: int, window: int | None) -> torch.Tensor:
         """Boolean (T, S) mask: query pos+i may see key key_start+j iff causal and inside the window."""
@@ -123,12 +176,7 @@ class LeanModel:
         B, T, _ = h.shape
         H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
 
-        x = self.norm(h, lw.attn_norm_w, lw.attn_norm_b)
-        q = F.linear(x, lw.q_w, lw.q_b).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = F.linear(x, lw.k_w, lw.k_b).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = F.linear(x, lw.v_w, lw.v_b).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        if spec.positional == "rope":
-            q, k = self._rope(q, pos), self._rope(k, pos)
+        q, k, v = self._qkv(lw, self.norm(h, lw.attn_norm_w, lw.attn_norm_b), pos)
         cache.write(index, pos, k, v)
 
         window = spec.sliding_windows[index]
@@ -147,7 +195,10 @@ class LeanModel:
         h = h + F.linear(attn, lw.o_w, lw.o_b)
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
-        if lw.gate_w is not None:
+        if lw.gate_up_w is not None:
+            gate, up = F.linear(x, lw.gate_up_w, lw.gate_up_b).chunk(2, dim=-1)  # (B, T, ff) each
+            inner = self._act(gate) * up
+        elif lw.gate_w is not None:
             inner = self._act(F.linear(x, lw.gate_w, lw.gate_b)) * F.linear(x, lw.up_w, lw.up_b)
         else:
             inner = self._act(F.linear(x, lw.up_w, lw.up_b))
@@ -202,5 +253,5 @@ class LeanModel:
         kv = kv.permute(0, 2, 1).reshape(Lp, B, 2, spec.num_kv_heads, 1, spec.head_dim)  # (L', B, 2, Hkv, 1, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]  # (L', B, Hkv, 1, hd)
         if spec.positional == "rope":
-            k = self._rope(k, pos)
+            k = self._rope(k.transpose(2, 3), pos).transpose(2, 3)  # RoPE wants (..., T, heads, hd)
         cache.write_layers(first_layer, pos, k, v)

@@ -44,9 +44,10 @@ class GenerationStream:
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedCheckpoint, name: str = ""):
+    def __init__(self, loaded: LoadedCheckpoint, name: str = "", share_weights: bool = False):
         self.spec = loaded.spec
-        self.model = LeanModel(loaded.spec, loaded.weights)
+        # Owned weights get fused q/k/v and gate/up matrices (fewer ops per layer); shared ones stay as they are.
+        self.model = LeanModel(loaded.spec, loaded.weights, fuse=not share_weights)
         self.tokenizer = loaded.tokenizer
         self.costs = CostModel.from_spec(loaded.spec)
         self.directory = loaded.directory
@@ -69,9 +70,10 @@ class Runtime:
         return cls(load_checkpoint(str(path), dtype=dtype, trust_remote_code=trust_remote_code))
 
     @classmethod
-    def from_model(cls, hf_model, tokenizer=None) -> "Runtime":
-        """Wrap an in-memory transformers model; its weights are shared, not copied."""
-        return cls(from_hf_model(hf_model, tokenizer))
+    def from_model(cls, hf_model, tokenizer=None, share_weights: bool = True) -> "Runtime":
+        """Wrap an in-memory transformers model. Its weights are shared, not copied, unless
+        ``share_weights=False``, which trades a copy of the q/k/v and gate/up weights for speed."""
+        return cls(from_hf_model(hf_model, tokenizer), share_weights=share_weights)
 
     def _load_sidecars(self, directory: Path) -> None:
         adapter_path = directory / ADAPTER_FILE

@@ -62,9 +62,9 @@ def test_propagated_kv_equals_layer_projection_of_exit_state():
     for layer in range(2, model.spec.num_layers):
         lw = model.w.layers[layer]
         x = model.norm(h, lw.attn_norm_w, lw.attn_norm_b)
-        k = torch.nn.functional.linear(x, lw.k_w, lw.k_b).view(1, 1, model.spec.num_kv_heads, -1).transpose(1, 2)
+        k = torch.nn.functional.linear(x, lw.k_w, lw.k_b).view(1, 1, model.spec.num_kv_heads, -1)  # (B, T, Hkv, hd)
         v = torch.nn.functional.linear(x, lw.v_w, lw.v_b).view(1, 1, model.spec.num_kv_heads, -1).transpose(1, 2)
-        k = model._rope(k, pos)
+        k = model._rope(k, pos).transpose(1, 2)  # (B, Hkv, T, hd)
         assert torch.allclose(dec.cache.k[layer, :, :, pos:pos + 1], k, atol=1e-5)
         assert torch.allclose(dec.cache.v[layer, :, :, pos:pos + 1], v, atol=1e-5)
 

@@ -67,3 +67,12 @@ def test_saved_checkpoint_loads_and_matches(tmp_path, family):
     rt = Runtime.from_pretrained(tmp_path)
     prompt = random_prompt(9, seed=5)
     assert rt.generate(prompt, max_new_tokens=12).token_ids == Runtime.from_model(hf).generate(prompt, max_new_tokens=12).token_ids
+
+
+def test_fused_and_shared_layouts_agree(family):
+    hf = make_model(family)
+    prompt = random_prompt(8, seed=6)
+    shared = Runtime.from_model(hf).generate(prompt, max_new_tokens=20, mode="early_exit", threshold=0.05)
+    fused = Runtime.from_model(hf, share_weights=False).generate(prompt, max_new_tokens=20, mode="early_exit", threshold=0.05)
+    assert shared.token_ids == fused.token_ids
+    assert [t.exit_layer for t in shared.traces] == [t.exit_layer for t in fused.traces]

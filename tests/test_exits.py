@@ -53,11 +53,21 @@ def test_bad_adapter_files(tmp_path):
 def test_measures_on_known_distributions():
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
     h = torch.ones(1, 1, 4)
-    assert MaxProb().score(logits, h, h) == pytest.approx(0.7, abs=1e-6)
-    assert Margin().score(logits, h, h) == pytest.approx(0.5, abs=1e-6)
+    assert float(MaxProb().score(logits, h, h)) == pytest.approx(0.7, abs=1e-6)
+    assert float(Margin().score(logits, h, h)) == pytest.approx(0.5, abs=1e-6)
     entropy = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
-    assert Entropy().score(logits, h, h) == pytest.approx(1 - entropy / math.log(3), abs=1e-6)
-    assert HiddenCosine().score(None, h, -h) == pytest.approx(-1.0)
+    assert float(Entropy().score(logits, h, h)) == pytest.approx(1 - entropy / math.log(3), abs=1e-6)
+    assert float(HiddenCosine().score(None, h, -h)) == pytest.approx(-1.0)
     p = Patience(3)
-    scores = [p.score(x, h, h) for x in (logits, logits, logits.flip(0), logits.flip(0), logits.flip(0))]
+    scores = [float(p.score(x, h, h)) for x in (logits, logits, logits.flip(0), logits.flip(0), logits.flip(0))]
     assert scores == pytest.approx([1 / 3, 2 / 3, 1 / 3, 2 / 3, 1.0])
+
+
+def test_measures_are_batched():
+    """The same measure scores one token or a whole (N, V) batch, row by row alike."""
+    g = torch.Generator().manual_seed(0)
+    logits, h, prev = torch.randn(5, 11, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    for measure in (MaxProb(), Margin(), Entropy(), HiddenCosine()):
+        batch = measure.score(logits, h, prev)
+        rows = torch.stack([measure.score(logits[i], h[i], prev[i]) for i in range(5)])
+        assert batch.shape == (5,) and torch.allclose(batch, rows, atol=1e-6)
