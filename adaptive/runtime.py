@@ -18,6 +18,8 @@ from .config import ABSURD_MAX_NEW_TOKENS, MODES, EarlyExitConfig, SamplingConfi
 from .costs import CostModel
 from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
+from .host_costs import HostCosts
+from .speculative import AcceptanceStats, DraftModelDrafter, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
@@ -30,6 +32,7 @@ DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience")
 SAMPLING_KNOBS = ("top_k", "top_p")
+SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft")
 
 
 class GenerationStream:
@@ -56,6 +59,22 @@ class Runtime:
         self.defaults: dict[str, dict[str, Any]] = {}
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
+        self._host_costs: HostCosts | None = None
+        self._draft_runtimes: dict[str, "Runtime"] = {}
+        priors = {int(k): float(v) for k, v in self.defaults.get("speculative", {}).get("acceptance_priors", {}).items()}
+        self.acceptance = AcceptanceStats(priors)  # running acceptance, shared by every request
+
+    @property
+    def paths(self) -> dict[str, int]:
+        """The multi-scale paths over the same weights: name -> layers run."""
+        L = self.spec.num_layers
+        return {"light": max(1, L // 4), "standard": max(1, L // 2), "full": L}
+
+    def host_costs(self) -> HostCosts:
+        """Per-layer and head wall times on this host, measured once on first use."""
+        if self._host_costs is None:
+            self._host_costs = HostCosts.measure(self.model)
+        return self._host_costs
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -135,8 +154,55 @@ class Runtime:
             merged["exit_layers"] = tuple(merged["exit_layers"])
         return EarlyExitConfig(num_layers=self.spec.num_layers, **merged)
 
-    def _decoder(self, mode: str, options: dict[str, Any], max_len: int) -> tuple[Decoder, dict[str, Any]]:
-        allowed = {"full": (), "early_exit": EARLY_EXIT_KNOBS}
+    def _speculative_decoder(self, options: dict[str, Any], max_len: int, sampler: Sampler,
+                             eos: set[int]) -> tuple[Decoder, dict[str, Any]]:
+        knobs = {**self.defaults.get("speculative", {}), **options}
+        drafter = knobs.get("drafter", "self")
+        L = self.spec.num_layers
+        depth, length = knobs.get("draft_depth"), knobs.get("draft_length")
+        max_draft = knobs.get("max_draft", 8)
+        if depth is not None and (not isinstance(depth, int) or not 1 <= depth < L):
+            raise InvalidRequestError(f"draft_depth must be an integer in [1, {L - 1}], got {depth!r}")
+        if length is not None and (not isinstance(length, int) or not 1 <= length <= 64):
+            raise InvalidRequestError(f"draft_length must be an integer in [1, 64], got {length!r}")
+        if not isinstance(max_draft, int) or not 1 <= max_draft <= 64:
+            raise InvalidRequestError(f"max_draft must be an integer in [1, 64], got {max_draft!r}")
+        draft_model, draft_step_ms = None, None
+        if drafter == "draft_model":
+            path = knobs.get("draft_model")
+            if not path:
+                raise InvalidRequestError("drafter='draft_model' needs draft_model= (a checkpoint path)")
+            draft_rt = self._draft_runtime(str(path))
+            draft_model = DraftModelDrafter(draft_rt.model, draft_rt.costs, max_len)
+            draft_step_ms = draft_rt.host_costs().full_step()
+            depth = 0
+        elif drafter not in ("self", "lookup"):
+            raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of self, lookup, draft_model")
+        depths = tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
+        controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
+                                           fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms)
+        decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
+                                     draft_model=draft_model)
+        settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
+                    "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
+                    "exit_heads": self.heads.source}
+        return decoder, settings
+
+    def _draft_runtime(self, path: str) -> "Runtime":
+        if path not in self._draft_runtimes:
+            draft = Runtime.from_pretrained(path)
+            if draft.spec.vocab_size != self.spec.vocab_size:
+                raise InvalidRequestError(f"the draft model's vocabulary ({draft.spec.vocab_size}) differs from "
+                                          f"the target's ({self.spec.vocab_size})")
+            if self.tokenizer is not None and draft.tokenizer is not None and \
+                    draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise InvalidRequestError("the draft model's tokenizer differs from the target's")
+            self._draft_runtimes[path] = draft
+        return self._draft_runtimes[path]
+
+    def _decoder(self, mode: str, options: dict[str, Any], max_len: int, sampler: Sampler,
+                 eos: set[int]) -> tuple[Decoder, dict[str, Any]]:
+        allowed = {"full": (), "early_exit": EARLY_EXIT_KNOBS, "speculative": SPECULATIVE_KNOBS}
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         unknown = set(options) - set(allowed[mode]) - set(SAMPLING_KNOBS) - {"stop_at_eos"}
@@ -145,6 +211,9 @@ class Runtime:
                                       f"valid: {', '.join([*allowed[mode], *SAMPLING_KNOBS, 'stop_at_eos'])}")
         if mode == "full":
             return FullDecoder(self.model, self.costs, max_len), {}
+        if mode == "speculative":
+            return self._speculative_decoder({k: v for k, v in options.items() if k in SPECULATIVE_KNOBS},
+                                             max_len, sampler, eos)
         cfg = self.early_exit_config(**{k: v for k, v in options.items() if k in EARLY_EXIT_KNOBS})
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
@@ -158,11 +227,11 @@ class Runtime:
         self._check_lengths(len(prompt_ids), max_new_tokens)
         sampling = SamplingConfig(temperature=temperature, seed=seed, top_k=options.get("top_k", 0),
                                   top_p=options.get("top_p", 1.0))
-        decoder, settings = self._decoder(mode, options, len(prompt_ids) + max_new_tokens)
-        stop_at_eos = options.get("stop_at_eos", True)
+        eos = set(self.spec.eos_token_ids) if options.get("stop_at_eos", True) else set()
+        sampler = Sampler(sampling, self.model.device)
+        decoder, settings = self._decoder(mode, options, len(prompt_ids) + max_new_tokens, sampler, eos)
         prompt_text = prompt if isinstance(prompt, str) else self.decode(prompt_ids)
-        records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, Sampler(sampling, self.model.device),
-                                decoder, settings, stop_at_eos)
+        records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, sampler, decoder, settings, eos)
         return GenerationStream(records)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
@@ -174,8 +243,7 @@ class Runtime:
 
     # ---- the decode loop ----------------------------------------------------------------------------
     def _records(self, prompt_ids: list[int], prompt_text: str, max_new_tokens: int, mode: str,
-                 sampler: Sampler, decoder: Decoder, settings: dict[str, Any], stop_at_eos: bool):
-        eos = set(self.spec.eos_token_ids) if stop_at_eos else set()
+                 sampler: Sampler, decoder: Decoder, settings: dict[str, Any], eos: set[int]):
         traces: list[TokenTrace] = []
         with torch.inference_mode():
             start = time.perf_counter()
@@ -202,17 +270,51 @@ class Runtime:
                     break
                 if len(traces) >= max_new_tokens:
                     break
+                if isinstance(decoder, SpeculativeDecoder):
+                    stop_reason = yield from self._speculative_records(decoder, token, max_new_tokens, eos, traces)
+                    break
                 outcome = decoder.step(token)
             total_s = time.perf_counter() - start
         token_ids = [t.token_id for t in traces]
         stats = self._stats(traces, decoder, mode, settings, prefill_s, total_s, len(prompt_ids))
         stats["stop_reason"] = stop_reason
+        rounds = decoder.rounds if isinstance(decoder, SpeculativeDecoder) else []
+        if rounds:
+            stats.update(_speculation_stats(rounds))
         return GenerationResult(token_ids=token_ids, text=self.decode(token_ids), traces=traces, stats=stats,
-                                prompt_ids=prompt_ids, prompt_text=prompt_text, stop_reason=stop_reason)
+                                prompt_ids=prompt_ids, prompt_text=prompt_text, stop_reason=stop_reason, rounds=rounds)
+
+    def _speculative_records(self, decoder: SpeculativeDecoder, t0: int, max_new_tokens: int, eos: set[int],
+                             traces: list[TokenTrace]):
+        """Rounds of draft + verify after the first token; yields one TokenTrace per emitted token."""
+        L = self.spec.num_layers
+        last = time.perf_counter()
+        while True:
+            emitted, macs = decoder.round(t0, max_new_tokens - len(traces))
+            round_index = len(decoder.rounds) - 1
+            share = macs // len(emitted)  # the round's work, split evenly over the tokens it produced
+            first_position = decoder.pos - len(emitted) + 1  # t0 sat at decoder.pos - len(emitted)
+            for j, e in enumerate(emitted):
+                now = time.perf_counter()
+                trace = TokenTrace(token_id=e.token, position=first_position + j, exit_layer=L,
+                                   text=self.decode([e.token]), drafted=e.source == "draft",
+                                   accepted=True if e.source == "draft" else None, source=e.source,
+                                   round=round_index, macs=share, elapsed_ms=(now - last) * 1000)
+                last = now
+                traces.append(trace)
+                yield trace
+                if e.token in eos:
+                    return "eos"
+                if len(traces) >= max_new_tokens:
+                    return "max_new_tokens"
+            t0 = emitted[-1].token
 
     def _stats(self, traces: list[TokenTrace], decoder: Decoder, mode: str, settings: dict[str, Any],
                prefill_s: float, total_s: float, prompt_len: int) -> dict[str, Any]:
         n, L = len(traces), self.spec.num_layers
+        for t in traces:  # speculative traces get their full-depth reference here, by position
+            if not t.full_macs:
+                t.full_macs = self.costs.full_token_macs(t.position - 1)
         macs = sum(t.macs for t in traces)
         full = sum(t.full_macs for t in traces)
         totals = decoder.totals
@@ -228,3 +330,28 @@ class Runtime:
             "ms_per_token": 1000 * total_s / n, "prefill_ms": 1000 * prefill_s, "total_ms": 1000 * total_s,
             "macs": macs, "full_macs": full, "prefill_macs": totals.prefill_macs, **settings,
         }
+
+
+def _speculation_stats(rounds) -> dict[str, Any]:
+    """Acceptance per draft position, accepted tokens per round, verifier passes."""
+    drafted_rounds = [r for r in rounds if r.drafted]
+    by_position: list[list[int]] = []  # position -> [accepted, judged]
+    for r in drafted_rounds:
+        for j in range(min(r.accepted + 1, len(r.drafted))):
+            while len(by_position) <= j:
+                by_position.append([0, 0])
+            by_position[j][0] += j < r.accepted
+            by_position[j][1] += 1
+    judged = sum(b[1] for b in by_position)
+    return {
+        "verifier_passes": len(rounds),
+        "speculative_rounds": len(drafted_rounds),
+        "plain_steps": len(rounds) - len(drafted_rounds),
+        "acceptance_rate": sum(b[0] for b in by_position) / judged if judged else 0.0,
+        "acceptance_by_position": [a / t for a, t in by_position],
+        "mean_accepted_per_round": sum(r.accepted for r in drafted_rounds) / len(drafted_rounds) if drafted_rounds else 0.0,
+        "mean_drafted_per_round": sum(len(r.drafted) for r in drafted_rounds) / len(drafted_rounds) if drafted_rounds else 0.0,
+        "draft_depth_histogram": {str(k): v for k, v in sorted(Counter(r.depth for r in drafted_rounds).items())},
+        "drafter_histogram": dict(Counter(r.drafter for r in rounds)),
+        "draft_ms": sum(r.draft_ms for r in rounds), "verify_ms": sum(r.verify_ms for r in rounds),
+    }

@@ -38,6 +38,10 @@ class TokenTrace:
     macs: int = 0  # multiply-accumulates actually spent on this token, overheads included
     full_macs: int = 0  # what full depth would have spent on it
     elapsed_ms: float = 0.0  # wall time from the previous token (or the start of decoding)
+    # Speculative decoding: "draft" (an accepted drafted token), "correction" (the verifier's token after a
+    # rejection), "verified" (the verifier's own next token after a draft-free pass), "" otherwise.
+    source: str = ""
+    round: int | None = None  # index into GenerationResult.rounds
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -77,6 +81,38 @@ def _number(v: Any) -> float:
 
 
 @dataclass
+class SpecRound:
+    """One draft-then-verify round of speculative decoding."""
+
+    index: int
+    position: int  # position of the round's first fed token (t0)
+    drafter: str  # "self", "draft_model", "lookup" or "none" (speculation switched off: a plain step)
+    depth: int  # layers the draft ran (0: no shallow path, the verifier ran every layer)
+    drafted: list[int]  # proposed tokens t1..tk
+    accepted: int  # length of the accepted prefix
+    stop_reason: str  # why drafting stopped: "max_len", "predicted_reject", "eos", "context", "no_match", "off"
+    draft_ms: float
+    verify_ms: float
+    q_probs: list[float]  # the draft's probability of each drafted token
+    p_probs: list[float]  # the verifier's probability of each drafted token
+    predicted_accept: list[float] = field(default_factory=list)  # the controller's P(accept) per draft
+
+    @classmethod
+    def from_dict(cls, d: Any, index: int = 0) -> "SpecRound":
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"round {index}: expected an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known or not {"index", "drafter", "drafted", "accepted"} <= set(d):
+            raise TraceFormatError(f"round {index}: unexpected or missing fields")
+        if not isinstance(d["drafted"], list) or not isinstance(d["accepted"], int) or not 0 <= d["accepted"] <= len(d["drafted"]):
+            raise TraceFormatError(f"round {index}: 'accepted' must count a prefix of 'drafted'")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise TraceFormatError(f"round {index}: {e}") from e
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]  # the new tokens only
     text: str
@@ -85,12 +121,14 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
     prompt_text: str = ""
     stop_reason: str = ""  # "max_new_tokens", "eos" or "context"
+    rounds: list[SpecRound] = field(default_factory=list)  # speculative decoding only
 
     def to_json(self) -> str:
         payload = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "token_ids": self.token_ids,
                    "text": self.text, "prompt_ids": self.prompt_ids, "prompt_text": self.prompt_text,
                    "stop_reason": self.stop_reason, "stats": self.stats,
-                   "traces": [t.to_dict() for t in self.traces]}
+                   "traces": [t.to_dict() for t in self.traces],
+                   "rounds": [dataclasses.asdict(r) for r in self.rounds]}
         return json.dumps(payload, indent=1)
 
     @classmethod
@@ -113,6 +151,10 @@ class GenerationResult:
         stats = payload.get("stats", {})
         if not isinstance(stats, dict):
             raise TraceFormatError("'stats' must be an object")
+        rounds_raw = payload.get("rounds", [])
+        if not isinstance(rounds_raw, list):
+            raise TraceFormatError("'rounds' must be a list")
+        rounds = [SpecRound.from_dict(r, i) for i, r in enumerate(rounds_raw)]
         return cls(token_ids=token_ids, text=str(payload.get("text", "")), traces=traces, stats=stats,
                    prompt_ids=list(payload.get("prompt_ids", [])), prompt_text=str(payload.get("prompt_text", "")),
-                   stop_reason=str(payload.get("stop_reason", "")))
+                   stop_reason=str(payload.get("stop_reason", "")), rounds=rounds)

@@ -1,0 +1,414 @@
+"""Speculative decoding: draft cheaply, verify at full depth in one pass, keep the agreeing prefix.
+
+One round, with t0 the last emitted token (not yet fed) at position ``pos``:
+
+1. **Draft** k tokens t1..tk. The *self* drafter runs layers [0, d) and the exit head after d layers;
+   its K/V for layers < d are the real ones (same weights, same inputs), so they stay in the cache.
+2. **Verify**: run the remaining layers [d, L) over positions pos..pos+k-1 (t0..t_{k-1}) in one pass,
+   starting from the draft's cached hidden states, so no layer runs twice for the same position. A
+   drafter without a shallow path (prompt lookup, a separate draft model) is verified by all L layers.
+3. **Accept**: greedy keeps t_{i+1} while it equals the verifier's argmax; sampling keeps it with
+   probability min(1, p/q) and on rejection draws from norm(max(0, p - q)) (the exact rule, so the
+   output follows the target distribution). After the first rejection the verifier's token is emitted
+   as a correction and the cache is cropped back by position.
+
+Emitted tokens per round: the accepted prefix plus the correction, or all k drafts when none was
+rejected (t_k then becomes the next round's t0, so nothing is computed twice; there is no "bonus"
+token because t_k's hidden state is never computed). Hence E[tokens] = sum_{j<k} alpha^j.
+
+The ``SpeculationController`` picks the draft depth among the multi-scale paths from running
+acceptance and per-layer costs measured on this host, stops drafting when the predicted probability
+that the whole draft survives no longer pays for another draft step (SpecDec++'s rule, derived from
+the measured costs), and switches speculation off (k = 0, a plain step) when its predicted gain is < 1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .costs import CostModel
+from .decoding import Decoder
+from .errors import InvalidRequestError
+from .exits import ExitHeads, MaxProb
+from .host_costs import HostCosts
+from .model import LeanModel
+from .sampling import Sampler
+from .trace import SpecRound
+
+DRAFTERS = ("self", "lookup", "draft_model")
+DRAFT_MODEL_KEY, LOOKUP_KEY = 0, -1  # "depth" keys of the non-self drafters in the controller
+_CONFIDENCE_BINS = 10
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # t1..tk
+    q: list[torch.Tensor | None]  # per token: the fp32 distribution it was drawn from; None = a point mass
+    q_probs: list[float]  # q(t_i)
+    depth: int  # layers the draft ran on the main model (0: the verifier runs every layer)
+    hidden: torch.Tensor | None  # (1, k, d) hidden states after `depth` layers for t0..t_{k-1}
+    stop_reason: str
+    predicted_accept: list[float] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)  # what the acceptance predictor was given
+    macs: int = 0
+    drafter: str = "self"
+
+    @property
+    def stats_key(self) -> int:
+        """Acceptance statistics are kept per path: self depth d >= 1, draft model 0, lookup -1."""
+        return {"self": self.depth, "draft_model": DRAFT_MODEL_KEY, "lookup": LOOKUP_KEY}[self.drafter]
+
+
+@dataclass
+class Emitted:
+    token: int
+    source: str  # "draft", "correction" or "verified"
+
+
+# ---- acceptance statistics shared across requests -----------------------------------------------------
+
+class AcceptanceStats:
+    """Running acceptance per draft depth, and per depth per draft-confidence bin (the predictor).
+
+    Kept on the runtime so each request starts from what earlier requests measured; guarded by a lock
+    because the app serves several sessions from one runtime.
+    """
+
+    def __init__(self, priors: dict[int, float]):
+        self.lock = threading.Lock()
+        self.priors = dict(priors)
+        self.counts: dict[int, list[int]] = {}  # depth -> [accepted, evaluated]
+        self.bins: dict[int, list[list[int]]] = {}  # depth -> bin -> [accepted, evaluated]
+
+    def alpha(self, depth: int) -> float:
+        """Acceptance rate at ``depth`` with a prior worth 8 observations."""
+        accepted, total = self.counts.get(depth, [0, 0])
+        prior = self.priors.get(depth, 0.5)
+        return (accepted + 8 * prior) / (total + 8)
+
+    def predict(self, depth: int, confidence: float) -> float:
+        """P(the verifier accepts a draft token whose draft confidence is ``confidence``)."""
+        b = min(int(confidence * _CONFIDENCE_BINS), _CONFIDENCE_BINS - 1)
+        accepted, total = self.bins.get(depth, [[0, 0]] * _CONFIDENCE_BINS)[b]
+        prior = 0.5 * (confidence + self.alpha(depth))  # before data: the draft's own belief, tempered
+        return (accepted + 4 * prior) / (total + 4)
+
+    def record(self, depth: int, confidences: list[float], accepted_flags: list[bool]) -> None:
+        with self.lock:
+            counts = self.counts.setdefault(depth, [0, 0])
+            bins = self.bins.setdefault(depth, [[0, 0] for _ in range(_CONFIDENCE_BINS)])
+            for conf, ok in zip(confidences, accepted_flags):
+                counts[0] += ok
+                counts[1] += 1
+                b = bins[min(int(conf * _CONFIDENCE_BINS), _CONFIDENCE_BINS - 1)]
+                b[0] += ok
+                b[1] += 1
+
+
+class SpeculationController:
+    """Chooses draft depth and length from measured costs and running acceptance."""
+
+    def __init__(self, host: HostCosts, num_layers: int, stats: AcceptanceStats, depths: tuple[int, ...],
+                 max_draft: int = 8, fixed_depth: int | None = None, fixed_length: int | None = None,
+                 draft_model_step_ms: float | None = None):
+        self.host, self.L, self.stats = host, num_layers, stats
+        self.depths = (fixed_depth,) if fixed_depth is not None else depths
+        self.max_draft = fixed_length or max_draft
+        self.fixed_length = fixed_length
+        self.draft_model_step_ms = draft_model_step_ms
+        self.off_for = 0  # plain steps left before speculation is tried again
+
+    # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup
+    def draft_step_ms(self, depth: int) -> float:
+        if depth == LOOKUP_KEY:
+            return 0.0  # an n-gram search: no model call
+        if depth == DRAFT_MODEL_KEY:
+            return self.draft_model_step_ms or 0.0
+        return self.host.layers(depth) + self.host.head()
+
+    def verify_ms(self, depth: int, k: int) -> float:
+        start = depth if depth > 0 else 0  # without a shallow path the verifier runs every layer
+        return self.host.layers(self.L - start, max(k, 1)) + self.host.head(max(k, 1))
+
+    def expected_tokens(self, alpha: float, k: int) -> float:
+        return sum(alpha ** j for j in range(k))
+
+    def predicted_speedup(self, depth: int) -> tuple[float, int]:
+        """(tokens per full-step time, best draft length) at ``depth`` under the running acceptance."""
+        alpha, full = self.stats.alpha(depth), self.host.full_step()
+        best = (0.0, 0)
+        for k in range(1, self.max_draft + 1):
+            gain = self.expected_tokens(alpha, k) * full / (k * self.draft_step_ms(depth) + self.verify_ms(depth, k))
+            best = max(best, (gain, k))
+        return best
+
+    def plan(self) -> int | None:
+        """The draft depth for the next round, or None for a plain step (speculation off)."""
+        if self.off_for > 0:
+            self.off_for -= 1
+            return None
+        gain, depth = max((self.predicted_speedup(d)[0], d) for d in self.depths)
+        if gain < 1.0 and self.fixed_length is None:
+            self.off_for = 8  # re-probe after a few plain steps: acceptance may recover
+            return None
+        return depth
+
+    def keep_drafting(self, depth: int, drafted: int, survive: float) -> bool:
+        """Draft one more token while P(all drafted so far are accepted) x (a full step saved) pays
+        for one draft step plus one more verified position (the rule SpecDec++ learns, here from costs)."""
+        if drafted >= self.max_draft:
+            return False
+        if self.fixed_length is not None:
+            return True
+        marginal_verify = self.verify_ms(depth, drafted + 1) - self.verify_ms(depth, drafted)
+        return survive * self.host.full_step() > self.draft_step_ms(depth) + marginal_verify
+
+
+# ---- drafters ------------------------------------------------------------------------------------------
+
+class SelfDrafter:
+    """Draft with the model's own first d layers and the exit head after them."""
+
+    name = "self"
+
+    def draft(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
+        model, pos = dec.model, dec.pos
+        tokens, qs, q_probs, predicted, hiddens, confs = [], [], [], [], [], []
+        survive, token, stop, macs = 1.0, t0, "max_len", 0
+        for j in range(limit):
+            ids = torch.tensor([[token]], device=model.device)
+            h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
+            hiddens.append(h)
+            logits = dec.heads.logits(h, depth)[0, 0]
+            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.head_macs
+            token, q, q_tok, conf = dec.draw(logits)
+            tokens.append(token)
+            qs.append(q)
+            q_probs.append(q_tok)
+            confs.append(conf)
+            a = dec.controller.stats.predict(depth, conf)
+            predicted.append(a)
+            survive *= a
+            if token in dec.eos:
+                stop = "eos"
+                break
+            if j + 1 < limit and not dec.controller.keep_drafting(depth, j + 1, survive):
+                stop = "predicted_reject" if j + 1 < dec.controller.max_draft else "max_len"
+                break
+        return Draft(tokens=tokens, q=qs, q_probs=q_probs, depth=depth, hidden=torch.cat(hiddens, dim=1),
+                     stop_reason=stop, predicted_accept=predicted, confidences=confs, macs=macs, drafter=self.name)
+
+
+class LookupDrafter:
+    """Prompt lookup: propose the continuation of the latest earlier occurrence of the last n tokens."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, length: int = 8):
+        self.max_ngram, self.min_ngram, self.length = max_ngram, min_ngram, length
+
+    def propose(self, context: list[int], limit: int) -> list[int]:
+        n_ctx = len(context)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if n_ctx <= n:
+                continue
+            tail = context[-n:]
+            for start in range(n_ctx - n - 1, -1, -1):  # most recent match first
+                if context[start:start + n] == tail:
+                    follow = context[start + n:start + n + min(limit, self.length)]
+                    if follow:
+                        return follow
+        return []
+
+    def draft(self, dec: "SpeculativeDecoder", t0: int, limit: int) -> Draft | None:
+        proposal = self.propose(dec.context + [t0], limit)
+        if not proposal:
+            return None
+        # Keep as many proposed tokens as the running lookup acceptance pays for (drafting is free,
+        # but every extra verified position is not).
+        alpha = dec.controller.stats.alpha(LOOKUP_KEY)
+        tokens, stop, survive = [], "max_len", 1.0
+        for token in proposal:
+            tokens.append(token)
+            survive *= alpha
+            if token in dec.eos:
+                stop = "eos"
+                break
+            if not dec.controller.keep_drafting(LOOKUP_KEY, len(tokens), survive):
+                stop = "predicted_reject"
+                break
+        return Draft(tokens=tokens, q=[None] * len(tokens), q_probs=[1.0] * len(tokens), depth=0, hidden=None,
+                     stop_reason=stop, predicted_accept=[alpha] * len(tokens), confidences=[alpha] * len(tokens),
+                     drafter=self.name)
+
+
+class DraftModelDrafter:
+    """A separate small model with the same vocabulary drafts at its full depth, with its own cache."""
+
+    name = "draft_model"
+
+    def __init__(self, model: LeanModel, costs: CostModel, max_len: int):
+        self.model, self.costs = model, costs
+        self.cache = model.new_cache(1, max_len)
+        self.synced = 0  # positions of the sequence already in the draft cache
+
+    def draft(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
+        model, pos = self.model, dec.pos
+        L = model.spec.num_layers
+        pending = (dec.context + [t0])[self.synced:pos + 1]  # tokens the draft model has not seen yet
+        h = model.run_layers(model.embed(torch.tensor([pending], device=model.device), self.synced), 0, L,
+                             self.synced, self.cache)[:, -1:]
+        macs = sum(self.costs.layers_macs(0, L, p) for p in range(self.synced, pos + 1))
+        self.synced = pos + 1
+        tokens, qs, q_probs, predicted, confs = [], [], [], [], []
+        survive, stop = 1.0, "max_len"
+        for j in range(limit):
+            token, q, q_tok, conf = dec.draw(model.head(h)[0, 0])
+            macs += self.costs.head_macs
+            tokens.append(token)
+            qs.append(q)
+            q_probs.append(q_tok)
+            confs.append(conf)
+            a = dec.controller.stats.predict(DRAFT_MODEL_KEY, conf)
+            predicted.append(a)
+            survive *= a
+            if token in dec.eos:
+                stop = "eos"
+                break
+            if j + 1 == limit or not dec.controller.keep_drafting(DRAFT_MODEL_KEY, j + 1, survive):
+                stop = "predicted_reject" if j + 1 < limit else "max_len"
+                break
+            ids = torch.tensor([[token]], device=model.device)
+            h = model.run_layers(model.embed(ids, pos + 1 + j), 0, L, pos + 1 + j, self.cache)
+            macs += self.costs.layers_macs(0, L, pos + 1 + j)
+            self.synced = pos + 2 + j
+        return Draft(tokens=tokens, q=qs, q_probs=q_probs, depth=0, hidden=None, stop_reason=stop,
+                     predicted_accept=predicted, confidences=confs, macs=macs, drafter=self.name)
+
+    def rollback(self, length: int) -> None:
+        self.synced = min(self.synced, length)
+        self.cache.crop(self.synced)
+
+
+# ---- the decoder ---------------------------------------------------------------------------------------
+
+class SpeculativeDecoder(Decoder):
+    def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
+                 controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
+                 draft_model: DraftModelDrafter | None = None):
+        super().__init__(model, costs, max_len)
+        if drafter not in DRAFTERS:
+            raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
+        self.heads, self.controller, self.sampler, self.eos = heads, controller, sampler, eos
+        self.drafter_name = drafter
+        self.self_drafter = SelfDrafter()
+        # A drafter that needs no model call (prompt lookup, or a stub in tests) is tried first each round;
+        # when it proposes nothing, the round drafts with the model (self or draft model) instead.
+        self.free_drafter = LookupDrafter() if drafter == "lookup" else None
+        self.draft_model = draft_model
+        self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
+        self.rounds: list[SpecRound] = []
+        self.max_len = max_len
+        self._max_prob = MaxProb()
+
+    def prefill(self, prompt_ids: torch.Tensor):
+        self.context = prompt_ids[0].tolist()
+        return super().prefill(prompt_ids)
+
+    def draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float, float]:
+        """Draft one token: (token, q or None for greedy, q(token), draft confidence = max q)."""
+        if self.sampler.config.greedy:
+            conf = float(self._max_prob.score(logits, None, None))
+            return int(torch.argmax(logits)), None, conf, conf
+        q = self.sampler.distribution(logits)
+        token = int(torch.multinomial(q, 1, generator=self.sampler.generator))
+        return token, q, float(q[token]), float(q.max())
+
+    def _accept(self, draft: Draft, logits: torch.Tensor) -> tuple[int, int, list[float]]:
+        """(accepted prefix length, the verifier's token after it or -1, p(t_i) per draft).
+
+        logits: (k, V) verifier logits at positions pos..pos+k-1 (predicting t1..tk).
+        """
+        p_probs = []
+        for i, token in enumerate(draft.tokens):
+            if self.sampler.config.greedy:
+                p_probs.append(float(torch.softmax(logits[i].float(), -1)[token]))
+                target = int(torch.argmax(logits[i]))
+                if token != target:
+                    return i, target, p_probs
+                continue
+            p = self.sampler.distribution(logits[i])
+            q = draft.q[i]
+            p_tok = float(p[token])
+            p_probs.append(p_tok)
+            q_tok = float(q[token]) if q is not None else 1.0
+            u = float(torch.rand((), generator=self.sampler.generator))
+            if u < min(1.0, p_tok / q_tok):  # q(t) > 0 always: t was drawn from q
+                continue
+            # rejection: draw from the residual max(0, p - q), renormalised
+            residual = p - q if q is not None else p.clone().index_fill_(0, torch.tensor([token]), 0.0)
+            residual = residual.clamp(min=0.0)
+            total = float(residual.sum())
+            residual = residual / total if total > 0 else p
+            return i, int(torch.multinomial(residual, 1, generator=self.sampler.generator)), p_probs
+        return len(draft.tokens), -1, p_probs
+
+    def round(self, t0: int, remaining: int) -> tuple[list[Emitted], int]:
+        """One draft-verify round from t0; returns the emitted tokens and the MACs spent."""
+        model, L, pos = self.model, self.model.spec.num_layers, self.pos
+        limit = min(remaining, self.max_len - pos)  # positions pos..pos+k-1 must fit in the cache
+        start = time.perf_counter()
+        draft: Draft | None = None
+        if limit >= 2:  # a one-token draft can never emit more than a plain step
+            if self.free_drafter is not None:  # free to try; falls back to model drafting when nothing matches
+                draft = self.free_drafter.draft(self, t0, limit)
+            if draft is None:
+                depth = self.controller.plan()
+                if depth is not None:
+                    drafter = self.draft_model or self.self_drafter
+                    draft = drafter.draft(self, t0, depth, limit)
+        draft_ms = (time.perf_counter() - start) * 1000
+
+        start = time.perf_counter()
+        k = len(draft.tokens) if draft else 0
+        if draft is not None and draft.depth > 0:
+            x, first_layer = draft.hidden, draft.depth  # resume from the draft's hidden states
+        else:
+            fed = [t0] + (draft.tokens[:-1] if draft else [])
+            x, first_layer = model.embed(torch.tensor([fed], device=model.device), pos), 0
+        h = model.run_layers(x, first_layer, L, pos, self.cache)
+        logits = model.head(h)[0]  # (max(k, 1), V)
+        n_pos = max(k, 1)
+        macs = (draft.macs if draft else 0) + self.costs.head_macs * n_pos + sum(
+            self.costs.layers_macs(first_layer, L, p) for p in range(pos, pos + n_pos))
+        if draft is None:
+            emitted = [Emitted(self.sampler.sample(logits[0]), "verified")]
+            accepted, p_probs = 0, []
+        else:
+            accepted, correction, p_probs = self._accept(draft, logits)
+            emitted = [Emitted(t, "draft") for t in draft.tokens[:accepted]]
+            if correction >= 0:
+                emitted.append(Emitted(correction, "correction"))
+            evaluated = min(accepted + 1, k)  # drafts after the first rejection were never judged
+            self.controller.stats.record(draft.stats_key, draft.confidences[:evaluated],
+                                         [True] * accepted + [False] * (evaluated - accepted))
+        verify_ms = (time.perf_counter() - start) * 1000
+
+        # Keep positions pos..pos+len(emitted)-1 (t0 and all emitted but the last, which is the next t0).
+        new_pos = pos + len(emitted)
+        self.cache.crop(new_pos)
+        if self.draft_model is not None:
+            self.draft_model.rollback(new_pos)
+        self.context.extend([t0] + [e.token for e in emitted[:-1]])
+        self.pos = new_pos
+        self.rounds.append(SpecRound(
+            index=len(self.rounds), position=pos, drafter=draft.drafter if draft else "none",
+            depth=draft.depth if draft else 0, drafted=list(draft.tokens) if draft else [], accepted=accepted,
+            stop_reason=draft.stop_reason if draft else "off", draft_ms=draft_ms, verify_ms=verify_ms,
+            q_probs=list(draft.q_probs) if draft else [], p_probs=p_probs,
+            predicted_accept=list(draft.predicted_accept) if draft else []))
+        return emitted, macs

@@ -1,0 +1,180 @@
+"""Speculative decoding is lossless: greedy equals full, sampling follows the target distribution."""
+
+import pytest
+import torch
+
+from adaptive import Runtime
+from adaptive.config import SamplingConfig
+from adaptive.sampling import Sampler
+from adaptive.speculative import LOOKUP_KEY, Draft, LookupDrafter, SpeculativeDecoder
+
+from conftest import build_tiny_checkpoint, make_model, random_prompt
+
+SETTINGS = [dict(), dict(draft_depth=1, draft_length=3), dict(draft_depth=2, draft_length=6), dict(drafter="lookup"),
+            dict(draft_depth=3, draft_length=1)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "adaptive")
+def test_greedy_equals_full(family, settings):
+    rt = Runtime.from_model(make_model(family))
+    for seed, (length, new) in enumerate([(3, 30), (9, 17), (1, 40)]):
+        prompt = random_prompt(length, seed)
+        full = rt.generate(prompt, max_new_tokens=new).token_ids
+        spec = rt.generate(prompt, max_new_tokens=new, mode="speculative", **settings)
+        assert spec.token_ids == full
+        assert len(spec.traces) == new
+        assert [t.position for t in spec.traces] == list(range(length, length + new))
+
+
+def test_greedy_equals_full_with_a_draft_model(tmp_path):
+    target_dir = build_tiny_checkpoint(tmp_path / "target")
+    draft_dir = tmp_path / "draft"
+    from transformers import AutoModelForCausalLM
+    import shutil
+    shutil.copytree(target_dir, draft_dir)
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir)
+    draft.model.layers = draft.model.layers[:2]  # a shallower model with the same tokenizer
+    draft.config.num_hidden_layers = 2
+    draft.save_pretrained(draft_dir)
+    rt = Runtime.from_pretrained(target_dir)
+    for prompt in ("def main():", "import os\nprint("):
+        full = rt.generate(prompt, max_new_tokens=30, stop_at_eos=False).token_ids
+        spec = rt.generate(prompt, max_new_tokens=30, stop_at_eos=False, mode="speculative", drafter="draft_model",
+                           draft_model=str(draft_dir), draft_length=4)
+        assert spec.token_ids == full
+        assert spec.stats["drafter_histogram"].get("draft_model", 0) > 0
+
+
+def test_eos_inside_a_drafted_block_stops_there():
+    hf = make_model("gpt2")  # random GPT-2 repeats itself: long accepted drafts
+    rt = Runtime.from_model(hf)
+    prompt = random_prompt(5, seed=3)
+    free = rt.generate(prompt, max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=8).token_ids
+    eos = free[12]  # make a token in the middle of a drafted block the end-of-sequence token
+    rt.spec = type(rt.spec)(**{**rt.spec.__dict__, "eos_token_ids": (eos,)})
+    full = rt.generate(prompt, max_new_tokens=30)
+    spec = rt.generate(prompt, max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=8)
+    assert spec.token_ids == full.token_ids and spec.token_ids[-1] == eos and spec.stop_reason == "eos"
+
+
+def test_context_limit(family):
+    rt = Runtime.from_model(make_model(family))
+    context = rt.spec.max_positions
+    prompt = random_prompt(context - 20, seed=4)
+    full = rt.generate(prompt, max_new_tokens=20).token_ids
+    spec = rt.generate(prompt, max_new_tokens=20, mode="speculative", draft_depth=1, draft_length=8)
+    assert spec.token_ids == full and len(full) == 20
+
+
+# ---- stub drafters: acceptance logic and rollback ----------------------------------------------------
+
+class OracleDrafter:
+    """Proposes from a known continuation, corrupting the tokens where ``wrong(j)`` says so."""
+
+    def __init__(self, reference: list[int], vocab: int, wrong, length: int = 4):
+        self.reference, self.vocab, self.wrong, self.length = reference, vocab, wrong, length
+        self.calls = 0
+
+    def draft(self, dec, t0, limit):
+        self.calls += 1
+        n = len(dec.context) + 1  # tokens known so far, t0 included
+        truth = self.reference[n:n + min(limit, self.length)]
+        tokens = [(t + 1) % self.vocab if self.wrong(j) else t for j, t in enumerate(truth)]
+        return Draft(tokens=tokens, q=[None] * len(tokens), q_probs=[1.0] * len(tokens), depth=0, hidden=None,
+                     stop_reason="max_len", confidences=[1.0] * len(tokens), drafter="lookup") if tokens else None
+
+
+@pytest.mark.parametrize("name, wrong, expect_accepted", [
+    ("always", lambda j: False, 4), ("never", lambda j: True, 0), ("sometimes", lambda j: j == 2, 2)])
+def test_stub_drafters(name, wrong, expect_accepted):
+    rt = Runtime.from_model(make_model("llama"))
+    prompt = random_prompt(5, seed=7)
+    full = rt.generate(prompt, max_new_tokens=33).token_ids
+    reference = prompt + full
+    stream = rt.stream(prompt, max_new_tokens=33, mode="speculative", drafter="lookup")
+    # swap in the stub before the first round
+    records = iter(stream)
+    first = next(records)
+    decoder = stream._records.gi_frame.f_locals["decoder"]
+    decoder.free_drafter = OracleDrafter(reference, rt.spec.vocab_size, wrong)
+    rest = list(records)
+    result = stream.result
+    assert [first.token_id] + [t.token_id for t in rest] == full
+    drafted = [r for r in result.rounds if r.drafted]
+    assert drafted and all(r.accepted == min(expect_accepted, len(r.drafted)) for r in drafted[:-1])
+    # rollback by position: the cache holds exactly the fed positions after every round
+    assert decoder.cache.fill == [decoder.pos] * rt.spec.num_layers
+    sources = {t.source for t in rest}
+    assert ("draft" in sources) == (expect_accepted > 0)
+    assert ("correction" in sources) == (expect_accepted < 4)
+
+
+def test_lookup_proposes_the_latest_match():
+    drafter = LookupDrafter(max_ngram=3, min_ngram=2, length=4)
+    context = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert drafter.propose(context, 10) == [7, 8, 5, 1]
+    assert drafter.propose([4, 5, 6], 10) == []
+
+
+# ---- sampling keeps the target distribution -----------------------------------------------------------
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+def test_acceptance_rule_reproduces_p_chi_square():
+    """The min(1, p/q) rule with residual resampling: accepted-or-corrected tokens are distributed as p."""
+    p_logits = torch.log(torch.tensor([0.05, 0.30, 0.10, 0.25, 0.05, 0.15, 0.06, 0.04]))
+    q_logits = torch.log(torch.tensor([0.30, 0.05, 0.20, 0.05, 0.20, 0.05, 0.10, 0.05]))
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=0))
+    dec = SpeculativeDecoder.__new__(SpeculativeDecoder)  # only the acceptance rule is exercised
+    dec.sampler = sampler
+    q = sampler.distribution(q_logits)
+    counts = torch.zeros(8)
+    n = 20000
+    for _ in range(n):
+        t = int(torch.multinomial(q, 1, generator=sampler.generator))
+        draft = Draft(tokens=[t], q=[q], q_probs=[float(q[t])], depth=1, hidden=None, stop_reason="max_len")
+        accepted, correction, _ = dec._accept(draft, p_logits[None, :])
+        counts[t if accepted else correction] += 1
+    assert _chi_square(counts, torch.softmax(p_logits, -1)) < 24.3  # chi2(df=7) at p = 0.001
+
+
+def test_speculative_sampling_matches_the_model_distribution():
+    """On a tiny model: the 2nd and 3rd generated tokens (drafted at depth 1, verified) follow p exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    V = 6
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                      vocab_size=V, max_position_embeddings=16, bos_token_id=None,
+                                      eos_token_id=None)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(6.0)
+    rt = Runtime.from_model(hf)
+    prompt = [1, 4, 2]
+    # exact marginals of tokens 2 and 3 by enumeration over the full model
+    with torch.inference_mode():
+        p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)
+        p2 = torch.zeros(V)
+        p3 = torch.zeros(V)
+        for a in range(V):
+            pa = torch.softmax(hf(torch.tensor([prompt + [a]])).logits[0, -1], -1)
+            p2 += p1[a] * pa
+            for b in range(V):
+                pb = torch.softmax(hf(torch.tensor([prompt + [a, b]])).logits[0, -1], -1)
+                p3 += p1[a] * pa[b] * pb
+    counts2, counts3 = torch.zeros(V), torch.zeros(V)
+    drafted = 0
+    n = 2500
+    for seed in range(n):
+        res = rt.generate(prompt, max_new_tokens=3, temperature=1.0, seed=seed, mode="speculative", draft_depth=1,
+                          draft_length=2)
+        counts2[res.token_ids[1]] += 1
+        counts3[res.token_ids[2]] += 1
+        drafted += sum(t.drafted for t in res.traces)
+    assert drafted > n // 4  # the draft path was really used
+    assert _chi_square(counts2, p2) < 20.5  # chi2(df=5) at p = 0.001
+    assert _chi_square(counts3, p3) < 20.5
