@@ -9,6 +9,7 @@ of positions where the tokens match, and the share of prompts whose outputs matc
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -45,6 +46,9 @@ class Row:
     compute_fraction: float | None = None
     agreement: float | None = None
     exact_prompts: float | None = None
+    mean_accepted: float | None = None  # speculative rows: accepted drafted tokens per verifier pass
+    acceptance_rate: float | None = None
+    slower_than_full: float | None = None  # share of prompts where this row was slower than our full
     repeat_tokens_per_s: list = field(default_factory=list)
 
 
@@ -60,7 +64,12 @@ def add_arguments(p) -> None:
     p.add_argument("--measure", default=None, help="early-exit measure (default: the model's default)")
     p.add_argument("--kv-policy", default=None, help="propagate | defer (default: the model's default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() row")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
+    p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit rows")
+    p.add_argument("--speculative", default="self,lookup",
+                   help="speculative drafters to measure (comma-separated; '' for none)")
+    p.add_argument("--hf-assistant", action=argparse.BooleanOptionalAction, default=True,
+                   help="HF generate() with assistant_early_exit and prompt_lookup_num_tokens=10")
     p.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
 
 
@@ -85,10 +94,10 @@ def _build(args):
     return rt, hf, [rt.encode(t) for t in texts], str(rt.directory)
 
 
-def _hf_generate(hf, prompt: list[int], n: int) -> list[int]:
+def _hf_generate(hf, prompt: list[int], n: int, **extra) -> list[int]:
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
     with torch.inference_mode():
         out = hf.generate(torch.tensor([prompt]), generation_config=cfg)
     return out[0, len(prompt):].tolist()
@@ -103,13 +112,20 @@ def run(args) -> dict:
     n = args.max_new_tokens
     ee_knobs = {k: v for k, v in (("measure", args.measure), ("kv_policy", args.kv_policy)) if v is not None}
     rows = [] if args.no_hf else [Row("hf_generate", "hf")]
+    if not args.no_hf and args.hf_assistant:
+        light = rt.paths["light"]
+        rows.append(Row(f"hf_assistant_early_exit@{light}", "hf", {"assistant_early_exit": light}))
+        rows.append(Row("hf_prompt_lookup@10", "hf", {"prompt_lookup_num_tokens": 10}))
     rows.append(Row("full", "full"))
-    for thr in (float(t) for t in args.thresholds.split(",") if t):
-        rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
+    if not args.no_early_exit:
+        for thr in (float(t) for t in args.thresholds.split(",") if t):
+            rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
+    for drafter in (d for d in args.speculative.split(",") if d):
+        rows.append(Row(f"speculative_{drafter}", "speculative", {"drafter": drafter}))
 
     def decode(row: Row, prompt: list[int]):
         if row.mode == "hf":
-            return _hf_generate(hf, prompt, n), None
+            return _hf_generate(hf, prompt, n, **row.options), None
         res = rt.generate(prompt, max_new_tokens=n, mode=row.mode, stop_at_eos=False, **row.options)
         return res.token_ids, res.stats
 
@@ -120,18 +136,22 @@ def run(args) -> dict:
     stats: dict[str, list] = {row.name: [] for row in rows}
     from tqdm import tqdm
 
+    per_prompt: dict[str, list[list[float]]] = {row.name: [[] for _ in prompts] for row in rows}  # seconds
     for rep in tqdm(range(args.repeats), desc="bench repeats"):
         elapsed = {row.name: 0.0 for row in rows}
         for i, prompt in enumerate(prompts):
             for row in rows:
                 start = time.perf_counter()
                 tokens, st = decode(row, prompt)
-                elapsed[row.name] += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                elapsed[row.name] += seconds
+                per_prompt[row.name][i].append(seconds)
                 if rep == 0:
                     outputs[row.name].append(tokens)
                     stats[row.name].append(st)
         for row in rows:
             row.repeat_tokens_per_s.append(len(prompts) * n / elapsed[row.name])
+    median_seconds = {name: [statistics.median(t) for t in times] for name, times in per_prompt.items()}
 
     full_out = outputs["full"]
     for row in rows:
@@ -143,6 +163,11 @@ def run(args) -> dict:
         if stats[row.name][0] is not None:
             row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])
             row.compute_fraction = sum(s["macs"] for s in stats[row.name]) / sum(s["full_macs"] for s in stats[row.name])
+        if row.mode == "speculative":
+            row.mean_accepted = statistics.fmean(s["mean_accepted_per_round"] for s in stats[row.name])
+            row.acceptance_rate = statistics.fmean(s["acceptance_rate"] for s in stats[row.name])
+        if row.mode != "full":
+            row.slower_than_full = sum(a > b for a, b in zip(median_seconds[row.name], median_seconds["full"])) / len(prompts)
     hf_row = next((r for r in rows if r.mode == "hf"), None)
     full_row = next(r for r in rows if r.mode == "full")
     for row in rows:
@@ -160,13 +185,15 @@ def _fmt(v, spec):
 
 
 def format_table(report: dict) -> str:
-    head = f"{'row':<22}{'tok/s':>9}{'ms/tok':>9}{'x HF':>7}{'x full':>8}{'layers':>8}{'compute':>9}{'agree':>8}{'exact':>7}"
+    head = (f"{'row':<28}{'tok/s':>9}{'ms/tok':>9}{'x HF':>7}{'x full':>8}{'layers':>8}{'compute':>9}{'agree':>8}"
+            f"{'exact':>7}{'acc/rnd':>9}{'slower':>8}")
     lines = [f"model {report['model']}, {report['prompts']} prompts x {report['max_new_tokens']} tokens, "
              f"median of {report['repeats']} repeats, batch 1, greedy, {report['torch_threads']} threads", head]
     for r in report["rows"]:
-        lines.append(f"{r['name']:<22}{r['tokens_per_s']:>9.1f}{r['ms_per_token']:>9.2f}{_fmt(r['ratio_to_hf'], '>7.2f')}"
+        lines.append(f"{r['name']:<28}{r['tokens_per_s']:>9.1f}{r['ms_per_token']:>9.2f}{_fmt(r['ratio_to_hf'], '>7.2f')}"
                      f"{_fmt(r['ratio_to_full'], '>8.2f')}{_fmt(r['layers_run_mean'], '>8.2f')}"
-                     f"{_fmt(r['compute_fraction'], '>9.3f')}{_fmt(r['agreement'], '>8.3f')}{_fmt(r['exact_prompts'], '>7.2f')}")
+                     f"{_fmt(r['compute_fraction'], '>9.3f')}{_fmt(r['agreement'], '>8.3f')}{_fmt(r['exact_prompts'], '>7.2f')}"
+                     f"{_fmt(r['mean_accepted'], '>9.2f')}{_fmt(r['slower_than_full'], '>8.2f')}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ class CostModel:
     adapter_macs: int  # one exit adapter (d x d) for one position
     num_layers: int
     sliding_windows: tuple[int | None, ...]
+    hidden_size: int = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "CostModel":
@@ -30,7 +31,7 @@ class CostModel:
         mlp_weights = d * ff * (3 if spec.mlp_kind == "gated" else 2)
         return cls(layer_weight_macs=attn_weights + mlp_weights, attention_macs_per_key=2 * spec.q_dim,
                    head_macs=d * spec.vocab_size, kv_fill_macs=2 * d * spec.kv_dim, adapter_macs=d * d,
-                   num_layers=spec.num_layers, sliding_windows=spec.sliding_windows)
+                   num_layers=spec.num_layers, sliding_windows=spec.sliding_windows, hidden_size=d)
 
     def layer_macs(self, layer: int, position: int) -> int:
         """One layer for one query at ``position`` (it sees position + 1 keys, fewer in a window)."""

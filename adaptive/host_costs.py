@@ -75,3 +75,16 @@ class HostCosts:
             layer_ms[T] = statistics.median(per_layer[1:])
             head_ms[T] = statistics.median(per_head[1:])
         return cls(layer_ms=layer_ms, head_ms=head_ms, num_layers=L)
+
+
+@torch.inference_mode()
+def measure_head_rows(model: LeanModel, rows: int, repeats: int = 25) -> float:
+    """ms for a final norm + LM head restricted to ``rows`` vocabulary rows (the draft shortlist)."""
+    weight = model.w.lm_head[:rows].contiguous()
+    h = torch.randn(1, 1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(model.final_norm(h), weight)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[1:])

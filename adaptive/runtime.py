@@ -18,7 +18,8 @@ from .config import ABSURD_MAX_NEW_TOKENS, MODES, EarlyExitConfig, SamplingConfi
 from .costs import CostModel
 from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
-from .host_costs import HostCosts
+from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
+from .host_costs import HostCosts, measure_head_rows
 from .speculative import AcceptanceStats, DraftModelDrafter, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
@@ -32,7 +33,8 @@ DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience")
 SAMPLING_KNOBS = ("top_k", "top_p")
-SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft")
+SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size")
+DEFAULT_DRAFT_VOCAB_SIZE = 2048
 
 
 class GenerationStream:
@@ -57,9 +59,11 @@ class Runtime:
         self.name = name or (str(loaded.directory) if loaded.directory else loaded.spec.architecture)
         self.heads = ExitHeads(self.model)
         self.defaults: dict[str, dict[str, Any]] = {}
+        self.draft_ranking: list[int] | None = None  # token ids by frequency, for the draft shortlist
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
+        self._draft_head_ms: dict[int, float] = {}
         self._draft_runtimes: dict[str, "Runtime"] = {}
         priors = {int(k): float(v) for k, v in self.defaults.get("speculative", {}).get("acceptance_priors", {}).items()}
         self.acceptance = AcceptanceStats(priors)  # running acceptance, shared by every request
@@ -94,12 +98,22 @@ class Runtime:
         ``share_weights=False``, which trades a copy of the q/k/v and gate/up weights for speed."""
         return cls(from_hf_model(hf_model, tokenizer), share_weights=share_weights)
 
+    def draft_head_ms(self, rows: int) -> float:
+        """Measured cost of a draft head over ``rows`` vocabulary rows (cached per 256 rows)."""
+        key = -(-rows // 256) * 256
+        if key not in self._draft_head_ms:
+            self._draft_head_ms[key] = measure_head_rows(self.model, min(key, self.spec.vocab_size))
+        return self._draft_head_ms[key]
+
     def _load_sidecars(self, directory: Path) -> None:
         adapter_path = directory / ADAPTER_FILE
         if adapter_path.is_file():
             self.heads = ExitHeads(self.model, load_adapters(adapter_path, self.spec.hidden_size,
                                                               self.spec.num_layers, self.model.dtype))
             self.heads.source = f"adapters ({adapter_path.name})"
+        self.draft_ranking = None
+        if (directory / DRAFT_VOCAB_FILE).is_file():
+            self.draft_ranking = load_ranking(directory / DRAFT_VOCAB_FILE, self.spec.vocab_size)
         defaults_path = directory / DEFAULTS_FILE
         if defaults_path.is_file():
             try:
@@ -154,8 +168,8 @@ class Runtime:
             merged["exit_layers"] = tuple(merged["exit_layers"])
         return EarlyExitConfig(num_layers=self.spec.num_layers, **merged)
 
-    def _speculative_decoder(self, options: dict[str, Any], max_len: int, sampler: Sampler,
-                             eos: set[int]) -> tuple[Decoder, dict[str, Any]]:
+    def _speculative_decoder(self, options: dict[str, Any], max_len: int, sampler: Sampler, eos: set[int],
+                             prompt_ids: list[int]) -> tuple[Decoder, dict[str, Any]]:
         knobs = {**self.defaults.get("speculative", {}), **options}
         drafter = knobs.get("drafter", "self")
         L = self.spec.num_layers
@@ -178,13 +192,22 @@ class Runtime:
             depth = 0
         elif drafter not in ("self", "lookup"):
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of self, lookup, draft_model")
+        vocab_size = knobs.get("draft_vocab_size", DEFAULT_DRAFT_VOCAB_SIZE)
+        if not isinstance(vocab_size, int) or vocab_size < 0:
+            raise InvalidRequestError(f"draft_vocab_size must be an integer >= 0 (0 = full vocabulary), got {vocab_size!r}")
+        draft_ids = None
+        if self.draft_ranking and 0 < vocab_size < self.spec.vocab_size:
+            draft_ids = shortlist(self.draft_ranking, vocab_size, prompt_ids, self.model.device)
+        draft_head_ms = self.draft_head_ms(int(draft_ids.numel())) if draft_ids is not None else None
         depths = tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
         controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
-                                           fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms)
+                                           fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
+                                           draft_head_ms=draft_head_ms)
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
-                                     draft_model=draft_model)
+                                     draft_model=draft_model, draft_ids=draft_ids)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
                     "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
+                    "draft_vocab": int(draft_ids.numel()) if draft_ids is not None else self.spec.vocab_size,
                     "exit_heads": self.heads.source}
         return decoder, settings
 
@@ -201,19 +224,22 @@ class Runtime:
         return self._draft_runtimes[path]
 
     def _decoder(self, mode: str, options: dict[str, Any], max_len: int, sampler: Sampler,
-                 eos: set[int]) -> tuple[Decoder, dict[str, Any]]:
+                 eos: set[int], prompt_ids: list[int]) -> tuple[Decoder, dict[str, Any]]:
         allowed = {"full": (), "early_exit": EARLY_EXIT_KNOBS, "speculative": SPECULATIVE_KNOBS}
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        unknown = set(options) - set(allowed[mode]) - set(SAMPLING_KNOBS) - {"stop_at_eos"}
+        general = (*SAMPLING_KNOBS, "stop_at_eos", "follow")
+        unknown = set(options) - set(allowed[mode]) - set(general)
         if unknown:
             raise InvalidRequestError(f"unknown option(s) {sorted(unknown)} for mode={mode!r}; "
-                                      f"valid: {', '.join([*allowed[mode], *SAMPLING_KNOBS, 'stop_at_eos'])}")
+                                      f"valid: {', '.join([*allowed[mode], *general])}")
+        if "follow" in options and mode == "speculative":
+            raise InvalidRequestError("follow= (teacher forcing) applies to mode='full' and 'early_exit' only")
         if mode == "full":
             return FullDecoder(self.model, self.costs, max_len), {}
         if mode == "speculative":
             return self._speculative_decoder({k: v for k, v in options.items() if k in SPECULATIVE_KNOBS},
-                                             max_len, sampler, eos)
+                                             max_len, sampler, eos, prompt_ids)
         cfg = self.early_exit_config(**{k: v for k, v in options.items() if k in EARLY_EXIT_KNOBS})
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
@@ -229,9 +255,16 @@ class Runtime:
                                   top_p=options.get("top_p", 1.0))
         eos = set(self.spec.eos_token_ids) if options.get("stop_at_eos", True) else set()
         sampler = Sampler(sampling, self.model.device)
-        decoder, settings = self._decoder(mode, options, len(prompt_ids) + max_new_tokens, sampler, eos)
+        decoder, settings = self._decoder(mode, options, len(prompt_ids) + max_new_tokens, sampler, eos, prompt_ids)
         prompt_text = prompt if isinstance(prompt, str) else self.decode(prompt_ids)
-        records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, sampler, decoder, settings, eos)
+        follow = options.get("follow")
+        if follow is not None:
+            if not isinstance(follow, (list, tuple)) or not all(isinstance(t, int) and 0 <= t < self.spec.vocab_size for t in follow):
+                raise InvalidRequestError("follow must be a list of token ids")
+            if len(follow) < max_new_tokens:
+                raise InvalidRequestError(f"follow has {len(follow)} tokens but max_new_tokens={max_new_tokens}")
+        records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, sampler, decoder, settings, eos,
+                                follow)
         return GenerationStream(records)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
@@ -243,7 +276,11 @@ class Runtime:
 
     # ---- the decode loop ----------------------------------------------------------------------------
     def _records(self, prompt_ids: list[int], prompt_text: str, max_new_tokens: int, mode: str,
-                 sampler: Sampler, decoder: Decoder, settings: dict[str, Any], eos: set[int]):
+                 sampler: Sampler, decoder: Decoder, settings: dict[str, Any], eos: set[int],
+                 follow: list[int] | None = None):
+        """The decode loop. With ``follow`` (teacher forcing) each step still records the token this mode
+        would have chosen, but feeds ``follow``'s token instead, so per-token agreement with a reference
+        is measured on the same prefixes (free-running outputs diverge after the first disagreement)."""
         traces: list[TokenTrace] = []
         with torch.inference_mode():
             start = time.perf_counter()
@@ -265,6 +302,8 @@ class Runtime:
                 last = now
                 traces.append(trace)
                 yield trace
+                if follow is not None:  # teacher forcing: the reference decides what is fed and when to stop
+                    token = follow[len(traces) - 1]
                 if token in eos:
                     stop_reason = "eos"
                     break

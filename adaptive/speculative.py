@@ -114,8 +114,9 @@ class SpeculationController:
 
     def __init__(self, host: HostCosts, num_layers: int, stats: AcceptanceStats, depths: tuple[int, ...],
                  max_draft: int = 8, fixed_depth: int | None = None, fixed_length: int | None = None,
-                 draft_model_step_ms: float | None = None):
+                 draft_model_step_ms: float | None = None, draft_head_ms: float | None = None):
         self.host, self.L, self.stats = host, num_layers, stats
+        self.draft_head_ms = draft_head_ms  # measured cost of the shortlist draft head (None: the full head)
         self.depths = (fixed_depth,) if fixed_depth is not None else depths
         self.max_draft = fixed_length or max_draft
         self.fixed_length = fixed_length
@@ -128,7 +129,7 @@ class SpeculationController:
             return 0.0  # an n-gram search: no model call
         if depth == DRAFT_MODEL_KEY:
             return self.draft_model_step_ms or 0.0
-        return self.host.layers(depth) + self.host.head()
+        return self.host.layers(depth) + (self.draft_head_ms if self.draft_head_ms is not None else self.host.head())
 
     def verify_ms(self, depth: int, k: int) -> float:
         start = depth if depth > 0 else 0  # without a shallow path the verifier runs every layer
@@ -170,6 +171,26 @@ class SpeculationController:
 
 # ---- drafters ------------------------------------------------------------------------------------------
 
+class DraftHead:
+    """The exit head after ``depth`` layers restricted to a shortlist of token ids (or the full vocabulary)."""
+
+    def __init__(self, heads: ExitHeads, ids: torch.Tensor | None):
+        self.heads, self.ids = heads, ids
+        # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
+        self.weight = heads.model.w.lm_head.index_select(0, ids).contiguous() if ids is not None else None
+
+    @property
+    def size(self) -> int:
+        return self.heads.model.spec.vocab_size if self.ids is None else int(self.ids.numel())
+
+    def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        """Hidden (1, 1, d) -> logits (n,) over the shortlist (or (V,) over the full vocabulary)."""
+        if self.weight is None:
+            return self.heads.logits(h, depth)[0, 0]
+        x = self.heads.model.final_norm(self.heads.adapt(h, depth))
+        return torch.nn.functional.linear(x, self.weight)[0, 0]
+
+
 class SelfDrafter:
     """Draft with the model's own first d layers and the exit head after them."""
 
@@ -183,9 +204,9 @@ class SelfDrafter:
             ids = torch.tensor([[token]], device=model.device)
             h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
             hiddens.append(h)
-            logits = dec.heads.logits(h, depth)[0, 0]
-            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.head_macs
-            token, q, q_tok, conf = dec.draw(logits)
+            logits = dec.draft_head.logits(h, depth)
+            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * dec.draft_head.size
+            token, q, q_tok, conf = dec.draw(logits, dec.draft_head.ids)
             tokens.append(token)
             qs.append(q)
             q_probs.append(q_tok)
@@ -299,7 +320,7 @@ class DraftModelDrafter:
 class SpeculativeDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
                  controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
-                 draft_model: DraftModelDrafter | None = None):
+                 draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None):
         super().__init__(model, costs, max_len)
         if drafter not in DRAFTERS:
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -310,6 +331,7 @@ class SpeculativeDecoder(Decoder):
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
         self.free_drafter = LookupDrafter() if drafter == "lookup" else None
         self.draft_model = draft_model
+        self.draft_head = DraftHead(heads, draft_ids)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
@@ -319,14 +341,22 @@ class SpeculativeDecoder(Decoder):
         self.context = prompt_ids[0].tolist()
         return super().prefill(prompt_ids)
 
-    def draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float, float]:
-        """Draft one token: (token, q or None for greedy, q(token), draft confidence = max q)."""
+    def draw(self, logits: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None, float, float]:
+        """Draft one token from logits over ``ids`` (None: the full vocabulary).
+
+        Returns (token, q over the full vocabulary or None for greedy, q(token), draft confidence = max q).
+        """
         if self.sampler.config.greedy:
             conf = float(self._max_prob.score(logits, None, None))
-            return int(torch.argmax(logits)), None, conf, conf
-        q = self.sampler.distribution(logits)
-        token = int(torch.multinomial(q, 1, generator=self.sampler.generator))
-        return token, q, float(q[token]), float(q.max())
+            best = int(torch.argmax(logits))
+            return (best if ids is None else int(ids[best])), None, conf, conf
+        q = self.sampler.distribution(logits)  # same temperature / top-k / top-p as the verifier's p
+        pick = int(torch.multinomial(q, 1, generator=self.sampler.generator))
+        q_tok, conf = float(q[pick]), float(q.max())
+        if ids is not None:  # zero outside the shortlist: the exact distribution the token was drawn from
+            q = torch.zeros(self.model.spec.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
+            pick = int(ids[pick])
+        return pick, q, q_tok, conf
 
     def _accept(self, draft: Draft, logits: torch.Tensor) -> tuple[int, int, list[float]]:
         """(accepted prefix length, the verifier's token after it or -1, p(t_i) per draft).

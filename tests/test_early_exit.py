@@ -124,3 +124,19 @@ def test_checking_every_layer_costs_more_than_full_depth():
     assert res.stats["compute_fraction"] > 1.0
     cos = rt.generate(random_prompt(5), max_new_tokens=6, mode="early_exit", threshold=1.0, measure="cosine")
     assert cos.stats["compute_fraction"] == pytest.approx(1.0)  # hidden-state measures need no head
+
+
+def test_follow_measures_per_token_agreement_on_the_reference_prefix():
+    rt = Runtime.from_model(make_model("llama"))
+    prompt = random_prompt(6, seed=12)
+    full = rt.generate(prompt, max_new_tokens=20).token_ids
+    assert rt.generate(prompt, max_new_tokens=20, follow=full).token_ids == full  # full agrees with itself
+    # defer keeps exact K/V, so a forced step sees exactly what a fresh prefill of the same prefix sees
+    ee = rt.generate(prompt, max_new_tokens=20, mode="early_exit", threshold=0.02, kv_policy="defer", follow=full)
+    free = rt.generate(prompt, max_new_tokens=20, mode="early_exit", threshold=0.02, kv_policy="defer")
+    assert ee.traces[0].token_id == free.traces[0].token_id == full[0]
+    # each forced step is the early-exit choice after the *reference* prefix: compare with a one-step run
+    for i in (3, 11):
+        one = rt.generate(prompt + full[:i], max_new_tokens=2, mode="early_exit", threshold=0.02,
+                          kv_policy="defer").token_ids[1]
+        assert ee.token_ids[i + 1] == one

@@ -45,6 +45,18 @@ def test_greedy_equals_full_with_a_draft_model(tmp_path):
         assert spec.stats["drafter_histogram"].get("draft_model", 0) > 0
 
 
+def test_greedy_equals_full_with_a_draft_shortlist(family):
+    rt = Runtime.from_model(make_model(family))
+    rt.draft_ranking = list(range(0, 97, 3))  # a third of the vocabulary, plus the prompt's tokens
+    prompt = random_prompt(6, seed=11)
+    full = rt.generate(prompt, max_new_tokens=30).token_ids
+    spec = rt.generate(prompt, max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=4, draft_vocab_size=20)
+    assert spec.token_ids == full
+    assert spec.stats["draft_vocab"] == len(set(range(0, 60, 3)) | set(prompt))
+    for r in spec.rounds:
+        assert all(t in set(range(0, 60, 3)) | set(prompt) for t in r.drafted)
+
+
 def test_eos_inside_a_drafted_block_stops_there():
     hf = make_model("gpt2")  # random GPT-2 repeats itself: long accepted drafts
     rt = Runtime.from_model(hf)
@@ -142,8 +154,10 @@ def test_acceptance_rule_reproduces_p_chi_square():
     assert _chi_square(counts, torch.softmax(p_logits, -1)) < 24.3  # chi2(df=7) at p = 0.001
 
 
-def test_speculative_sampling_matches_the_model_distribution():
-    """On a tiny model: the 2nd and 3rd generated tokens (drafted at depth 1, verified) follow p exactly."""
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_speculative_sampling_matches_the_model_distribution(shortlist):
+    """On a tiny model: the 2nd and 3rd generated tokens (drafted at depth 1, verified) follow p exactly,
+    also when the draft only sees a shortlist of the vocabulary (q is zero elsewhere)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -154,6 +168,8 @@ def test_speculative_sampling_matches_the_model_distribution():
     with torch.no_grad():
         hf.lm_head.weight.mul_(6.0)
     rt = Runtime.from_model(hf)
+    if shortlist:
+        rt.draft_ranking = [0, 3]  # + the prompt's tokens {1, 2, 4}: token 5 can never be drafted
     prompt = [1, 4, 2]
     # exact marginals of tokens 2 and 3 by enumeration over the full model
     with torch.inference_mode():
@@ -171,7 +187,8 @@ def test_speculative_sampling_matches_the_model_distribution():
     n = 2500
     for seed in range(n):
         res = rt.generate(prompt, max_new_tokens=3, temperature=1.0, seed=seed, mode="speculative", draft_depth=1,
-                          draft_length=2)
+                          draft_length=2, draft_vocab_size=2)
+        assert res.stats["draft_vocab"] == (5 if shortlist else V)
         counts2[res.token_ids[1]] += 1
         counts3[res.token_ids[2]] += 1
         drafted += sum(t.drafted for t in res.traces)
