@@ -44,8 +44,9 @@ class Row:
     ratio_to_full: float | None = None
     layers_run_mean: float | None = None
     compute_fraction: float | None = None
-    agreement: float | None = None
-    exact_prompts: float | None = None
+    agreement: float | None = None  # teacher-forced: share of steps choosing full depth's token on its prefix
+    free_agreement: float | None = None  # free-running: share of positions equal to full's output
+    exact_prompts: float | None = None  # free-running: share of prompts whose whole output equals full's
     mean_accepted: float | None = None  # speculative rows: accepted drafted tokens per verifier pass
     acceptance_rate: float | None = None
     slower_than_full: float | None = None  # share of prompts where this row was slower than our full
@@ -158,7 +159,12 @@ def run(args) -> dict:
         row.tokens_per_s = statistics.median(row.repeat_tokens_per_s)
         row.ms_per_token = 1000.0 / row.tokens_per_s
         matches = [sum(a == b for a, b in zip(out, ref)) for out, ref in zip(outputs[row.name], full_out)]
-        row.agreement = sum(matches) / (len(prompts) * n)
+        row.free_agreement = sum(matches) / (len(prompts) * n)
+        row.agreement = row.free_agreement
+        if row.mode == "early_exit":  # untimed: the same mode fed full depth's tokens (teacher forcing)
+            forced = [rt.generate(p, max_new_tokens=n, mode="early_exit", stop_at_eos=False, follow=ref, **row.options)
+                      for p, ref in zip(prompts, full_out)]
+            row.agreement = sum(sum(a == b for a, b in zip(f.token_ids, ref)) for f, ref in zip(forced, full_out)) / (len(prompts) * n)
         row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
         if stats[row.name][0] is not None:
             row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])

@@ -1,0 +1,47 @@
+"""train-exits: adapters trained on a frozen tiny model bring exits closer to the final layer."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from adaptive import Runtime
+from adaptive.exits import ADAPTER_FILE
+from adaptive.training.train_exits import _hidden_states
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mean_kl(rt, ids):
+    hidden, final = _hidden_states(rt, ids)
+    with torch.inference_mode():
+        kls = []
+        for k, h in enumerate(hidden, start=1):
+            logp = torch.log_softmax(rt.heads.logits(h, k).float(), -1)
+            kls.append(float((final.exp() * (final - logp)).sum(-1).mean()))
+    return sum(kls) / len(kls)
+
+
+def test_adapters_reduce_kl_and_resume(tmp_path, tiny_checkpoint):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 40)
+    before = Runtime.from_pretrained(model_dir)
+    ids = torch.tensor([before.encode(text.read_text())[:64]])
+    kl_before = _mean_kl(before, ids)
+    cmd = [sys.executable, "-m", "adaptive", "train-exits", "--model", str(model_dir), "--text", str(text),
+           "--steps", "30", "--batch", "2", "--seq-len", "32", "--positions", "64", "--lr", "3e-3",
+           "--run-dir", str(tmp_path / "run"), "--threads", "1"]
+    first = subprocess.run(cmd[:-6] + ["--steps", "15"] + cmd[-4:], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)  # resumes at step 15
+    assert second.returncode == 0, second.stderr
+    assert "after 30 steps" in second.stdout
+    assert (model_dir / ADAPTER_FILE).is_file()
+    after = Runtime.from_pretrained(model_dir)
+    assert after.heads.source.startswith("adapters")
+    assert _mean_kl(after, ids) < 0.8 * kl_before
