@@ -1,0 +1,149 @@
+"""explain.views: figures and HTML built from small hand-made traces, checked through their data."""
+
+import math
+
+import pytest
+
+from adaptive.lens import LensReport
+from adaptive.trace import GenerationResult, TokenTrace
+from explain import views
+
+L = 4
+
+
+def make_result(texts=("a", "<b>", "a", "\n"), exits=(1, 4, 2, 4), mode="early_exit", ids=None) -> GenerationResult:
+    """Four tokens, two of them the same text (and id), one an HTML tag, one a newline."""
+    ids = list(ids or [5 if t == "a" else 10 + i for i, t in enumerate(texts)])
+    traces = []
+    for i, (text, k) in enumerate(zip(texts, exits)):
+        checked = {j: 0.2 * j for j in range(1, min(k, L - 1) + 1)}
+        traces.append(TokenTrace(token_id=ids[i], position=3 + i, exit_layer=k, confidence=checked.get(k),
+                                 text=text, layer_confidence=checked, layer_top1={j: ids[i] for j in checked},
+                                 macs=100 * k, full_macs=400))
+    stats = {"mode": mode, "num_layers": L, "threshold": 0.5, "measure": "max_prob", "layers_run_mean": 2.75,
+             "compute_fraction": 0.69, "kv_fill_fraction": 0.05, "head_fraction": 0.2, "tokens_per_s": 50.0,
+             "ms_per_token": 20.0, "prefill_ms": 3.0}
+    return GenerationResult(token_ids=ids, text="".join(texts), traces=traces, stats=stats, prompt_ids=[1, 2, 3],
+                            prompt_text="x <= 1 &")
+
+
+def make_lens(result: GenerationResult) -> LensReport:
+    N = len(result.traces)
+    conf = [[0.1 * (k + 1) + 0.01 * n for n in range(N)] for k in range(L)]  # (L, N) rising with depth
+    kl = [[float(L - 1 - k) for n in range(N)] for k in range(L)]
+    top_ids = [[[result.token_ids[n], 99, 98] for n in range(N)] for k in range(L)]
+    top_probs = [[[0.6, 0.3, 0.1] for n in range(N)] for k in range(L)]
+    return LensReport(measure="max_prob", token_ids=result.token_ids, confidence=conf, kl_to_final=kl,
+                      top_ids=top_ids, top_probs=top_probs, final_matches=[[True] * N for _ in range(L)])
+
+
+TOKEN_TEXT = {5: "a", 11: "<b>", 13: "\n", 99: "<script>", 98: "&"}
+
+
+def test_token_view_colours_by_exit_layer_and_escapes_text():
+    res = make_result()
+    page = views.token_view_html(res, make_lens(res), TOKEN_TEXT)
+    colours = views.layer_colours(L)
+    assert page.count('class="air-tok"') == 4
+    assert f'data-exit="1" style="background:{colours[0]}' in page
+    assert f'data-exit="4" style="background:{colours[3]}' in page
+    assert "<b>" not in page and "&lt;b&gt;" in page  # the token and the prompt are escaped
+    assert "<script>" not in page and "x &lt;= 1 &amp;" in page
+    assert "top-5 at exit layer 1" in page and "top-5 at final layer 4" in page  # hover: exit vs final
+
+
+def test_token_view_without_lens_says_what_is_missing():
+    res = make_result()
+    page = views.token_view_html(res)
+    assert "needs the lens" in page
+    assert "checked during the run: L1:0.20" in page
+    live = views.token_view_html(res, live=True)
+    assert "title=" not in live and live.count('class="air-tok"') == 4
+
+
+def test_token_view_marks_divergence():
+    res = make_result()
+    page = views.token_view_html(res, diverged={2})
+    assert page.count("outline:2px solid") == 1
+    assert 'data-index="2" data-exit="2" style="background' in page and "outline" in page.split('data-index="2"')[1].split(">")[0]
+
+
+def test_heatmap_from_lens_keeps_repeated_tokens_apart():
+    res = make_result()
+    fig = views.heatmap_figure(res, make_lens(res), token_text=TOKEN_TEXT)
+    heat, contour, exits = fig.data
+    assert heat.type == "heatmap" and list(heat.x) == [3, 4, 5, 6]  # positions, not texts: "a" twice
+    assert list(heat.y) == [1, 2, 3, 4]
+    assert [list(r) for r in heat.z] == make_lens(res).confidence
+    assert heat.customdata[0][0] == "a" and heat.customdata[0][1] == "&lt;b&gt;"  # top-1 per cell, escaped
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks == ["a", "&lt;b&gt;", "a", "↵"]
+    assert contour.type == "contour" and contour.contours.start == 0.5 == contour.contours.end
+    assert list(exits.x) == [3, 4, 5, 6] and list(exits.y) == [1, 4, 2, 4]
+    assert fig.layout.height == views.HEATMAP_HEIGHT
+
+
+def test_heatmap_kl_and_trace_only_fallback():
+    res = make_result()
+    kl = views.heatmap_figure(res, make_lens(res), value="kl", token_text=TOKEN_TEXT)
+    assert [list(r) for r in kl.data[0].z] == make_lens(res).kl_to_final
+    assert all(t.type != "contour" for t in kl.data)  # no threshold on a KL scale
+    grid = views.layer_grid(res)  # no lens: only the layers the run checked
+    assert grid.source == "trace"
+    assert grid.values[0][0] == pytest.approx(0.2) and math.isnan(grid.values[1][0])  # token 0 exited at 1
+    assert math.isnan(grid.values[3][1])  # layer 4 is never "checked"
+    fig = views.heatmap_figure(res)
+    assert "checked layers only" in fig.layout.title.text
+    assert all(t.type != "contour" for t in fig.data)
+
+
+def test_ledger_reports_fractions_speedup_and_histogram():
+    res = make_result()
+    base = make_result(exits=(4, 4, 4, 4), mode="full")
+    base.stats.update(ms_per_token=30.0, tokens_per_s=33.3, compute_fraction=1.0)
+    text = views.ledger_markdown(res, base)
+    assert "| compute fraction (MACs, all overheads) | 0.690 | 1.000 |" in text
+    assert "2.75 / 4" in text and "1.50×" in text
+    assert views.speedup(res, base) == pytest.approx(1.5)
+    assert "speedup unknown" in views.ledger_markdown(res, None)
+    fig = views.ledger_figure(res)
+    hist, per_token = fig.data[0], fig.data[1]
+    assert list(hist.x) == [1, 2, 3, 4] and list(hist.y) == [1, 1, 0, 2]
+    assert list(per_token.y) == [0.25, 1.0, 0.5, 1.0]
+    assert fig.layout.height == views.LEDGER_HEIGHT
+
+
+def test_audit_finds_divergence():
+    res = make_result()
+    base = make_result(ids=[5, 11, 7, 13], texts=("a", "<b>", "c", "\n"), exits=(4, 4, 4, 4), mode="full")
+    rep = views.audit(res, base)
+    assert rep.diverged == [2] and rep.first_divergence == 2 and rep.agreement == 0.75
+    page = views.audit_html(res, base)
+    assert page.count('class="air-diff"') == 2  # the token in both rows
+    assert "&lt;b&gt;" in page and "<b>" not in page
+    assert views.audit(res, make_result()).diverged == []
+    short = make_result(texts=("a", "<b>"), exits=(4, 4), ids=[5, 11])
+    assert views.audit(res, short).diverged == [2, 3]  # a run that stopped early differs from there on
+
+
+def test_attribution_figure_and_choices():
+    from explain.attribution import ExitAttribution
+
+    attr = ExitAttribution(token_index=1, position=4, layer=2, measure="max_prob", threshold=0.5, confidence=0.7,
+                           exits=True, context_ids=[1, 2, 3, 5], context_text=["x", " <=", "\n", "a"], prompt_len=3,
+                           ig=[0.1, -0.2, 0.0, 0.3], ig_delta=1e-3, ig_steps=16, ablation=[0.0, 1.0, 0.0, 0.0],
+                           baseline_id=0, baseline_confidence=0.1)
+    fig = views.attribution_figure(attr)
+    ig, abl = fig.data
+    assert list(ig.y) == [0.1, -0.2, 0.0, 0.3] and list(abl.y) == [0.0, 1.0, 0.0, 0.0]
+    assert "·&lt;=" in list(fig.layout.xaxis2.ticktext)
+    assert "convergence delta 1.00e-03" in fig.layout.annotations[0].text
+    assert "**exit**" in views.attribution_markdown(attr)
+    assert views.token_choices(make_result())[3] == ("3: ↵  (exit 4)", 3)
+
+
+def test_from_json_roundtrip_draws_the_same():
+    res = make_result()
+    back = GenerationResult.from_json(res.to_json())
+    assert views.token_view_html(back) == views.token_view_html(res)
+    assert views.layer_grid(back).exit_layers == [1, 4, 2, 4]
