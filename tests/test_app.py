@@ -1,0 +1,146 @@
+"""The Gradio app: the Blocks build without launching, and `python app.py` driven end to end by gradio_client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = {"init", "load_model", "generate", "redraw_heatmap", "load_trace", "analyse", "explain"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model_dir, port: int, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, ADAPTIVE_MODEL=str(model_dir), ADAPTIVE_THREADS="1", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"app.py did not answer within 90 s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-app-model"))
+    port = free_port()
+    proc = launch(model_dir, port, tmp_path_factory.mktemp("logs") / "app.log")
+    yield f"http://127.0.0.1:{port}/", str(model_dir)
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_blocks_build_without_launching():
+    import app
+
+    demo = app.build_app()
+    deps = demo.get_config_file()["dependencies"]
+    named = {d["api_name"] for d in deps if d.get("api_visibility") == "public"}
+    assert EVENTS <= named
+    assert not demo.is_running
+
+
+def generate(client, model, prompt="def main():\n", mode="early_exit", threshold=0.3, max_new_tokens=24, **kw):
+    args = dict(model=model, prompt=prompt, mode=mode, threshold=threshold, measure="max_prob",
+                kv_policy="propagate", exit_layers="", max_new_tokens=max_new_tokens, temperature=0.0, seed=None,
+                heat_value="confidence measure")
+    args.update(kw)
+    return client.predict(**args, api_name="/generate")
+
+
+def test_generate_explain_download_upload(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from adaptive import GenerationResult
+
+    url, model = server
+    client = Client(url, verbose=False)
+    status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, pick, trace_file = generate(client, model)
+    n = stats["new_tokens"]
+    assert stats["mode"] == "early_exit" and stats["num_layers"] == 4 and 1 <= n <= 24
+    assert tokens.count('class="air-tok"') == n and "top-5 at final layer 4" in tokens  # the lens ran
+    plot = json.loads(heatmap["plot"])
+    heat = plot["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 4 and len(heat["z"][0]) == n
+    assert "Measured speedup vs full depth" in ledger  # the full-depth run of the same prompt ran
+    assert "full depth" in audit
+    result = GenerationResult.from_json(Path(trace_file).read_text())
+    assert result.token_ids and len(result.traces) == n and result.text == text
+
+    fig, summary = client.predict(token_index=0, layer=0, n_steps=8, model=model, threshold=0.3, measure="max_prob",
+                                  api_name="/explain")
+    bars = json.loads(fig["plot"])["data"]
+    assert len(bars[0]["y"]) == len(result.prompt_ids)  # one IG value per context token
+    assert "convergence delta" in summary
+
+    # Upload the downloaded trace: every view redraws from the file alone.
+    outputs = client.predict(file=handle_file(trace_file), heat_value="confidence measure", api_name="/load_trace")
+    assert outputs[1].count('class="air-tok"') == n and "needs the lens" in outputs[1]
+    assert "Analyse with model" in outputs[0]
+    analysed = client.predict(model=model, heat_value="KL to final layer", api_name="/analyse")
+    assert "top-5 at final layer" in analysed[1] and "Measured speedup" in analysed[4]
+    kl = json.loads(client.predict(heat_value="KL to final layer", api_name="/redraw_heatmap")["plot"])
+    assert "KL to final" in kl["layout"]["title"]["text"]
+
+
+def test_sessions_are_separate(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, model = server
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    generate(a, model, max_new_tokens=4)
+    with pytest.raises(AppError, match="Generate or upload a trace first"):
+        b.predict(token_index=0, layer=0, n_steps=8, model=model, threshold=0.3, measure="max_prob", api_name="/explain")
+
+
+def test_bad_input_is_reported_and_the_app_keeps_serving(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, model = server
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="prompt is empty"):
+        generate(client, model, prompt="   ")
+    with pytest.raises(AppError, match="greater than maximum value 512"):
+        generate(client, model, max_new_tokens=10**9)
+    with pytest.raises(AppError, match="exceeds the model's context"):
+        generate(client, model, max_new_tokens=200)  # the tiny model's context is 128
+    with pytest.raises(AppError, match="does not exist"):
+        generate(client, "/no/such/model/dir")
+    with pytest.raises(AppError, match="Exit layers must be comma-separated"):
+        generate(client, model, exit_layers="two")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "adaptive-trace", "version": 1, "traces": [{"token_id": -1}]')
+    with pytest.raises(AppError, match="Could not read broken.json as an adaptive trace"):
+        client.predict(file=handle_file(str(broken)), heat_value="confidence measure", api_name="/load_trace")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"format": "adaptive-trace", "version": 1, "token_ids": [1], "stats": {"num_layers": 4},
+                                 "traces": [{"token_id": 1, "position": 3, "exit_layer": 9}]}))
+    with pytest.raises(AppError, match="exit layer lies outside"):
+        client.predict(file=handle_file(str(wrong)), heat_value="confidence measure", api_name="/load_trace")
+    # Still serving, and full mode is its own baseline.
+    outputs = generate(client, model, mode="full", max_new_tokens=3)
+    assert outputs[7]["mode"] == "full" and "its own baseline" in outputs[4]
