@@ -101,6 +101,7 @@ class EarlyExitConfig:
     kv_policy: str = "propagate"
     exit_layers: tuple[int, ...] | None = None  # None: every layer from min_layer to L-1
     patience: int = 2  # for measure="patience": this many consecutive exits must agree
+    exit_vocab_size: int = 0  # > 0: exit heads over the N most frequent tokens + the prompt's (needs a ranking)
     num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
 
     def __post_init__(self):
@@ -112,6 +113,8 @@ class EarlyExitConfig:
             )
         if not isinstance(self.threshold, (int, float)) or not (0.0 <= self.threshold <= 1.0):
             raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if not isinstance(self.exit_vocab_size, int) or self.exit_vocab_size < 0:
+            raise InvalidRequestError(f"exit_vocab_size must be an integer >= 0 (0 = full vocabulary), got {self.exit_vocab_size!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InvalidRequestError(f"patience must be an integer >= 1, got {self.patience!r}")
         L = self.num_layers

@@ -28,15 +28,16 @@ import torch
 from .config import EarlyExitConfig
 from .costs import CostModel
 from .decoding import Decoder, StepOutcome
-from .exits import ExitHeads, make_measure
+from .exits import ExitHeads, ShortlistHead, make_measure
 from .model import LeanModel
 
 
 class EarlyExitDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
-                 config: EarlyExitConfig):
+                 config: EarlyExitConfig, exit_ids: torch.Tensor | None = None):
         super().__init__(model, costs, max_len)
         self.heads = heads
+        self.exit_head = ShortlistHead(heads, exit_ids)  # what exit checks and early exits read
         self.config = config
         self.exit_points = config.exit_points(model.spec.num_layers)
         self.measure = make_measure(config.measure, config.patience)
@@ -80,9 +81,9 @@ class EarlyExitDecoder(Decoder):
             h = x[:, -1:]  # (1, 1, d): the current token
             logits = None
             if self.measure.needs_logits:
-                logits = self.heads.logits(h, k)[0, 0]
-                head_macs += costs.head_macs + (costs.adapter_macs if self.heads.has_adapter(k) else 0)
-                outcome.layer_top1[k] = int(torch.argmax(logits))
+                logits = self.exit_head.logits(h, k)
+                head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
+                outcome.layer_top1[k] = self.exit_head.token(int(torch.argmax(logits)))
             conf = float(self.measure.score(logits, h, prev).reshape(()))
             outcome.layer_confidence[k] = conf
             if conf >= cfg.threshold:
@@ -92,8 +93,9 @@ class EarlyExitDecoder(Decoder):
         k = outcome.exit_layer
         if k < L:
             if logits is None:  # hidden-state measures decide without the head: evaluate it once now
-                logits = self.heads.logits(h, k)[0, 0]
-                head_macs += costs.head_macs + (costs.adapter_macs if self.heads.has_adapter(k) else 0)
+                logits = self.exit_head.logits(h, k)
+                head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
+            logits = self.exit_head.full_logits(logits)
             if self.pending is None:
                 model.propagate_kv(h, k, pos, self.cache)
                 outcome.kv_fill_layers = L - k

@@ -47,6 +47,45 @@ class ExitHeads:
         return layers_run in self.adapters and layers_run < self.model.spec.num_layers
 
 
+class ShortlistHead:
+    """An exit head restricted to a shortlist of token ids (None: the full vocabulary).
+
+    On a small model the LM head is the largest matmul of a shallow step (8192 x 192 weights, several
+    layers' worth), so exit checks and drafts over the most frequent tokens plus the prompt's own tokens
+    cost a fraction of a full head. A token outside the shortlist can then never be chosen at an exit.
+    """
+
+    def __init__(self, heads: ExitHeads, ids: torch.Tensor | None):
+        self.heads, self.ids = heads, ids
+        # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
+        self.weight = heads.model.w.lm_head.index_select(0, ids).contiguous() if ids is not None else None
+
+    @property
+    def size(self) -> int:
+        return self.heads.model.spec.vocab_size if self.ids is None else int(self.ids.numel())
+
+    def logits(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
+        """Hidden (1, 1, d) -> logits (n,) over the shortlist, or (V,) over the full vocabulary."""
+        if self.weight is None:
+            return self.heads.logits(h, layers_run)[0, 0]
+        x = self.heads.model.final_norm(self.heads.adapt(h, layers_run))
+        return F.linear(x, self.weight)[0, 0]
+
+    def token(self, index: int) -> int:
+        """Vocabulary id of position ``index`` in this head's logits."""
+        return index if self.ids is None else int(self.ids[index])
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Shortlist logits (n,) -> (V,) with -inf outside the shortlist, for sampling."""
+        if self.ids is None:
+            return logits
+        full = torch.full((self.heads.model.spec.vocab_size,), float("-inf"), dtype=logits.dtype, device=logits.device)
+        return full.index_copy_(0, self.ids, logits)
+
+    def macs(self, layers_run: int, hidden_size: int, adapter_macs: int) -> int:
+        return hidden_size * self.size + (adapter_macs if self.heads.has_adapter(layers_run) else 0)
+
+
 def load_adapters(path: str | Path, hidden_size: int, num_layers: int,
                   dtype: torch.dtype = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Read an adapter file, checking its format, shapes and layer range."""

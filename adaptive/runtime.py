@@ -31,7 +31,7 @@ from .trace import GenerationResult, TokenTrace
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
-EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience")
+EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size")
 DEFAULT_DRAFT_VOCAB_SIZE = 2048
@@ -195,9 +195,7 @@ class Runtime:
         vocab_size = knobs.get("draft_vocab_size", DEFAULT_DRAFT_VOCAB_SIZE)
         if not isinstance(vocab_size, int) or vocab_size < 0:
             raise InvalidRequestError(f"draft_vocab_size must be an integer >= 0 (0 = full vocabulary), got {vocab_size!r}")
-        draft_ids = None
-        if self.draft_ranking and 0 < vocab_size < self.spec.vocab_size:
-            draft_ids = shortlist(self.draft_ranking, vocab_size, prompt_ids, self.model.device)
+        draft_ids = self._shortlist(vocab_size, prompt_ids)
         draft_head_ms = self.draft_head_ms(int(draft_ids.numel())) if draft_ids is not None else None
         depths = tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
         controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
@@ -241,10 +239,18 @@ class Runtime:
             return self._speculative_decoder({k: v for k, v in options.items() if k in SPECULATIVE_KNOBS},
                                              max_len, sampler, eos, prompt_ids)
         cfg = self.early_exit_config(**{k: v for k, v in options.items() if k in EARLY_EXIT_KNOBS})
+        exit_ids = self._shortlist(cfg.exit_vocab_size, prompt_ids)
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
-                    "exit_heads": self.heads.source}
-        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg), settings
+                    "exit_heads": self.heads.source,
+                    "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size}
+        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids), settings
+
+    def _shortlist(self, size: int, prompt_ids: list[int]) -> torch.Tensor | None:
+        """Ids of the ``size`` most frequent tokens plus the prompt's, or None (full vocabulary)."""
+        if not self.draft_ranking or not 0 < size < self.spec.vocab_size:
+            return None
+        return shortlist(self.draft_ranking, size, prompt_ids, self.model.device)
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
                temperature: float = 0.0, seed: int | None = None, **options) -> GenerationStream:

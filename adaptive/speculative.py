@@ -33,7 +33,7 @@ import torch
 from .costs import CostModel
 from .decoding import Decoder
 from .errors import InvalidRequestError
-from .exits import ExitHeads, MaxProb
+from .exits import ExitHeads, MaxProb, ShortlistHead
 from .host_costs import HostCosts
 from .model import LeanModel
 from .sampling import Sampler
@@ -170,26 +170,6 @@ class SpeculationController:
 
 
 # ---- drafters ------------------------------------------------------------------------------------------
-
-class DraftHead:
-    """The exit head after ``depth`` layers restricted to a shortlist of token ids (or the full vocabulary)."""
-
-    def __init__(self, heads: ExitHeads, ids: torch.Tensor | None):
-        self.heads, self.ids = heads, ids
-        # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
-        self.weight = heads.model.w.lm_head.index_select(0, ids).contiguous() if ids is not None else None
-
-    @property
-    def size(self) -> int:
-        return self.heads.model.spec.vocab_size if self.ids is None else int(self.ids.numel())
-
-    def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
-        """Hidden (1, 1, d) -> logits (n,) over the shortlist (or (V,) over the full vocabulary)."""
-        if self.weight is None:
-            return self.heads.logits(h, depth)[0, 0]
-        x = self.heads.model.final_norm(self.heads.adapt(h, depth))
-        return torch.nn.functional.linear(x, self.weight)[0, 0]
-
 
 class SelfDrafter:
     """Draft with the model's own first d layers and the exit head after them."""
@@ -331,7 +311,7 @@ class SpeculativeDecoder(Decoder):
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
         self.free_drafter = LookupDrafter() if drafter == "lookup" else None
         self.draft_model = draft_model
-        self.draft_head = DraftHead(heads, draft_ids)
+        self.draft_head = ShortlistHead(heads, draft_ids)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len

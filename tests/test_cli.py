@@ -29,10 +29,14 @@ def test_generate_writes_a_trace(tmp_path, tiny_checkpoint):
 def test_bench_on_random_llama(tmp_path):
     out = tmp_path / "bench.json"
     proc = _cli("bench", "--random-llama", "--repeats", "1", "--num-prompts", "1", "--max-new-tokens", "4",
-                "--thresholds", "0.5", "--threads", "1", "--json", str(out))
+                "--thresholds", "0.5", "--threads", "1", "--speculative", "self,lookup", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    names = [r["name"] for r in report["rows"]]
-    assert names == ["hf_generate", "full", "early_exit@0.5"]
-    full = report["rows"][1]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["hf_generate", "hf_assistant_early_exit@2", "hf_prompt_lookup@10", "full", "early_exit@0.5",
+                          "speculative_self", "speculative_lookup"]
+    full = rows["full"]
     assert full["agreement"] == 1.0 and full["compute_fraction"] == 1.0 and full["tokens_per_s"] > 0
+    for name in ("hf_generate", "hf_assistant_early_exit@2", "hf_prompt_lookup@10", "speculative_self", "speculative_lookup"):
+        assert rows[name]["exact_prompts"] == 1.0  # lossless greedy methods reproduce full depth
+    assert rows["speculative_self"]["mean_accepted"] is not None

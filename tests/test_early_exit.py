@@ -140,3 +140,19 @@ def test_follow_measures_per_token_agreement_on_the_reference_prefix():
         one = rt.generate(prompt + full[:i], max_new_tokens=2, mode="early_exit", threshold=0.02,
                           kv_policy="defer").token_ids[1]
         assert ee.token_ids[i + 1] == one
+
+
+def test_exit_shortlist_restricts_exits_and_is_charged_by_its_size():
+    rt = Runtime.from_model(make_model("llama"))
+    rt.draft_ranking = list(range(0, 97, 2))
+    prompt = random_prompt(6, seed=13)
+    allowed = set(range(0, 40, 2)) | set(prompt)
+    res = rt.generate(prompt, max_new_tokens=15, mode="early_exit", threshold=0.0, exit_layers=(2,), exit_vocab_size=20)
+    assert res.stats["exit_vocab"] == len(allowed)
+    c, L = rt.costs, rt.spec.num_layers
+    for t in res.traces[1:]:
+        assert t.exit_layer == 2 and t.token_id in allowed
+        pos = t.position - 1
+        assert t.macs == c.layers_macs(0, 2, pos) + c.hidden_size * len(allowed) + (L - 2) * c.kv_fill_macs
+    never = rt.generate(prompt, max_new_tokens=15, mode="early_exit", threshold=1.0, exit_vocab_size=20)
+    assert never.token_ids == rt.generate(prompt, max_new_tokens=15).token_ids  # the final head is never shortlisted
