@@ -1,4 +1,4 @@
-"""Command line: ``python -m adaptive {generate,bench,train-model,train-exits}``.
+"""Command line: ``python -m adaptive {generate,bench,train-model,train-exits,finalize-model}``.
 
 Errors the runtime raises on purpose (bad input, missing files) print as one line and exit with 2.
 """
@@ -15,6 +15,8 @@ from .errors import AdaptiveError
 _EXTERNAL_COMMANDS = {
     "train-model": ("adaptive.training.train_model", "train the bundled default model (resumable)"),
     "train-exits": ("adaptive.training.train_exits", "train per-layer exit adapters for a checkpoint"),
+    "finalize-model": ("adaptive.training.finalize",
+                       "bundled model: draft vocabulary, exit adapters, calibration, model card"),
 }
 
 

@@ -213,16 +213,27 @@ class LookupDrafter:
         self.max_ngram, self.min_ngram, self.length = max_ngram, min_ngram, length
 
     def propose(self, context: list[int], limit: int) -> list[int]:
+        """The continuation after the latest earlier match of the last n tokens (longest n first).
+
+        The latest match often overlaps the tail itself (runs of one token), leaving a short continuation;
+        so take the latest match that leaves a full-length continuation, else the longest one found.
+        """
+        want = min(limit, self.length)
         n_ctx = len(context)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if n_ctx <= n:
                 continue
             tail = context[-n:]
+            best: list[int] = []
             for start in range(n_ctx - n - 1, -1, -1):  # most recent match first
                 if context[start:start + n] == tail:
-                    follow = context[start + n:start + n + min(limit, self.length)]
-                    if follow:
+                    follow = context[start + n:start + n + want]
+                    if len(follow) == want:
                         return follow
+                    if len(follow) > len(best):
+                        best = follow
+            if best:
+                return best
         return []
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, limit: int) -> Draft | None:

@@ -126,6 +126,8 @@ def test_lookup_proposes_the_latest_match():
     context = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
     assert drafter.propose(context, 10) == [7, 8, 5, 1]
     assert drafter.propose([4, 5, 6], 10) == []
+    # a run of one token: the latest match overlaps the tail; an earlier one gives a full continuation
+    assert drafter.propose([7] * 10, 10) == [7, 7, 7, 7]
 
 
 # ---- sampling keeps the target distribution -----------------------------------------------------------
