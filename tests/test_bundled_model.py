@@ -1,0 +1,39 @@
+"""The bundled default model: loads offline, and speculative greedy equals full on it for every drafter."""
+
+import pytest
+
+from adaptive import Runtime
+from adaptive.runtime import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
+                                reason="the bundled model is not in assets/ yet")
+
+PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
+           "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+           "    for i in range(len(items)):\n"]
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return Runtime.from_pretrained()
+
+
+def test_loads_offline_with_tokenizer_and_sidecars(rt):
+    assert rt.spec.architecture == "LlamaForCausalLM" and rt.spec.num_layers == 8
+    assert rt.tokenizer is not None
+    assert rt.decode(rt.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(drafter="lookup"), dict(draft_depth=4, draft_length=3),
+                                      dict(draft_depth=2, draft_vocab_size=0)],
+                         ids=["self-adaptive", "lookup", "depth4-len3", "depth2-fullhead"])
+def test_speculative_greedy_equals_full(rt, settings):
+    for prompt in PROMPTS:
+        full = rt.generate(prompt, max_new_tokens=48, stop_at_eos=False)
+        spec = rt.generate(prompt, max_new_tokens=48, stop_at_eos=False, mode="speculative", **settings)
+        assert spec.token_ids == full.token_ids
+
+
+def test_early_exit_default_setting_runs(rt):
+    res = rt.generate(PROMPTS[0], max_new_tokens=32, mode="early_exit", stop_at_eos=False)
+    assert 1 <= res.stats["layers_run_mean"] <= 8 and res.stats["compute_fraction"] > 0
