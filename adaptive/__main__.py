@@ -15,6 +15,8 @@ from .errors import AdaptiveError
 _EXTERNAL_COMMANDS = {
     "train-model": ("adaptive.training.train_model", "train the bundled default model (resumable)"),
     "train-exits": ("adaptive.training.train_exits", "train per-layer exit adapters for a checkpoint"),
+    "train-exit-classifier": ("adaptive.training.train_exit_classifier",
+                              "train the learned exit classifier (measure='classifier') for a checkpoint"),
     "finalize-model": ("adaptive.training.finalize",
                        "bundled model: draft vocabulary, exit adapters, calibration, model card"),
 }

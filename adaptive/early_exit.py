@@ -34,13 +34,13 @@ from .model import LeanModel
 
 class EarlyExitDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
-                 config: EarlyExitConfig, exit_ids: torch.Tensor | None = None):
+                 config: EarlyExitConfig, exit_ids: torch.Tensor | None = None, classifier=None):
         super().__init__(model, costs, max_len)
         self.heads = heads
         self.exit_head = ShortlistHead(heads, exit_ids)  # what exit checks and early exits read
         self.config = config
         self.exit_points = config.exit_points(model.spec.num_layers)
-        self.measure = make_measure(config.measure, config.patience)
+        self.measure = make_measure(config.measure, config.patience, classifier)
         # Hidden state of each pending position at the input of its first missing layer (defer only).
         self.pending = (torch.zeros(1, max_len, model.spec.hidden_size, dtype=model.dtype, device=model.device)
                         if config.kv_policy == "defer" else None)
@@ -84,7 +84,8 @@ class EarlyExitDecoder(Decoder):
                 logits = self.exit_head.logits(h, k)
                 head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
                 outcome.layer_top1[k] = self.exit_head.token(int(torch.argmax(logits)))
-            conf = float(self.measure.score(logits, h, prev).reshape(()))
+            conf = float(self.measure.score(logits, h, prev, layer=k).reshape(()))
+            head_macs += self.measure.check_macs
             outcome.layer_confidence[k] = conf
             if conf >= cfg.threshold:
                 outcome.exit_layer, outcome.confidence = k, conf

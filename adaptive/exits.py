@@ -142,11 +142,13 @@ def save_adapters(path: str | Path, adapters: dict[int, tuple[torch.Tensor, torc
 class ConfidenceMeasure:
     name = ""
     needs_logits = True  # False: decided from hidden states alone, no LM-head evaluation needed
+    check_macs = 0  # MACs one check costs besides the head (a learned classifier's matmuls)
 
     def reset(self) -> None:
         pass
 
-    def score(self, logits: torch.Tensor | None, hidden: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:
+    def score(self, logits: torch.Tensor | None, hidden: torch.Tensor, prev_hidden: torch.Tensor,
+              layer: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -154,7 +156,7 @@ class MaxProb(ConfidenceMeasure):
     """Softmax probability of the top token."""
     name = "max_prob"
 
-    def score(self, logits, hidden, prev_hidden):
+    def score(self, logits, hidden, prev_hidden, layer=None):
         # log p_max = max logit - logsumexp: two reductions instead of a full softmax.
         logits = logits.float()
         return torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
@@ -164,7 +166,7 @@ class Margin(ConfidenceMeasure):
     """Probability of the top token minus that of the runner-up."""
     name = "margin"
 
-    def score(self, logits, hidden, prev_hidden):
+    def score(self, logits, hidden, prev_hidden, layer=None):
         top2 = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1).values
         return top2[..., 0] - top2[..., 1]
 
@@ -173,7 +175,7 @@ class Entropy(ConfidenceMeasure):
     """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
     name = "entropy"
 
-    def score(self, logits, hidden, prev_hidden):
+    def score(self, logits, hidden, prev_hidden, layer=None):
         logp = torch.log_softmax(logits.float(), dim=-1)
         entropy = -(logp.exp() * logp).sum(dim=-1)
         return 1.0 - entropy / math.log(logits.shape[-1])
@@ -184,7 +186,7 @@ class HiddenCosine(ConfidenceMeasure):
     name = "cosine"
     needs_logits = False
 
-    def score(self, logits, hidden, prev_hidden):
+    def score(self, logits, hidden, prev_hidden, layer=None):
         return F.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
 
 
@@ -200,7 +202,7 @@ class Patience(ConfidenceMeasure):
         self._last: torch.Tensor | None = None
         self._run: torch.Tensor | None = None
 
-    def score(self, logits, hidden, prev_hidden):
+    def score(self, logits, hidden, prev_hidden, layer=None):
         top = torch.argmax(logits, dim=-1)
         if self._last is None:
             self._run = torch.ones_like(top)
@@ -210,10 +212,30 @@ class Patience(ConfidenceMeasure):
         return torch.clamp(self._run.float() / self.patience, max=1.0)
 
 
-def make_measure(name: str, patience: int = 2) -> ConfidenceMeasure:
+class LearnedExit(ConfidenceMeasure):
+    """A trained classifier's P(exit head agrees with the final layer), from hidden states alone."""
+    name = "classifier"
+    needs_logits = False
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+        self.check_macs = classifier.macs
+
+    def score(self, logits, hidden, prev_hidden, layer=None):
+        if layer is None:
+            raise ValueError("the learned exit classifier needs the layer count")
+        return self.classifier.probability(layer, hidden, prev_hidden)
+
+
+def make_measure(name: str, patience: int = 2, classifier=None) -> ConfidenceMeasure:
     measures = {"max_prob": MaxProb, "margin": Margin, "entropy": Entropy, "cosine": HiddenCosine}
     if name == "patience":
         return Patience(patience)
+    if name == "classifier":
+        if classifier is None:
+            raise InvalidRequestError("measure='classifier' needs a trained exit classifier "
+                                      "(exit_classifier.safetensors next to the model; see train-exit-classifier)")
+        return LearnedExit(classifier)
     if name not in measures:
-        raise InvalidRequestError(f"unknown measure {name!r}; choose one of {', '.join([*measures, 'patience'])}")
+        raise InvalidRequestError(f"unknown measure {name!r}; choose one of {', '.join([*measures, 'patience', 'classifier'])}")
     return measures[name]()

@@ -38,6 +38,7 @@ class LensReport:
 @torch.inference_mode()
 def lens(runtime, prompt_ids: list[int], token_ids: list[int], measure: str = "max_prob", top_k: int = 5,
          patience: int = 2) -> LensReport:
+    """Note: the final row (k = L) of a hidden-state measure compares the last two layers like any other."""
     """Read every exit head at the positions that predicted ``token_ids`` (which follow ``prompt_ids``)."""
     model, heads = runtime.model, runtime.heads
     L = model.spec.num_layers
@@ -46,7 +47,7 @@ def lens(runtime, prompt_ids: list[int], token_ids: list[int], measure: str = "m
     ids = torch.tensor([seq], device=model.device)
     first = len(prompt_ids) - 1  # position whose output predicts the first generated token
     cache = model.new_cache(1, len(seq))
-    scorer = make_measure(measure, patience)
+    scorer = make_measure(measure, patience, runtime.exit_classifier)
     h = model.embed(ids, 0)
     per_layer_logp, per_layer_conf = [], []
     for layer in range(L):
@@ -55,7 +56,8 @@ def lens(runtime, prompt_ids: list[int], token_ids: list[int], measure: str = "m
         sel, prev_sel = h[0, first:first + N], prev[0, first:first + N]  # (N, d)
         logits = heads.logits(sel, layer + 1).float()  # (N, V)
         per_layer_logp.append(torch.log_softmax(logits, dim=-1))
-        per_layer_conf.append(scorer.score(logits, sel, prev_sel))
+        k = min(layer + 1, L - 1) if scorer.name == "classifier" else layer + 1  # no classifier at the final layer
+        per_layer_conf.append(scorer.score(logits, sel, prev_sel, layer=k))
     final_logp = per_layer_logp[-1]
     final_top = final_logp.argmax(dim=-1)
     kl, tops, probs, matches = [], [], [], []

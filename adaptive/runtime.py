@@ -22,6 +22,7 @@ from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
 from .speculative import AcceptanceStats, DraftModelDrafter, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
+from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
 from .model import LeanModel
@@ -60,6 +61,7 @@ class Runtime:
         self.heads = ExitHeads(self.model)
         self.defaults: dict[str, dict[str, Any]] = {}
         self.draft_ranking: list[int] | None = None  # token ids by frequency, for the draft shortlist
+        self.exit_classifier: ExitClassifier | None = None  # learned exit decisions (measure="classifier")
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
@@ -111,7 +113,9 @@ class Runtime:
             self.heads = ExitHeads(self.model, load_adapters(adapter_path, self.spec.hidden_size,
                                                               self.spec.num_layers, self.model.dtype))
             self.heads.source = f"adapters ({adapter_path.name})"
-        self.draft_ranking = None
+        if (directory / CLASSIFIER_FILE).is_file():
+            self.exit_classifier = ExitClassifier.load(directory / CLASSIFIER_FILE, self.spec.hidden_size,
+                                                       self.spec.num_layers)
         if (directory / DRAFT_VOCAB_FILE).is_file():
             self.draft_ranking = load_ranking(directory / DRAFT_VOCAB_FILE, self.spec.vocab_size)
         defaults_path = directory / DEFAULTS_FILE
@@ -244,7 +248,8 @@ class Runtime:
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
                     "exit_heads": self.heads.source,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size}
-        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids), settings
+        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids,
+                                self.exit_classifier), settings
 
     def _shortlist(self, size: int, prompt_ids: list[int]) -> torch.Tensor | None:
         """Ids of the ``size`` most frequent tokens plus the prompt's, or None (full vocabulary)."""

@@ -45,3 +45,31 @@ def test_adapters_reduce_kl_and_resume(tmp_path, tiny_checkpoint):
     after = Runtime.from_pretrained(model_dir)
     assert after.heads.source.startswith("adapters")
     assert _mean_kl(after, ids) < 0.8 * kl_before
+
+
+def test_exit_classifier_trains_loads_and_decides(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from adaptive.exit_classifier import CLASSIFIER_FILE
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 40)
+    proc = subprocess.run([sys.executable, "-m", "adaptive", "train-exit-classifier", "--model", str(model_dir),
+                           "--text", str(text), "--steps", "20", "--batch", "2", "--seq-len", "32",
+                           "--positions", "64", "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (model_dir / CLASSIFIER_FILE).is_file()
+    rt = Runtime.from_pretrained(model_dir)
+    assert rt.exit_classifier is not None
+    prompt = rt.encode("def main():")
+    full = rt.generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    never = rt.generate(prompt, max_new_tokens=12, stop_at_eos=False, mode="early_exit", measure="classifier", threshold=1.0)
+    assert never.token_ids == full.token_ids
+    # a check costs the classifier's MACs but no LM head: never-exit costs just a little more than full
+    assert 1.0 < never.stats["compute_fraction"] < 1.05
+    always = rt.generate(prompt, max_new_tokens=12, stop_at_eos=False, mode="early_exit", measure="classifier",
+                         threshold=0.0, exit_layers=(1,))
+    assert all(t.exit_layer == 1 for t in always.traces[1:])
+    assert all(0.0 <= t.confidence <= 1.0 for t in always.traces[1:])
