@@ -30,7 +30,7 @@ import gradio as gr
 
 from adaptive import AdaptiveError, GenerationResult, Runtime, TraceFormatError
 from adaptive.config import KV_POLICIES, MEASURES
-from adaptive.runtime import DEFAULT_MODEL_DIR
+from adaptive import runtime as runtime_module
 from explain import views
 
 ROOT = Path(__file__).resolve().parent
@@ -113,8 +113,10 @@ def model_info(runtime: Runtime) -> str:
 
 
 def startup_message() -> str:
-    if default_model() == BUNDLED and not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return (f"⚠️ The bundled model is not in `{DEFAULT_MODEL_DIR.relative_to(ROOT)}` yet (train it with "
+    bundled_dir = runtime_module.DEFAULT_MODEL_DIR
+    if default_model() == BUNDLED and not (bundled_dir / "config.json").is_file():
+        shown = bundled_dir.relative_to(ROOT) if bundled_dir.is_relative_to(ROOT) else bundled_dir
+        return (f"⚠️ The bundled model is not in `{shown}` yet (train it with "
                 "`python -m adaptive train-model`). Type a local checkpoint directory or a hub id in **Model**, "
                 "or upload a trace in the **Traces** tab.")
     return ""
@@ -135,7 +137,7 @@ class Session:
 
 
 def _analyse(session: Session, runtime: Runtime, max_new_tokens: int, temperature: float, seed: int | None,
-             stop_at_eos: bool = True, with_baseline: bool = True) -> Session:
+             with_baseline: bool = True) -> Session:
     """The model passes the views need beyond the trace: the lens, and a full-depth run for the audit."""
     from adaptive.lens import lens
 
@@ -147,7 +149,7 @@ def _analyse(session: Session, runtime: Runtime, max_new_tokens: int, temperatur
         session.baseline = res  # a full-depth run is its own baseline
     elif with_baseline:
         session.baseline = runtime.generate(list(res.prompt_ids), max_new_tokens=max_new_tokens, mode="full",
-                                            temperature=temperature, seed=seed, stop_at_eos=stop_at_eos)
+                                            temperature=temperature, seed=seed)
     return session
 
 
@@ -166,9 +168,13 @@ OUTPUT_NAMES = ("status", "tokens", "text", "heatmap", "ledger", "ledger_plot", 
                 "download", "session")
 
 
-def render(session: Session, heat_value: str, status: str) -> tuple:
+def render(session: Session, heat_value: str, status: str, pending: bool = False) -> tuple:
     res = session.result
-    diverged = set(views.audit(res, session.baseline).diverged) if session.baseline is not None else set()
+    # Outline per-decision disagreements (lens) when known; else what the free-running comparison found.
+    if session.lens is not None:
+        diverged = set(views.lens_disagreements(res, session.lens))
+    else:
+        diverged = set(views.audit(res, session.baseline).diverged) if session.baseline is not None else set()
     choices = views.token_choices(res)
     L = views.num_layers_of(res)
     first_early = next((i for i, t in enumerate(res.traces) if t.exit_layer < L), 0)
@@ -178,9 +184,9 @@ def render(session: Session, heat_value: str, status: str) -> tuple:
         res.text,
         views.heatmap_figure(res, session.lens, "kl" if heat_value.startswith("KL") else "confidence",
                              session.token_text),
-        views.ledger_markdown(res, session.baseline),
+        views.ledger_markdown(res, session.baseline, pending),
         views.ledger_figure(res),
-        views.audit_html(res, session.baseline),
+        views.audit_html(res, session.baseline, session.lens, session.token_text, pending),
         res.stats,
         gr.Dropdown(choices=choices, value=first_early if choices else None),
         session.trace_path,
@@ -295,17 +301,21 @@ def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: s
     current = Session(result=result, model=model)
     _write_trace(current)
     # Stage 2: the lens (one teacher-forced pass) gives the heatmap every layer and the hovers their top-k.
+    started = time.perf_counter()
     _analyse(current, runtime, max_new_tokens, float(temperature), seed, with_baseline=False)
-    done = f"{len(result.traces)} tokens, {result.stats['tokens_per_s']:.1f} tokens/s, stop: {result.stop_reason}."
+    lens_s = time.perf_counter() - started
+    done = (f"{len(result.traces)} tokens, {result.stats['tokens_per_s']:.1f} tokens/s, stop: {result.stop_reason}. "
+            f"Lens pass {lens_s:.2f} s")
     if mode == "full":
         current.baseline = result
-        yield render(current, heat_value, done)
+        yield render(current, heat_value, done + ".")
         return
-    yield render(current, heat_value, done + " Running full depth on the same prompt for the audit…")
+    yield render(current, heat_value, done + ". Running full depth on the same prompt for the audit…", pending=True)
     # Stage 3: the full-depth run of the same prompt: measured speedup and divergence audit.
+    started = time.perf_counter()
     current.baseline = runtime.generate(list(result.prompt_ids), max_new_tokens=max_new_tokens, mode="full",
                                         temperature=float(temperature), seed=seed)
-    yield render(current, heat_value, done)
+    yield render(current, heat_value, done + f", full-depth run {time.perf_counter() - started:.2f} s.")
 
 
 def on_redraw_heatmap(heat_value: str, session: Session | None):
@@ -355,7 +365,7 @@ def on_analyse(model: str, heat_value: str, session: Session | None):
     if not res.prompt_ids:
         raise _error("This trace has no prompt_ids, so its context cannot be replayed.")
     try:
-        _analyse(session, runtime, len(res.token_ids), 0.0, None, stop_at_eos=res.stop_reason == "eos")
+        _analyse(session, runtime, len(res.token_ids), 0.0, None)
     except AdaptiveError as e:
         raise _error(str(e)) from e
     session.model = model

@@ -196,11 +196,11 @@ def heatmap_figure(result: GenerationResult, lens=None, value: str = "confidence
                       + " %{z:.3f}<br>top-1: %{customdata}<extra></extra>",
         name=grid.value_name, xgap=1, ygap=1))
     if threshold is not None and value != "kl" and grid.source == "lens" and L > 1 and len(grid.positions) > 1:
-        # The contour where the measure equals the threshold: cells above it could have exited there.
+        # The contour (white, dotted) where the measure equals the threshold: cells above it could exit there.
         fig.add_trace(go.Contour(
             z=grid.values, x=grid.positions, y=layers, showscale=False, hoverinfo="skip", name="threshold",
             contours=dict(start=threshold, end=threshold, size=1.0, coloring="none", showlabels=False),
-            line=dict(color="#ff4d4d", width=2, dash="dot")))
+            line=dict(color="#ffffff", width=2, dash="dot")))
     tick_hover = ["<br>".join(f"L{k + 1}:{grid.top1[k][n]}" for k in range(L) if grid.top1[k][n])
                   for n in range(len(grid.positions))]
     fig.add_trace(go.Scatter(
@@ -238,7 +238,7 @@ def speedup(result: GenerationResult, baseline: GenerationResult | None) -> floa
     return b / a
 
 
-def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None = None) -> str:
+def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None = None, pending: bool = False) -> str:
     """Where the compute went, against full depth: MAC-based fractions and measured wall clock."""
     s, b = result.stats, (baseline.stats if baseline is not None else {})
     L = num_layers_of(result)
@@ -262,6 +262,8 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
     elif sp is not None:
         lines.append(f"\n**Measured speedup vs full depth: {sp:.2f}×** (ms per token, one run each on this host; "
                      "other load on the machine moves it).")
+    elif pending:
+        lines.append("\nRunning full depth on the same prompt to measure the speedup…")
     else:
         lines.append("\nNo full-depth run of this prompt yet: speedup unknown (use *Analyse with model*).")
     knobs = [f"{k}={html.escape(str(s[k]))}" for k in ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads")
@@ -315,35 +317,65 @@ def audit(result: GenerationResult, baseline: GenerationResult) -> Audit:
     return Audit(compared=max(len(a), len(b)), diverged=diverged, first_divergence=diverged[0] if diverged else None)
 
 
-def _text_row(result: GenerationResult, marked: set[int]) -> str:
+def lens_disagreements(result: GenerationResult, lens) -> list[int]:
+    """Token indices where full depth, given the same prefix, would rank another token first.
+
+    Read off the lens's final layer (teacher-forced on this run's own tokens), so each index is one
+    decision of this run, not a consequence of an earlier one. With sampling (temperature > 0) a chosen
+    token may differ from full depth's top-1 even at full depth.
+    """
+    if lens is None or len(lens.token_ids) != len(result.traces) or not lens.top_ids:
+        return []
+    final = lens.top_ids[-1]
+    return [n for n, t in enumerate(result.traces) if final[n][0] != t.token_id]
+
+
+def _text_row(result: GenerationResult, marked: set[int], notes: dict[int, str] | None = None) -> str:
     parts = []
     for i, t in enumerate(result.traces):
         text = html.escape(t.text.replace("\n", "↵\n") if t.text else "∅")
         if i in marked:
-            parts.append(f'<mark class="air-diff" style="background:#ffd0dc;color:#000">{text}</mark>')
+            title = f' title="{html.escape((notes or {}).get(i, ""), quote=True)}"' if notes and i in notes else ""
+            parts.append(f'<mark class="air-diff" style="background:#ffd0dc;color:#000"{title}>{text}</mark>')
         else:
             parts.append(text)
     return "".join(parts)
 
 
-def audit_html(result: GenerationResult, baseline: GenerationResult | None) -> str:
+_BOX = ("white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ccc;"
+        "border-radius:4px;padding:6px;margin:4px 0")
+
+
+def audit_html(result: GenerationResult, baseline: GenerationResult | None, lens=None,
+               token_text: TokenText | None = None, pending: bool = False) -> str:
+    """Two audits. Per decision (from the lens): where full depth, given the same prefix, would have picked
+    another token. Free running (from the full-depth run of the same prompt): the two texts side by side."""
+    parts = ['<div class="air-audit">']
+    if lens is not None:
+        flips = lens_disagreements(result, lens)
+        notes = {n: f"full depth would pick {_tok(token_text, lens.top_ids[-1][n][0])!r} here" for n in flips}
+        parts.append(f"<h4>Per decision (teacher-forced, from the lens)</h4><p>{len(flips)} of {len(result.traces)} "
+                     "tokens differ from full depth's top-1 given the same prefix (hover a marked token).</p>"
+                     f'<div style="{_BOX}">{_text_row(result, set(flips), notes)}</div>')
+    parts.append("<h4>Free running: the full-depth run of the same prompt</h4>")
     if baseline is None:
-        return ('<div class="air-audit"><p>No full-depth run to compare with: generate with the model, or press '
-                '<em>Analyse with model</em> after uploading a trace.</p></div>')
+        parts.append("<p>Running full depth on the same prompt…</p>" if pending else
+                     "<p>No full-depth run to compare with: generate with the model, or press "
+                     "<em>Analyse with model</em> after uploading a trace.</p>")
+        return "".join(parts) + "</div>"
     rep = audit(result, baseline)
-    marked = set(rep.diverged)
     if not rep.diverged:
         summary = f"All {rep.compared} tokens equal the full-depth run's."
     else:
         summary = (f"{len(rep.diverged)} of {rep.compared} tokens differ (agreement {rep.agreement:.0%}); first "
                    f"divergence at token {rep.first_divergence}. After it the two runs continue from different "
                    "text, so later differences are consequences, not separate decisions.")
-    box = ("white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ccc;"
-           "border-radius:4px;padding:6px;margin:4px 0")
-    return (f'<div class="air-audit"><p>{html.escape(summary)}</p>'
-            f'<div><strong>{html.escape(str(result.stats.get("mode", "this run")))}</strong></div>'
-            f'<div style="{box}">{_text_row(result, marked)}</div>'
-            f'<div><strong>full depth</strong></div><div style="{box}">{_text_row(baseline, marked)}</div></div>')
+    marked = set(rep.diverged)
+    parts.append(f'<p>{html.escape(summary)}</p>'
+                 f'<div><strong>{html.escape(str(result.stats.get("mode", "this run")))}</strong></div>'
+                 f'<div style="{_BOX}">{_text_row(result, marked)}</div>'
+                 f'<div><strong>full depth</strong></div><div style="{_BOX}">{_text_row(baseline, marked)}</div>')
+    return "".join(parts) + "</div>"
 
 
 # ---- token choices and attribution ----------------------------------------------------------------------

@@ -62,6 +62,21 @@ def test_blocks_build_without_launching():
     assert not demo.is_running
 
 
+def test_missing_bundled_model_is_reported_not_fatal(tmp_path, monkeypatch):
+    import gradio as gr
+
+    import adaptive.runtime
+    import app
+
+    monkeypatch.setattr(adaptive.runtime, "DEFAULT_MODEL_DIR", tmp_path / "pycoder-8l")
+    monkeypatch.delenv("ADAPTIVE_MODEL", raising=False)
+    assert "bundled model is not in" in app.startup_message()
+    assert "bundled model is not in" in app.on_page_load()
+    app.build_app()  # the page still builds
+    with pytest.raises(gr.Error, match="bundled default model is missing"):
+        app.load_model(app.BUNDLED)
+
+
 def generate(client, model, prompt="def main():\n", mode="early_exit", threshold=0.3, max_new_tokens=24, **kw):
     args = dict(model=model, prompt=prompt, mode=mode, threshold=threshold, measure="max_prob",
                 kv_policy="propagate", exit_layers="", max_new_tokens=max_new_tokens, temperature=0.0, seed=None,

@@ -60,16 +60,20 @@ def test_page_streams_a_prompt_and_draws_the_views(app_url):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(app_url)
-            page.wait_for_selector("#air-generate", timeout=30000)
+            page.wait_for_selector("#air-generate", timeout=60000)
+            # The page-load event fills the model line: after it, the page's events are wired (an earlier
+            # click can be lost).
+            page.wait_for_function("document.querySelector('#air-banner').innerText.trim().length > 0",
+                                   timeout=60000)
             # Untrusted text must stay text: this prompt is echoed in the token view.
             page.fill("#air-prompt textarea", "def main():\n    return '<b>0</b>'\n")
             started = time.perf_counter()
             page.click("#air-generate")
-            page.wait_for_selector("#air-tokens .air-tok", timeout=30000)
+            page.wait_for_selector("#air-tokens .air-tok", timeout=60000)
             first_token_s = time.perf_counter() - started
             # The final token view carries the hovers (lens), the heatmap its cells.
-            page.wait_for_selector("#air-tokens .air-tok[title]", timeout=60000)
-            page.wait_for_selector("#air-heatmap .js-plotly-plot .heatmaplayer", timeout=60000)
+            page.wait_for_selector("#air-tokens .air-tok[title]", timeout=90000)
+            page.wait_for_selector("#air-heatmap .js-plotly-plot .heatmaplayer", timeout=90000)
             n = page.eval_on_selector_all("#air-tokens .air-tok", "els => els.length")
             assert n >= 1
             title = page.eval_on_selector("#air-tokens .air-tok", "e => e.title")

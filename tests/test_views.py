@@ -126,6 +126,18 @@ def test_audit_finds_divergence():
     assert views.audit(res, short).diverged == [2, 3]  # a run that stopped early differs from there on
 
 
+def test_audit_per_decision_from_the_lens():
+    res = make_result()
+    lens = make_lens(res)
+    lens.top_ids[-1][1] = [99, 11, 98]  # full depth, given the same prefix, prefers "<script>" at token 1
+    assert views.lens_disagreements(res, lens) == [1]
+    page = views.audit_html(res, None, lens, TOKEN_TEXT, pending=True)
+    assert "1 of 4 tokens differ from full depth" in page and "Running full depth" in page
+    assert "full depth would pick &#x27;&lt;script&gt;&#x27; here" in page and "<script>" not in page
+    assert views.token_view_html(res, lens, TOKEN_TEXT, diverged={1}).count("outline:2px") == 1
+    assert "Running full depth" in views.ledger_markdown(res, None, pending=True)
+
+
 def test_attribution_figure_and_choices():
     from explain.attribution import ExitAttribution
 
