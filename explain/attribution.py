@@ -29,7 +29,7 @@ from adaptive.exits import make_measure
 
 # Measures whose score is a smooth function of the logits/hidden states. "patience" counts argmax
 # agreements: its gradient is zero everywhere, so IG would attribute nothing.
-DIFFERENTIABLE = ("max_prob", "margin", "entropy", "cosine")
+DIFFERENTIABLE = ("max_prob", "margin", "entropy", "cosine", "classifier")
 
 
 @dataclass
@@ -120,14 +120,20 @@ def explain_exit(runtime, prompt_ids: list[int], token_ids: list[int], index: in
     if not 0.0 <= threshold <= 1.0:
         raise InvalidRequestError(f"threshold must be in [0, 1], got {threshold}")
     notes = []
+    classifier = getattr(runtime, "exit_classifier", None)
     if measure not in DIFFERENTIABLE:
         notes.append(f"measure {measure!r} is not differentiable; attributing max_prob instead")
+        measure = "max_prob"
+    elif measure == "classifier" and (classifier is None or layer >= L):
+        notes.append("the learned exit classifier is not loaded or has no head at this layer; attributing max_prob")
         measure = "max_prob"
     context = list(prompt_ids) + list(token_ids[:index])
     if len(context) > max_context:
         raise InvalidRequestError(f"the context has {len(context)} tokens; attribution is limited to {max_context}")
     T = len(context)
-    scorer = make_measure(measure)
+    scorer = make_measure(measure, classifier=classifier) if measure == "classifier" else make_measure(measure)
+    # The learned classifier needs the layer count; the other measures read it from nothing but their inputs.
+    extra = {"layer": layer} if measure == "classifier" else {}
     eos = model.spec.eos_token_ids
     baseline_id = int(eos[0]) if eos else 0
     embedding = _Embedding(model)
@@ -141,7 +147,8 @@ def explain_exit(runtime, prompt_ids: list[int], token_ids: list[int], index: in
             h_prev = h
             h = model.layer(i, h, 0, cache)
         last, prev = h[:, -1], h_prev[:, -1]  # (B, d): the position that predicts the explained token
-        return scorer.score(heads.logits(last, layer).float(), last, prev)  # (B,)
+        logits = heads.logits(last, layer).float() if scorer.needs_logits else None
+        return scorer.score(logits, last, prev, **extra)  # (B,)
 
     def decision(ids: torch.Tensor) -> torch.Tensor:
         return (score(ids) >= threshold).float()  # (B,) 1 = exit, 0 = continue

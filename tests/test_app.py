@@ -159,3 +159,24 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server, tmp_path):
     # Still serving, and full mode is its own baseline.
     outputs = generate(client, model, mode="full", max_new_tokens=3)
     assert outputs[7]["mode"] == "full" and "its own baseline" in outputs[4]
+
+
+def test_attribution_matches_the_lens_and_is_complete(tiny_checkpoint):
+    """explain_exit's forward (its own autograd-friendly cache) equals the lens at that layer; IG sums to
+    score(input) - score(baseline) up to its reported delta; ablation moves a hard decision by -1, 0 or +1."""
+    from adaptive import Runtime
+    from adaptive.lens import lens
+    from explain.attribution import decision_layer, explain_exit
+
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    res = rt.generate("def main():\n", max_new_tokens=6, mode="early_exit", threshold=0.3, stop_at_eos=False)
+    report = lens(rt, res.prompt_ids, res.token_ids, measure="max_prob")
+    for index in (0, 5):
+        layer, _ = decision_layer(res.traces[index], 4)
+        attr = explain_exit(rt, res.prompt_ids, res.token_ids, index, layer, 0.3, "max_prob", n_steps=64)
+        assert len(attr.ig) == len(attr.ablation) == len(res.prompt_ids) + index
+        assert attr.confidence == pytest.approx(report.confidence[layer - 1][index], abs=1e-5)
+        assert sum(attr.ig) == pytest.approx(attr.confidence - attr.baseline_confidence, abs=attr.ig_delta + 1e-5)
+        assert set(attr.ablation) <= {-1.0, 0.0, 1.0}
+    patience = explain_exit(rt, res.prompt_ids, res.token_ids, 1, 2, 0.3, "patience", n_steps=8)
+    assert patience.measure == "max_prob" and "not differentiable" in patience.notes[0]
