@@ -1,0 +1,339 @@
+"""The model card (``README.md`` next to the checkpoint) and the measurements only it needs.
+
+Everything the card states comes from files or measurements, never typed in: ``config.json`` and
+``training_info.json`` (shape, parameters, tokens), the training log (time, threads), the finalize
+report (per-layer tables, calibration, decoding table, completions), and this machine (hardware).
+
+Measured here:
+- ``decoding_table``: early exit at a few thresholds around the calibrated one on test-split prompts,
+  through ``adaptive.bench`` (one process, rows interleaved inside each repeat, medians of repeats).
+- ``completions``: greedy full-depth completions of function headers (``def ...:`` with the docstring
+  if any) from test-split files, cut where the function body ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPORT_FILE = "finalize_report.json"  # the measurements the card is rendered from
+CARD_FILE = "README.md"
+
+
+# ---- measurements -----------------------------------------------------------------------------------
+def decoding_table(model_dir: str | Path, thresholds: list[float], num_prompts: int = 12, new_tokens: int = 128,
+                   repeats: int = 3, seed: int = 1, split: str = "test") -> dict:
+    """Full depth and early exit at ``thresholds`` (other knobs: the model's calibrated defaults)."""
+    from ..bench import run
+    from ..runtime import Runtime
+    from .calibrate_exits import sample_prompts
+
+    rt = Runtime.from_pretrained(model_dir)
+    max_context = min(128, rt.spec.max_positions - new_tokens)  # prompt + continuation fit the context
+    cases = sample_prompts(rt, split, num_prompts, min(64, max_context), max_context, seed)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([rt.decode(c.prompt_ids) for c in cases], f)
+    try:
+        args = argparse.Namespace(model=str(model_dir), random_llama=False, max_new_tokens=new_tokens, repeats=repeats,
+                                  prompts=f.name, num_prompts=None, thresholds=",".join(f"{t:.6g}" for t in thresholds),
+                                  measure=None, kv_policy=None, threads=None, no_hf=True, no_early_exit=False,
+                                  speculative="", hf_assistant=False, json=None)
+        report = run(args)
+    finally:
+        os.unlink(f.name)
+    report["split"], report["seed"], report["sources"] = split, seed, [c.source for c in cases]
+    return report
+
+
+@dataclass
+class Completion:
+    source: str  # test-split file the header comes from
+    prompt: str  # the def line and its docstring, as in the file, without the final newline
+    completion: str  # greedy full depth, cut where the body ends
+    raw: str  # the whole greedy completion, uncut
+    early_exit_same: bool  # the calibrated early-exit default produced the same tokens
+
+
+_DEF = re.compile(r"^([ \t]*)def \w+\(.*\)(?:\s*->\s*[^:]+)?:[ \t]*$")
+
+
+def function_headers(split: str = "test", seed: int = 0):
+    """Yield (file, header text, indent): one one-line ``def`` header with a docstring per file of
+    ``split``, files in a seeded shuffle.
+
+    The header ends at the docstring's closing quotes, without the newline: byte-level BPE merges a
+    newline with the next line's indentation into one token, so a prompt that ends in a bare newline
+    sits on a token boundary the model never saw in training and derails it."""
+    from .corpus import iter_documents
+
+    docs = list(iter_documents(split))
+    random.Random(seed).shuffle(docs)
+    for doc in docs:
+        lines = doc.text.splitlines(keepends=True)
+        for i, line in enumerate(lines[:-1]):
+            m = _DEF.match(line.rstrip("\n"))
+            if not m:
+                continue
+            nxt = lines[i + 1].strip()
+            quote = nxt[:3]
+            if quote not in ('"""', "'''"):
+                continue
+            end = i + 1  # the docstring's last line
+            if not (len(nxt) > 6 and nxt.endswith(quote)):
+                end = next((j for j in range(i + 2, len(lines)) if quote in lines[j]), None)
+                if end is None or end - i > 12:
+                    continue
+            yield doc.relpath, "".join(lines[i:end + 1]).rstrip("\n"), len(m.group(1).expandtabs())
+            break
+
+
+def function_body(text: str, indent: int) -> str:
+    """The completion up to the first non-blank line indented at or left of the ``def`` (the body ended).
+    ``text`` continues the docstring's last line, so its first line is not checked."""
+    lines = text.splitlines(keepends=True)
+    kept = lines[:1]
+    for line in lines[1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        kept.append(line)
+    return "".join(kept).rstrip()
+
+
+def completions(model_dir: str | Path, count: int = 5, max_new_tokens: int = 96, split: str = "test",
+                seed: int = 0) -> list[Completion]:
+    """Greedy completions of the first ``count`` headers whose prompt leaves room for the new tokens."""
+    from ..runtime import Runtime
+
+    rt = Runtime.from_pretrained(model_dir)
+    out = []
+    for source, prompt, indent in function_headers(split, seed):
+        if len(out) == count:
+            break
+        if len(rt.encode(prompt)) + max_new_tokens > rt.spec.max_positions:
+            continue
+        full = rt.generate(prompt, max_new_tokens, mode="full")
+        early = rt.generate(prompt, max_new_tokens, mode="early_exit")
+        out.append(Completion(source, prompt, function_body(full.text, indent), full.text,
+                              early.token_ids == full.token_ids))
+    return out
+
+
+# ---- rendering --------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _training_log(log_path: Path) -> dict:
+    """Summary of the training log: final record, total wall seconds, threads per (re)start."""
+    if not log_path.is_file():
+        return {}
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    starts = [r for r in records if r.get("kind") == "start"]
+    last = records[-1] if records else {}
+    final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
+    return {"final": final, "last_seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
+            "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None})}
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, CPU only"
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _shown_path(path: Path) -> str:
+    """The model folder as a command line would name it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path.resolve())
+    return rel if not rel.startswith("..") else str(path)
+
+
+def default_log_path(model_dir: str | Path) -> Path:
+    """Where ``train-model`` logs a model exported to ``assets/<name>``: ``runs/<name>/log.jsonl``."""
+    return Path("runs") / Path(model_dir).name / "log.jsonl"
+
+
+def render(model_dir: str | Path, report: dict, log_path: str | Path | None = None) -> str:
+    from .evaluate import Evaluation, format_table
+
+    model_dir = Path(model_dir)
+    cfg = _read_json(model_dir / "config.json")
+    info = _read_json(model_dir / "training_info.json")
+    log = _training_log(Path(log_path) if log_path else default_log_path(model_dir))
+    defaults = _read_json(model_dir / "adaptive_defaults.json")
+    name = model_dir.name
+    size_mb = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()) / 1e6
+    L = cfg.get("num_hidden_layers")
+    out = [f"# {name}", "",
+           f"A small Python code model trained from scratch on the Python standard library, shipped as the "
+           f"default model of the Adaptive Inference Runtime: {L} Llama layers built and trained for early exit "
+           "(exit losses at every layer, self-distillation, layer dropout), plus per-layer exit adapters, a "
+           "draft vocabulary and calibrated early-exit defaults. It is a demonstrator of adaptive inference, "
+           "not a useful code assistant.", ""]
+
+    # -- model and training
+    out += ["## Model", "", "| | |", "|---|---|",
+            f"| architecture | `{(cfg.get('architectures') or ['?'])[0]}`, {L} layers, width {cfg.get('hidden_size')}, "
+            f"{cfg.get('num_attention_heads')} heads (head dim {cfg.get('head_dim')}), MLP {cfg.get('intermediate_size')} (SwiGLU), "
+            f"RMSNorm, RoPE |",
+            f"| vocabulary | {cfg.get('vocab_size')} byte-level BPE tokens, `<|endoftext|>` = id 0 between files |",
+            f"| context | {cfg.get('max_position_embeddings')} tokens |",
+            f"| tied embeddings | {cfg.get('tie_word_embeddings')} |",
+            f"| parameters | {info.get('params', 0):,} |",
+            f"| files | {size_mb:.1f} MB in this folder |", ""]
+    final = log.get("final") or {}
+    seconds = final.get("seconds", log.get("last_seconds"))
+    resumed = f", resumed {log['restarts']} times" if log.get("restarts") else ""
+    out += ["## Training", "", "| | |", "|---|---|",
+            f"| tokens seen | {info.get('tokens', 0):,} ({info.get('step')} steps) |",
+            f"| training time | {_fmt((seconds or 0) / 60, '.1f')} min wall clock"
+            f"{resumed} |",
+            f"| hardware | {_hardware()}; torch threads {', '.join(map(str, log.get('threads', []))) or '?'} |",
+            f"| validation loss (final layer) | {_fmt(info.get('val_nats'))} nats/token, {_fmt(info.get('val_bpb'))} bits/byte "
+            f"on {info.get('val_tokens', '?')} tokens (training's own evaluation) |",
+            f"| objective | `{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |", "",
+            "Training finished" if final else
+            "**Training had not finished when this card was written; the numbers are of an intermediate checkpoint.**",
+            ""]
+
+    out += ["## Corpus and split", "",
+            "Every `*.py` file under the running interpreter's standard library (`sysconfig.get_paths()['stdlib']`), "
+            "tests included, nothing under `site-packages`/`dist-packages`. Split by the file's path relative to the "
+            "stdlib root (`/` separators):", "",
+            "```python", "bucket = int(sha256(relpath.encode('utf-8')).hexdigest(), 16) % 100",
+            "split = 'train' if bucket < 90 else 'validation' if bucket < 95 else 'test'", "```", "",
+            "The tokenizer and the draft vocabulary are built from the train split only; calibration uses validation "
+            "prompts; every table below is on the test split.", ""]
+
+    # -- per-layer tables
+    ev = report.get("evaluation")
+    if ev:
+        e = Evaluation.from_dict(ev)
+        out += ["## Exit heads per layer (test split)", "",
+                f"{e.num_windows} windows of {e.window} tokens at evenly spaced offsets of the test split's token stream "
+                f"({e.num_targets:,} predicted tokens, {e.target_bytes:,} UTF-8 bytes counted exactly per token). The exit "
+                "head after k layers is the final norm + LM head (logit lens), with the trained adapter where stated "
+                f"(adapters: {e.adapters}). bits/byte = total nats / bytes / ln 2. Agreement = top-1 equals the final "
+                "layer's top-1.", "", format_table(e), ""]
+
+    # -- calibration and decoding
+    cal = report.get("calibration")
+    if cal:
+        k = cal["chosen"]
+        out += ["## Early-exit defaults (calibrated)", "",
+                f"`adaptive_defaults.json` → `early_exit`: `{json.dumps(defaults.get('early_exit', k))}`", "",
+                f"Chosen on {cal['num_prompts']} validation prompts ({cal['context'][0]}–{cal['context'][1]} tokens of "
+                f"context from distinct files, {cal['new_tokens']} new tokens, teacher-forced against full-depth greedy): "
+                f"the lowest compute fraction whose agreement is at least {cal['target']:.2f} + a margin of "
+                f"{cal.get('margin', 0):.3f} (the cheapest of many passing settings is an optimistic pick), among "
+                f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
+                "KV policy) of which the cheapest families were confirmed by real decoding "
+                "(see `adaptive/training/calibrate_exits.py`).", "",
+                f"On the validation prompts: agreement **{cal['agreement']:.4f}** at compute fraction "
+                f"**{cal['compute_fraction']:.3f}** ({cal['layers_run_mean']:.2f} layers on average)"
+                + ("." if cal["meets_target"] else
+                   f" — **the target of {cal['target']:.2f} was not reached by any confirmed setting; this is the most "
+                   "faithful one found.**"), "",
+                "| measure | exit layers | vocab | KV | threshold | simulated agreement | simulated compute | agreement | compute |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for m in cal["finalists"]:
+            kk = m["knobs"]
+            meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
+            out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
+                       f"{kk['threshold']:.4g} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
+                       f"{m['compute_fraction']:.3f} |")
+        out += ["", "Simulated numbers come from one full-depth pass (exact for `defer`, approximate K/V for "
+                "`propagate`); the last two columns are real teacher-forced decoding.", ""]
+    dec = report.get("decoding")
+    if dec:
+        rows = dec["rows"]
+        full = next(r for r in rows if r["mode"] == "full")
+        out += ["## Early-exit decoding on test prompts", "",
+                f"{dec['prompts']} test-split prompts (64–128 tokens of context from distinct files), {dec['max_new_tokens']} "
+                f"new tokens each, greedy, batch 1, EOS ignored, {dec['torch_threads']} torch thread(s); rows interleaved in "
+                f"one process, speed = median of {dec['repeats']} repeats (`adaptive.bench`). Other knobs: the calibrated "
+                f"defaults. Compute fraction counts every MAC (layers, K/V fill, every exit-head check, adapters) relative to "
+                f"full depth. Agreement is teacher-forced (each step on full depth's prefix); exact = share of prompts whose "
+                f"free-running output equals full depth's.", "",
+                "| row | threshold | mean layers | compute fraction | agreement | exact outputs | tokens/s | × full |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            thr = r["options"].get("threshold")
+            out.append(f"| {r['name']} | {_fmt(thr, '.4g')} | {_fmt(r['layers_run_mean'], '.2f')} | "
+                       f"{_fmt(r['compute_fraction'])} | {_fmt(r['agreement'], '.4f')} | {_fmt(r['exact_prompts'], '.2f')} | "
+                       f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f} |")
+        out += ["", "Tokens/s includes the prefill. On a model this small the Python overhead per layer and per exit "
+                "check weighs as much as the arithmetic, so the compute saving shows only partly as speed.", ""]
+    if defaults.get("speculative"):
+        sp = defaults["speculative"]
+        out += ["## Speculative decoding priors", "",
+                f"`speculative`: `{json.dumps(sp)}` — `acceptance_priors[d]` is the measured teacher-forced agreement of "
+                f"the exit head after d layers (over the {sp.get('draft_vocab_size')}-token draft shortlist plus the prompt's "
+                "tokens) with the final layer on the calibration prompts; the runtime starts from it and updates it "
+                "as requests run.", ""]
+
+    # -- completions
+    comps = report.get("completions")
+    if comps:
+        out += ["## Greedy completions of test-split function headers", "",
+                "Prompt = a one-line `def` and its docstring from a test-split file (shown first); completion = full-depth "
+                "greedy, at most 96 new tokens, cut at the first line indented at or left of the `def` (the body ended) "
+                "and shown uncut in `finalize_report.json`.", ""]
+        for c in comps:
+            out += [f"From `{c['source']}`"
+                    f" (calibrated early exit gives {'the same' if c['early_exit_same'] else 'a different'} output):", "",
+                    "```python", c["prompt"] + c["completion"], "```", ""]
+            if not c["completion"].strip():
+                out += [f"(The body ended at once; the uncut completion starts `{c['raw'][:120]!r}`.)", ""]
+
+    # -- files and reproduction
+    out += ["## Files", "",
+            "| file | content |", "|---|---|",
+            "| `config.json`, `model.safetensors`, `generation_config.json` | Hugging Face `LlamaForCausalLM` checkpoint |",
+            "| `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` | byte-level BPE, loadable by `AutoTokenizer` |",
+            "| `training_info.json` | step, tokens, minutes, parameters, objective, validation losses of the export |",
+            "| `exit_adapters.safetensors` | tensors `exit.{k}.weight` (d, d) and `exit.{k}.bias` (d,) for k in 1..L-1; "
+            "metadata `format=adaptive-exit-adapters`, `version=1`, `kind=residual_affine`, `hidden_size`, `num_layers`. "
+            "Exit head after k layers = `head(h + W_k h + b_k)` |",
+            "| `draft_vocab.json` | `{\"format\": \"adaptive-draft-vocab\", \"version\": 1, \"token_ids\": [...], \"counts\": "
+            "[...], \"source\": ...}`: token ids by decreasing count over the train split; shortlists for draft and exit heads |",
+            "| `adaptive_defaults.json` | per-mode default knobs: `early_exit` (threshold, measure, exit_layers, "
+            "exit_vocab_size, kv_policy, min_layer) and `speculative` (draft_vocab_size, acceptance_priors by depth) |",
+            f"| `{REPORT_FILE}` | every measurement on this card, as JSON |",
+            "| `README.md` | this card |", "",
+            "## Reproduce", "",
+            "```bash",
+            "python -m adaptive train-model                      # the checkpoint (resumable; ~2 h on 2 CPU cores)",
+            f"python -m adaptive finalize-model --model {_shown_path(model_dir)}"
+            "   # draft vocab, exit adapters, evaluation, calibration, this card",
+            "```", "",
+            "Stages can be skipped (`--skip-draft-vocab`, `--skip-exits`, `--skip-evaluate`, `--skip-calibrate`, "
+            "`--skip-card`); the card is re-rendered from the stored report. Speed numbers depend on the host; "
+            "losses, agreements and compute fractions are deterministic.", ""]
+    return "\n".join(out)
+
+
+def write_card(model_dir: str | Path, report: dict, log_path: str | Path | None = None) -> Path:
+    path = Path(model_dir) / CARD_FILE
+    path.write_text(render(model_dir, report, log_path))
+    return path
+
+
+def completions_to_dicts(items: list[Completion]) -> list[dict]:
+    return [asdict(c) for c in items]
