@@ -1,0 +1,133 @@
+"""``python -m adaptive finalize-model``: turn an exported checkpoint into the bundled model.
+
+Stages, in order, each skippable (``--skip-<stage>``):
+
+  draft-vocab  token counts over the train split -> ``draft_vocab.json``
+  exits        tuned-lens exit adapters (``train_exits``) -> ``exit_adapters.safetensors``
+  evaluate     per-layer loss and agreement on the test split, before and after adapters
+  calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
+  card         early-exit decoding table and completions on the test split -> ``README.md``
+
+Every measurement lands in ``finalize_report.json`` next to the model (merged stage by stage), so a
+skipped stage keeps its earlier numbers and the card can always be re-rendered. Run it only after
+training has finished: ``train-model`` replaces the model folder wholesale at each export, sidecars
+included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ("draft-vocab", "exits", "evaluate", "calibrate", "card")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled assets/pycoder-8l)")
+    for stage in STAGES:
+        p.add_argument(f"--skip-{stage}", action="store_true", help=f"skip the {stage} stage")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leaves a core to the rest)")
+    p.add_argument("--log", default=None, help="training log for the card (default: runs/<model name>/log.jsonl)")
+    g = p.add_argument_group("exits")
+    g.add_argument("--exit-steps", type=int, default=400)
+    g.add_argument("--exit-minutes", type=float, default=15.0)
+    g.add_argument("--exit-run-dir", default=None,
+                   help="resume folder (default: runs/exits/<name>-<weights hash>, so another checkpoint never resumes it)")
+    g = p.add_argument_group("evaluate")
+    g.add_argument("--eval-windows", type=int, default=64)
+    g.add_argument("--eval-window", type=int, default=512)
+    g = p.add_argument_group("calibrate")
+    g.add_argument("--target", type=float, default=0.99, help="teacher-forced agreement to reach")
+    g.add_argument("--margin", type=float, default=0.003, help="select at target + margin (selection bias)")
+    g.add_argument("--cal-prompts", type=int, default=24)
+    g.add_argument("--cal-new-tokens", type=int, default=128)
+    g.add_argument("--confirm-minutes", type=float, default=8.0, help="time for real decoding of the finalists")
+    g.add_argument("--draft-vocab-size", type=int, default=2048)
+    g = p.add_argument_group("card")
+    g.add_argument("--card-prompts", type=int, default=12)
+    g.add_argument("--card-new-tokens", type=int, default=128)
+    g.add_argument("--card-repeats", type=int, default=3)
+
+
+def weights_hash(model_dir: Path) -> str:
+    """First 12 hex digits of sha256 over model.safetensors: names this checkpoint's adapter run."""
+    h = hashlib.sha256()
+    with open(model_dir / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _warn_if_training(model_dir: Path, log_path: Path) -> None:
+    """train-model's next export would delete every sidecar written here."""
+    if not log_path.is_file():
+        return
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    if lines and json.loads(lines[-1]).get("kind") != "final":
+        print(f"warning: {log_path} has no final record: if training is still running, its next export replaces "
+              f"{model_dir} and deletes what this writes")
+
+
+def main(args) -> int:
+    from ..runtime import DEFAULT_MODEL_DIR, Runtime
+    from . import calibrate_exits, evaluate, model_card
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: no checkpoint in {model_dir}")
+    log_path = Path(args.log) if args.log else model_card.default_log_path(model_dir)
+    _warn_if_training(model_dir, log_path)
+    report_path = model_dir / model_card.REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    timings = report.setdefault("seconds", {})
+
+    def save():
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+
+    todo = [s for s in STAGES if not getattr(args, f"skip_{s.replace('-', '_')}")]
+    for n, stage in enumerate(todo, 1):
+        print(f"[finalize] stage {n}/{len(todo)}: {stage}", flush=True)
+        start = time.time()
+        if stage == "draft-vocab":
+            path = evaluate.build_draft_vocab(model_dir)
+            print(f"wrote {path}")
+        elif stage == "exits":
+            from . import train_exits
+
+            run_dir = args.exit_run_dir or f"runs/exits/{model_dir.name}-{weights_hash(model_dir)}"
+            train_exits.main(argparse.Namespace(
+                model=str(model_dir), text=None, out=None, run_dir=run_dir, steps=args.exit_steps,
+                max_minutes=args.exit_minutes, batch=8, seq_len=256, positions=512, lr=1e-3, seed=0,
+                checkpoint_minutes=5.0, threads=args.threads))
+        elif stage == "evaluate":
+            rt = Runtime.from_pretrained(model_dir)
+            ev = evaluate.evaluate(rt, "test", args.eval_windows, args.eval_window)
+            report["evaluation"] = ev.to_dict()
+            print(evaluate.format_table(ev))
+        elif stage == "calibrate":
+            rt = Runtime.from_pretrained(model_dir)
+            cal = calibrate_exits.calibrate(rt, target=args.target, margin=args.margin, num_prompts=args.cal_prompts,
+                                            new_tokens=args.cal_new_tokens, confirm_minutes=args.confirm_minutes,
+                                            draft_vocab_size=args.draft_vocab_size)
+            calibrate_exits.write_defaults(model_dir, cal)
+            report["calibration"] = cal.to_dict()
+            print(f"chosen {json.dumps(cal.chosen)}: agreement {cal.agreement:.4f}, compute fraction "
+                  f"{cal.compute_fraction:.3f}, meets target: {cal.meets_target}; priors {cal.acceptance_priors}")
+        elif stage == "card":
+            cal = report.get("calibration")
+            thresholds = cal["neighbour_thresholds"] if cal else [0.8, 0.9, 0.95]
+            report["decoding"] = model_card.decoding_table(model_dir, thresholds, args.card_prompts,
+                                                           args.card_new_tokens, args.card_repeats)
+            report["completions"] = model_card.completions_to_dicts(model_card.completions(model_dir))
+        timings[stage] = round(time.time() - start, 1)
+        save()
+        print(f"[finalize] {stage} took {timings[stage] / 60:.1f} min", flush=True)
+    path = model_card.write_card(model_dir, report, log_path)
+    print(f"wrote {path}; stage times (s): {json.dumps(timings)}")
+    return 0

@@ -1,0 +1,204 @@
+"""finalize-model's parts on tiny checkpoints: bits/byte arithmetic, the calibration search, the card."""
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive.runtime import Runtime
+from adaptive.training import calibrate_exits as C
+from adaptive.training import evaluate as E
+from adaptive.training import finalize, model_card
+
+
+@pytest.fixture
+def tiny_rt(tiny_checkpoint):
+    return Runtime.from_pretrained(tiny_checkpoint)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------
+def test_token_bytes_are_exact_even_inside_multibyte_characters(tiny_rt):
+    text = "def café(ü):\n    return 'Grüße ✓ 日本'\n"
+    ids = tiny_rt.encode(text)
+    lengths = E.token_byte_lengths(tiny_rt.tokenizer, tiny_rt.spec.vocab_size)
+    # Each non-ASCII character is split into byte tokens here (vocab 300), so decoding tokens one by
+    # one would miscount; the byte alphabet gives the exact total.
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths[0] == 0  # <|endoftext|> stands for no source bytes
+
+
+def test_bits_per_byte_arithmetic():
+    assert E.bits_per_byte(10 * math.log(2), 5) == pytest.approx(2.0)
+
+
+def test_windows_are_evenly_spaced_and_count_target_bytes():
+    stream = np.arange(100) % 7
+    lengths = np.array([0, 1, 2, 3, 4, 5, 6])
+    w = E.select_windows(stream, 3, 9, lengths)
+    assert w.starts == [0, 45, 90] and tuple(w.ids.shape) == (3, 10)
+    assert w.target_bytes == int(sum(lengths[stream[s + 1:s + 10]].sum() for s in w.starts))
+
+
+def test_uniform_head_gives_log_vocab_nats_and_hand_checkable_bits_per_byte(tiny_rt):
+    """A zero LM head predicts uniformly: every exit costs exactly ln V nats per token."""
+    rt = tiny_rt
+    rt.model.w.lm_head = torch.zeros_like(rt.model.w.lm_head)
+    V = rt.spec.vocab_size
+    stream = np.array(rt.encode("import os\nprint('hello world')\n" * 4))
+    lengths = E.token_byte_lengths(rt.tokenizer, V)
+    w = E.select_windows(stream, 2, 8, lengths)
+    ev = E.evaluate_windows(rt, w, batch=1, progress=False)
+    assert ev.num_targets == 16 and ev.adapters == "none"
+    for row in ev.rows:
+        assert row.nats == pytest.approx(math.log(V), rel=1e-5)
+        assert row.bits_per_byte == pytest.approx(16 * math.log2(V) / w.target_bytes, rel=1e-5)
+        assert row.agreement == 1.0 and row.tuned_nats is None
+
+
+# ---- calibration ------------------------------------------------------------------------------------
+def _synthetic(L=4, N=5):
+    """One prompt, N steps, unit costs: each layer 10 MACs, full head 20, shortlisted check 2, K/V fill 1."""
+    ref = np.arange(N)
+    top1 = np.tile(ref, (L + 1, 1, 1))
+    top1[1, 0, 2] = 99  # layer 1 is wrong on step 2; layers 2 and 3 are always right
+    conf = np.zeros((L + 1, 1, N))
+    conf[1] = 0.9  # confident everywhere at layer 1, including the wrong step
+    conf[2] = 0.8
+    conf[3] = 0.95
+    table = C.SimTable(64, {m: conf for m in (*C.LOGIT_MEASURES, "cosine")}, top1, np.full((L + 1, 1), 2.0))
+    layer_macs = np.full((L, 1, N), 10.0)
+    costs = C.SimCosts(np.concatenate([np.zeros((1, 1, N)), np.cumsum(layer_macs, 0)]), layer_macs,
+                       np.full((1, N), 60.0), kv_fill=1, head_full=20)
+    return table, costs
+
+
+def test_simulated_costs_follow_the_decoders_accounting():
+    table, costs = _synthetic()
+    res = C.simulate(table, costs, C.Family("max_prob", (2,), 64, "propagate"), np.array([0.5, 0.85]))
+    # thr 0.5: steps 1..4 exit after 2 layers: 20 layers + 2 check + 2 K/V fills = 24 MACs; step 0 is the prefill's (60)
+    assert res.compute[0] == pytest.approx((60 + 4 * 24) / 300)
+    # thr 0.85: nobody exits: 40 layers + 2 check + 20 head = 62 per step
+    assert res.compute[1] == pytest.approx((60 + 4 * 62) / 300)
+    assert list(res.agreement) == [1.0, 1.0] and res.layers_mean[0] == pytest.approx((4 + 4 * 2) / 5)
+    # defer: the skipped layers are never caught up (no later token goes deeper), so layers 2-3 are free
+    d = C.simulate(table, costs, C.Family("max_prob", (2,), 64, "defer"), np.array([0.5]))
+    assert d.compute[0] == pytest.approx((60 + 4 * 22) / 300)
+
+
+def test_search_picks_the_cheapest_setting_that_meets_the_target():
+    table, costs = _synthetic()
+    found, simulated = C.search([table], costs, target=0.99, measures=("max_prob",), kv_policies=("propagate",),
+                                progress=False)
+    assert simulated > 0
+    compute, res, i = found[0]
+    # Exiting after layer 1 is cheapest but wrong on step 2 (agreement 0.8); exits at 2 are right.
+    assert res.family.exit_layers == (2,) and res.agreement[i] >= 0.99
+    assert compute == pytest.approx((60 + 4 * 24) / 300)
+    assert all(c >= compute for c, _, _ in found)
+    # Relaxing the target lets layer 1 win.
+    found, _ = C.search([table], costs, target=0.75, measures=("max_prob",), kv_policies=("propagate",), progress=False)
+    assert found[0][1].family.exit_layers == (1,)
+
+
+def test_simulation_matches_real_decoding_for_defer(tiny_rt):
+    """defer keeps exact K/V, so the simulation's exits, agreement and compute equal the decoder's."""
+    rt = tiny_rt
+    cases = C.sample_prompts(rt, "validation", 2, 20, 30, seed=0)
+    C.add_references(rt, cases, 12, progress=False)
+    tables, costs, final_match = C.build_tables(rt, cases, (0,), progress=False)
+    assert final_match == 1.0
+    for fam, thr in [(C.Family("max_prob", (1, 3), 0, "defer"), 0.05), (C.Family("cosine", (2,), 0, "defer"), 0.5)]:
+        sim = C.simulate(tables[0], costs, fam, np.array([thr]))
+        agree, compute, layers = C.decode_forced(rt, cases, fam.knobs(thr))
+        assert agree == pytest.approx(sim.agreement[0]) and layers == pytest.approx(sim.layers_mean[0])
+        assert compute == pytest.approx(sim.compute[0], rel=1e-9)
+
+
+def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tiny_checkpoint):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    (model_dir / "adaptive_defaults.json").write_text(json.dumps({"speculative": {"drafter": "self"}, "other": {"x": 1}}))
+    rt = Runtime.from_pretrained(model_dir)
+    cal = C.calibrate(rt, target=0.9, num_prompts=2, min_context=20, max_context=30, new_tokens=10,
+                      vocab_sizes=(0,), draft_vocab_size=0, families=2, progress=False)
+    ok = [m for m in cal.finalists if m.agreement >= cal.target]
+    if ok:
+        assert cal.meets_target and cal.compute_fraction == min(m.compute_fraction for m in ok)
+    assert cal.chosen["threshold"] in cal.neighbour_thresholds
+    C.write_defaults(model_dir, cal)
+    defaults = json.loads((model_dir / "adaptive_defaults.json").read_text())
+    assert defaults["other"] == {"x": 1} and defaults["speculative"]["drafter"] == "self"
+    assert defaults["early_exit"] == cal.chosen and set(defaults["speculative"]["acceptance_priors"]) == {"1", "2"}
+    # The runtime accepts what was written.
+    rt = Runtime.from_pretrained(model_dir)
+    assert rt.generate([1, 2, 3], 4, mode="early_exit").stats["measure"] == cal.chosen["measure"]
+
+
+# ---- model card -------------------------------------------------------------------------------------
+def test_function_body_stops_where_the_function_ends():
+    text = "\n    x = 1\n\n    return x\n\ndef other():\n    pass\n"
+    assert model_card.function_body(text, 0) == "\n    x = 1\n\n    return x"
+
+
+def test_function_headers_have_docstrings():
+    headers = list(itertools.islice(model_card.function_headers("test", seed=0), 2))
+    assert len(headers) == 2 and len({h[0] for h in headers}) == 2
+    for _, text, indent in headers:
+        assert text.lstrip().startswith("def ") and text.rstrip().endswith(('"""', "'''"))
+        assert not text.endswith("\n")  # the newline + indentation is one token: left to the model
+
+
+def _report():
+    rows = [E.LayerRow(k, 3.0 - 0.1 * k, 1.5 - 0.05 * k, 0.5 + 0.1 * k, 2.9 - 0.1 * k, 1.4, 0.6 + 0.1 * k) for k in (1, 2, 3, 4)]
+    ev = E.Evaluation("test", 2, 8, 16, 40, "adapters (exit_adapters.safetensors)", 1.0, rows)
+    knobs = {"threshold": 0.9, "measure": "max_prob", "exit_layers": [2], "exit_vocab_size": 0, "kv_policy": "propagate", "min_layer": 1}
+    cal = {"chosen": knobs, "target": 0.99, "agreement": 0.995, "compute_fraction": 0.6, "layers_run_mean": 2.5,
+           "meets_target": True, "num_prompts": 2, "context": [20, 30], "new_tokens": 10, "settings_simulated": 100,
+           "finalists": [{"knobs": knobs, "sim_agreement": 0.996, "sim_compute": 0.6, "agreement": 0.995,
+                          "compute_fraction": 0.6, "layers_run_mean": 2.5, "seconds": 1.0}]}
+    row = {"name": "full", "mode": "full", "options": {}, "tokens_per_s": 100.0, "layers_run_mean": 4.0,
+           "compute_fraction": 1.0, "agreement": 1.0, "exact_prompts": 1.0}
+    dec = {"prompts": 2, "max_new_tokens": 8, "torch_threads": 1, "repeats": 3,
+           "rows": [row, {**row, "name": "early_exit@0.9", "mode": "early_exit", "options": {"threshold": 0.9},
+                          "tokens_per_s": 120.0, "compute_fraction": 0.6}]}
+    comps = [{"source": "test/test_x.py", "prompt": 'def f(x):\n    """Double."""', "completion": "\n    return 2 * x",
+              "raw": "\n    return 2 * x\n", "early_exit_same": True}]
+    return {"evaluation": ev.to_dict(), "calibration": cal, "decoding": dec, "completions": comps}
+
+
+def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    (model_dir / "training_info.json").write_text(json.dumps({"params": 12345, "tokens": 1000, "step": 10}))
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"kind": "start", "args": {"threads": 1}}) + "\n" +
+                   json.dumps({"kind": "final", "seconds": 600.0, "tokens": 1000}) + "\n")
+    card = model_card.write_card(model_dir, _report(), log).read_text()
+    for section in ("## Model", "## Training", "## Corpus and split", "## Exit heads per layer (test split)",
+                    "## Early-exit defaults (calibrated)", "## Early-exit decoding on test prompts",
+                    "## Greedy completions of test-split function headers", "## Files", "## Reproduce"):
+        assert section in card, section
+    assert "| 12,345 |" in card and "10.0 min" in card and "```python\ndef f(x):" in card
+    assert "| early_exit@0.9 | 0.9 | 4.00 | 0.600 | 1.0000 | 1.00 | 120.0 | 1.20 |" in card
+    assert "had not finished" not in card
+
+
+def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    parser = argparse.ArgumentParser()
+    finalize.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model_dir), "--skip-draft-vocab", "--skip-exits", "--eval-windows", "2",
+                              "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
+                              "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",
+                              "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl")])
+    assert finalize.main(args) == 0
+    report = json.loads((model_dir / model_card.REPORT_FILE).read_text())
+    assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds"}
+    assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
+    assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()
