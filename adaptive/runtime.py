@@ -327,6 +327,10 @@ class Runtime:
             total_s = time.perf_counter() - start
         token_ids = [t.token_id for t in traces]
         stats = self._stats(traces, decoder, mode, settings, prefill_s, total_s, len(prompt_ids))
+        # what a replay or an audit of this trace needs to know about the request itself
+        stats.update({"max_new_tokens": max_new_tokens, "temperature": sampler.config.temperature,
+                      "top_k": sampler.config.top_k, "top_p": sampler.config.top_p, "seed": sampler.config.seed,
+                      "teacher_forced": follow is not None})
         stats["stop_reason"] = stop_reason
         rounds = decoder.rounds if isinstance(decoder, SpeculativeDecoder) else []
         if rounds:
