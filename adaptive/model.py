@@ -89,11 +89,6 @@ def fuse_layer(lw: LayerWeights) -> None:
             lw.gate_b, lw.up_b = lw.gate_up_b[:ff], lw.gate_up_b[ff:]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LeanModel:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, fuse: bool = True):
         """``fuse=False`` keeps the given tensors as they are (weights shared with another model);
@@ -114,7 +109,11 @@ class LeanModel:
             emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
             # (T, 1, hd): broadcasts over heads in the (B, T, heads, hd) layout of the fused projection.
             self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)[:, None, :]
-            self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)[:, None, :]
+            sin = (emb.sin() * weights.rope_scale).to(self.dtype)
+            # rotate_half(x) * sin == roll(x, hd/2) * sin_signed with the first half of sin negated:
+            # one roll instead of two slices, a negation and a cat (per-op overhead dominates at batch 1).
+            half = sin.shape[-1] // 2
+            self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
         self._act = {"silu": F.silu, "gelu": F.gelu,
                      "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[spec.activation]
         self._kv_stack: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -143,8 +142,8 @@ class LeanModel:
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """RoPE on x (..., T, heads, hd) for positions [pos, pos+T)."""
         T = x.shape[-3]
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, 1, hd)
-        return x * cos + _rotate_half(x) * sin
+        cos, sin = self.cos[pos:pos + T], self.sin_signed[pos:pos + T]  # (T, 1, hd)
+        return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, pos: int):
         """Normed hidden (B, T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""

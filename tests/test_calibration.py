@@ -1,0 +1,73 @@
+"""Learn-then-Test: the statistics, and recovery of a known threshold on a synthetic score distribution."""
+
+import math
+import random
+
+import pytest
+
+from adaptive.calibration import (Certificate, binomial_cdf, hoeffding_bentkus_p_value, learn_then_test)
+
+
+def test_binomial_cdf_matches_direct_sum():
+    n, p = 30, 0.1
+    direct = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(4))
+    assert binomial_cdf(3, n, p) == pytest.approx(direct, rel=1e-9)
+    assert binomial_cdf(-1, n, p) == 0.0 and binomial_cdf(n, n, p) == 1.0
+
+
+def test_p_value_behaves():
+    # far below epsilon with many samples: tiny p; at or above epsilon: no evidence
+    assert hoeffding_bentkus_p_value(0.0, 2000, 0.01) < 1e-6
+    assert hoeffding_bentkus_p_value(0.01, 2000, 0.01) > 0.5
+    assert hoeffding_bentkus_p_value(0.2, 2000, 0.01) == 1.0
+    # more data, smaller p for the same observed risk
+    assert hoeffding_bentkus_p_value(0.004, 4000, 0.01) < hoeffding_bentkus_p_value(0.004, 400, 0.01)
+
+
+def _synthetic(n_prompts, tokens, rng):
+    """Token confidences c ~ U(0, 1); exiting is wrong exactly when c < 0.3, so the risk at threshold
+    lam is P(lam <= c < 0.3) = max(0, 0.3 - lam): the largest lam with risk <= 0.01 is 0.29."""
+    return [[rng.random() for _ in range(tokens)] for _ in range(n_prompts)]
+
+
+def _losses(prompts, thresholds):
+    return [[sum(lam <= c < 0.3 for c in cs) / len(cs) for cs in prompts] for lam in thresholds]
+
+
+def test_ltt_recovers_the_known_threshold():
+    rng = random.Random(0)
+    thresholds = [round(0.5 - 0.005 * i, 3) for i in range(100)]  # 0.5 down to 0.005
+    prompts = _synthetic(3000, 20, rng)
+    res = learn_then_test(thresholds, _losses(prompts, thresholds), epsilon=0.01, delta=0.1)
+    assert res.certified
+    assert 0.29 <= res.threshold <= 0.30  # valid (never below 0.29) and nearly tight with this much data
+    assert all(t["rejected"] for t in res.tested[:-1]) and res.tested[-1]["threshold"] < res.threshold
+
+
+def test_ltt_is_valid_across_repetitions():
+    """The certified risk exceeds epsilon in far fewer than delta of repeated calibrations."""
+    thresholds = [round(0.5 - 0.01 * i, 3) for i in range(50)]
+    failures = 0
+    for seed in range(40):
+        prompts = _synthetic(300, 10, random.Random(seed))
+        res = learn_then_test(thresholds, _losses(prompts, thresholds), epsilon=0.02, delta=0.1)
+        if res.certified and max(0.0, 0.3 - res.threshold) > 0.02:
+            failures += 1
+    assert failures <= 4
+
+
+def test_too_little_data_certifies_nothing():
+    res = learn_then_test([0.9, 0.5], [[0.0] * 5, [0.0] * 5], epsilon=0.01, delta=0.05)
+    assert not res.certified and len(res.tested) == 1
+
+
+def test_certificate_round_trip_and_coverage(tmp_path):
+    cert = Certificate(epsilon=0.01, delta=0.1, n=200, measure="classifier", threshold=0.8, exit_layers=[2, 4],
+                       exit_vocab_size=1024, kv_policy="propagate", calibration_set_sha256="ab" * 32,
+                       observed_risk=0.002, p_value=0.03, tokens_per_prompt=32)
+    cert.save(tmp_path / "c.json")
+    back = Certificate.load(tmp_path / "c.json")
+    assert back == cert
+    settings = {"measure": "classifier", "threshold": 0.8, "exit_layers": [2, 4], "exit_vocab_size": 1024,
+                "kv_policy": "propagate"}
+    assert back.covers(settings) and not back.covers({**settings, "threshold": 0.7})
