@@ -17,6 +17,8 @@ _EXTERNAL_COMMANDS = {
     "train-exits": ("adaptive.training.train_exits", "train per-layer exit adapters for a checkpoint"),
     "train-exit-classifier": ("adaptive.training.train_exit_classifier",
                               "train the learned exit classifier (measure='classifier') for a checkpoint"),
+    "calibrate": ("adaptive.training.ltt_calibrate",
+                  "certify an early-exit threshold by Learn-then-Test (writes a certificate next to the model)"),
     "finalize-model": ("adaptive.training.finalize",
                        "bundled model: draft vocabulary, exit adapters, calibration, model card"),
 }

@@ -108,6 +108,8 @@ class Certificate:
     observed_risk: float
     p_value: float
     tokens_per_prompt: int
+    test_agreement: float | None = None  # teacher-forced agreement measured by real decoding on held-out text
+    test_tokens: int = 0
     method: str = ("Learn-then-Test, fixed-sequence testing over thresholds from high to low, Hoeffding-Bentkus "
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
@@ -121,7 +123,8 @@ class Certificate:
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "n": self.n, "threshold": self.threshold,
-                "measure": self.measure, "calibration_set_sha256": self.calibration_set_sha256[:16]}
+                "measure": self.measure, "calibration_set_sha256": self.calibration_set_sha256[:16],
+                "test_agreement": self.test_agreement}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))

@@ -22,6 +22,7 @@ from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
 from .speculative import AcceptanceStats, DraftModelDrafter, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
+from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
@@ -62,6 +63,7 @@ class Runtime:
         self.defaults: dict[str, dict[str, Any]] = {}
         self.draft_ranking: list[int] | None = None  # token ids by frequency, for the draft shortlist
         self.exit_classifier: ExitClassifier | None = None  # learned exit decisions (measure="classifier")
+        self.certificate: Certificate | None = None  # Learn-then-Test certificate of an early-exit setting
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
@@ -116,6 +118,8 @@ class Runtime:
         if (directory / CLASSIFIER_FILE).is_file():
             self.exit_classifier = ExitClassifier.load(directory / CLASSIFIER_FILE, self.spec.hidden_size,
                                                        self.spec.num_layers)
+        if (directory / CERTIFICATE_FILE).is_file():
+            self.certificate = Certificate.load(directory / CERTIFICATE_FILE)
         if (directory / DRAFT_VOCAB_FILE).is_file():
             self.draft_ranking = load_ranking(directory / DRAFT_VOCAB_FILE, self.spec.vocab_size)
         defaults_path = directory / DEFAULTS_FILE
@@ -247,7 +251,11 @@ class Runtime:
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
                     "exit_heads": self.heads.source,
-                    "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size}
+                    "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
+                    "exit_vocab_size": cfg.exit_vocab_size}
+        # which Learn-then-Test certificate, if any, covers exactly these settings
+        in_force = self.certificate is not None and self.certificate.covers(settings)
+        settings["certificate"] = self.certificate.summary() if in_force else None
         return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids,
                                 self.exit_classifier), settings
 
