@@ -231,7 +231,8 @@ class Runtime:
 
     def _decoder(self, mode: str, options: dict[str, Any], max_len: int, sampler: Sampler,
                  eos: set[int], prompt_ids: list[int]) -> tuple[Decoder, dict[str, Any]]:
-        allowed = {"full": (), "early_exit": EARLY_EXIT_KNOBS, "speculative": SPECULATIVE_KNOBS}
+        allowed = {"full": ("path", "kv_policy", "exit_vocab_size"), "early_exit": EARLY_EXIT_KNOBS,
+                   "speculative": SPECULATIVE_KNOBS}
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         general = (*SAMPLING_KNOBS, "stop_at_eos", "follow")
@@ -242,7 +243,21 @@ class Runtime:
         if "follow" in options and mode == "speculative":
             raise InvalidRequestError("follow= (teacher forcing) applies to mode='full' and 'early_exit' only")
         if mode == "full":
-            return FullDecoder(self.model, self.costs, max_len), {}
+            path = options.get("path", "full")
+            if path not in self.paths:
+                raise InvalidRequestError(f"unknown path {path!r}; choose one of {', '.join(self.paths)}")
+            if path == "full":
+                return FullDecoder(self.model, self.costs, max_len), {"path": "full"}
+            # A fixed shallow path is early exit that always stops after the path's layers: no confidence
+            # check is needed (a hidden-state measure at threshold 0), the exit head runs once per token.
+            depth = self.paths[path]
+            cfg = EarlyExitConfig(threshold=0.0, measure="cosine", exit_layers=(depth,), min_layer=1,
+                                  kv_policy=options.get("kv_policy", "propagate"),
+                                  exit_vocab_size=options.get("exit_vocab_size", 0), num_layers=self.spec.num_layers)
+            exit_ids = self._shortlist(cfg.exit_vocab_size, prompt_ids)
+            return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids), {
+                "path": path, "path_layers": depth, "kv_policy": cfg.kv_policy, "exit_heads": self.heads.source,
+                "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size}
         if mode == "speculative":
             return self._speculative_decoder({k: v for k, v in options.items() if k in SPECULATIVE_KNOBS},
                                              max_len, sampler, eos, prompt_ids)

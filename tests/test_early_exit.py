@@ -156,3 +156,21 @@ def test_exit_shortlist_restricts_exits_and_is_charged_by_its_size():
         assert t.macs == c.layers_macs(0, 2, pos) + c.hidden_size * len(allowed) + (L - 2) * c.kv_fill_macs
     never = rt.generate(prompt, max_new_tokens=15, mode="early_exit", threshold=1.0, exit_vocab_size=20)
     assert never.token_ids == rt.generate(prompt, max_new_tokens=15).token_ids  # the final head is never shortlisted
+
+
+def test_fixed_paths_run_exactly_their_layers():
+    rt = Runtime.from_model(make_model("llama"))  # 4 layers: light = 1, standard = 2
+    prompt = random_prompt(6, seed=14)
+    assert rt.paths == {"light": 1, "standard": 2, "full": 4}
+    full = rt.generate(prompt, max_new_tokens=10)
+    assert rt.generate(prompt, max_new_tokens=10, path="full").token_ids == full.token_ids
+    for name, depth in (("light", 1), ("standard", 2)):
+        res = rt.generate(prompt, max_new_tokens=10, path=name)
+        assert res.stats["path"] == name and all(t.exit_layer == depth for t in res.traces[1:])
+        same = rt.generate(prompt, max_new_tokens=10, mode="early_exit", threshold=0.0, measure="cosine",
+                           exit_layers=(depth,))
+        assert res.token_ids == same.token_ids
+    import pytest as _pytest
+    from adaptive import InvalidRequestError
+    with _pytest.raises(InvalidRequestError, match="unknown path"):
+        rt.generate(prompt, max_new_tokens=3, path="turbo")
