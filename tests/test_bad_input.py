@@ -102,14 +102,19 @@ def _cli(*args):
                           timeout=120)
 
 
-def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint):
+def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
+    from adaptive.__main__ import main
+
     for args, message in [
-        (["--model", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
         (["--model", str(tiny_checkpoint), "--prompt", ""], "the prompt is empty"),
         (["--model", str(tiny_checkpoint), "--prompt", "x", "--mode", "early_exit", "--threshold", "2"], "threshold"),
         (["--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "100000"], "context"),
     ]:
-        proc = _cli("generate", *args)
-        assert proc.returncode == 2
-        assert proc.stderr.strip().startswith("error:") and message in proc.stderr
-        assert "Traceback" not in proc.stderr
+        assert main(["generate", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1
+    # and once through a real process: exit status 2, one line, no traceback
+    proc = _cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
