@@ -242,14 +242,35 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
     """Where the compute went, against full depth: MAC-based fractions and measured wall clock."""
     s, b = result.stats, (baseline.stats if baseline is not None else {})
     L = num_layers_of(result)
+    speculative = s.get("mode") == "speculative"
     rows = [
         ("mode", html.escape(str(s.get("mode", "?"))), "full"),
         ("tokens generated", _fmt(len(result.traces), "d"), _fmt(len(baseline.traces), "d") if baseline else "—"),
         ("layers run per token (mean)", f"{_fmt(s.get('layers_run_mean'), '.2f')} / {L}",
          f"{_fmt(b.get('layers_run_mean'), '.2f')} / {L}" if baseline else f"{L} / {L}"),
         ("compute fraction (MACs, all overheads)", _fmt(s.get("compute_fraction")), "1.000"),
-        ("· of which K/V fill of skipped layers", _fmt(s.get("kv_fill_fraction")), "0.000"),
-        ("· of which exit heads (incl. final head)", _fmt(s.get("head_fraction")), _fmt(b.get("head_fraction"))),
+    ]
+    if speculative:
+        # Every token is produced at full depth; what changes is how many passes read the weights. The
+        # compute fraction above already counts the drafts (rejected ones too) and every head evaluation.
+        passes = s.get("verifier_passes")
+        after_prefill = len(result.traces) - 1  # the first token comes from the prefill in every mode
+        rows += [
+            ("verifier passes (full-depth passes after the prefill)", _fmt(passes, "d"),
+             _fmt(len(baseline.traces) - 1, "d") if baseline else "—"),
+            ("tokens per verifier pass", _fmt(after_prefill / passes if isinstance(passes, int) and passes else None, ".2f"),
+             "1.00"),
+            ("accepted drafts per round with a draft (mean)", _fmt(s.get("mean_accepted_per_round"), ".2f"), "—"),
+            ("acceptance rate of judged drafts", _fmt(s.get("acceptance_rate")), "—"),
+            ("draft ms / verify ms (all rounds)",
+             f"{_fmt(s.get('draft_ms'), '.1f')} / {_fmt(s.get('verify_ms'), '.1f')}", "—"),
+        ]
+    else:
+        rows += [
+            ("· of which K/V fill of skipped layers", _fmt(s.get("kv_fill_fraction")), "0.000"),
+            ("· of which exit heads (incl. final head)", _fmt(s.get("head_fraction")), _fmt(b.get("head_fraction"))),
+        ]
+    rows += [
         ("tokens / s (wall clock, prefill included)", _fmt(s.get("tokens_per_s"), ".1f"), _fmt(b.get("tokens_per_s"), ".1f")),
         ("ms / token", _fmt(s.get("ms_per_token"), ".2f"), _fmt(b.get("ms_per_token"), ".2f")),
         ("prefill ms", _fmt(s.get("prefill_ms"), ".1f"), _fmt(b.get("prefill_ms"), ".1f")),
@@ -266,8 +287,9 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
         lines.append("\nRunning full depth on the same prompt to measure the speedup…")
     else:
         lines.append("\nNo full-depth run of this prompt yet: speedup unknown (use *Analyse with model*).")
-    knobs = [f"{k}={html.escape(str(s[k]))}" for k in ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads")
-             if k in s]
+    knob_names = (("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab", "exit_heads") if speculative
+                  else ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads"))
+    knobs = [f"{k}={html.escape(str(s[k]))}" for k in knob_names if k in s]
     if knobs:
         lines.append("\nKnobs: " + ", ".join(knobs))
     return "\n".join(lines)

@@ -159,3 +159,136 @@ def test_from_json_roundtrip_draws_the_same():
     back = GenerationResult.from_json(res.to_json())
     assert views.token_view_html(back) == views.token_view_html(res)
     assert views.layer_grid(back).exit_layers == [1, 4, 2, 4]
+
+
+# ---- speculative panel ------------------------------------------------------------------------------------
+def make_speculative() -> GenerationResult:
+    """Four verifier passes after the prefill's token, at positions 3, 5, 6, 8:
+    round 0 (self, depth 2) drafts 5 "<script>" "&" and keeps 5, then the verifier corrects to 9;
+    round 1 is a plain step (10); round 2 (lookup) drafts 11 12 and keeps both; round 3 drafts 13, rejected -> 14."""
+    from adaptive.trace import SpecRound
+
+    rounds = [
+        SpecRound(index=0, position=3, drafter="self", depth=2, drafted=[5, 6, 7], accepted=1, stop_reason="max_len",
+                  draft_ms=1.0, verify_ms=2.0, q_probs=[0.9, 0.6, 0.5], p_probs=[0.8, 0.1]),
+        SpecRound(index=1, position=5, drafter="none", depth=0, drafted=[], accepted=0, stop_reason="off",
+                  draft_ms=0.0, verify_ms=1.5, q_probs=[], p_probs=[]),
+        SpecRound(index=2, position=6, drafter="lookup", depth=0, drafted=[11, 12], accepted=2,
+                  stop_reason="predicted_reject", draft_ms=0.1, verify_ms=2.5, q_probs=[1.0, 1.0], p_probs=[0.7, 0.4]),
+        SpecRound(index=3, position=8, drafter="self", depth=2, drafted=[13], accepted=0, stop_reason="eos",
+                  draft_ms=0.5, verify_ms=1.0, q_probs=[0.3], p_probs=[0.01]),
+    ]
+    emitted = [(4, None, "", "x"), (5, 0, "draft", "a"), (9, 0, "correction", "<i>"), (10, 1, "verified", "\n"),
+               (11, 2, "draft", "b"), (12, 2, "draft", "c"), (14, 3, "correction", "d")]
+    traces = [TokenTrace(token_id=tid, position=3 + n, exit_layer=L, text=text, source=source, round=r,
+                         drafted=source == "draft", accepted=True if source == "draft" else None,
+                         macs=500, full_macs=400)
+              for n, (tid, r, source, text) in enumerate(emitted)]
+    stats = {"mode": "speculative", "num_layers": L, "layers_run_mean": float(L), "compute_fraction": 1.25,
+             "tokens_per_s": 40.0, "ms_per_token": 25.0, "prefill_ms": 3.0, "drafter": "self",
+             "draft_depth": "adaptive", "draft_length": "adaptive", "max_draft": 8, "draft_vocab": 50}
+    from adaptive.runtime import _speculation_stats
+
+    stats.update(_speculation_stats(rounds))
+    return GenerationResult(token_ids=[t.token_id for t in traces], text="".join(t.text for t in traces), traces=traces,
+                            stats=stats, prompt_ids=[1, 2, 3], prompt_text="<p>", rounds=rounds)
+
+
+SPEC_TEXT = {6: "<script>", 7: "&", 13: "z"}
+
+
+def test_speculative_judgements_and_acceptance_match_the_runtime_stats():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    judged = sv.judgements(res)
+    assert [(j.round, j.slot, j.token_id, j.accepted) for j in judged] == [
+        (0, 0, 5, True), (0, 1, 6, False), (2, 0, 11, True), (2, 1, 12, True), (3, 0, 13, False)]
+    assert [j.position for j in judged] == [4, 5, 7, 8, 9]  # each draft sits where its output token would
+    rates = sv.acceptance_by_position(res)
+    assert [(r.accepted, r.judged) for r in rates] == [(2, 3), (1, 2)]  # draft 3 of round 0 was never judged
+    assert [r.rate for r in rates] == pytest.approx(res.stats["acceptance_by_position"])  # same counting
+    s = sv.summary(res)
+    assert (s.verifier_passes, s.speculative_rounds, s.plain_steps, s.judged, s.accepted) == (4, 3, 1, 5, 3)
+    assert s.acceptance_rate == pytest.approx(res.stats["acceptance_rate"])
+    assert s.accepted_per_round == pytest.approx(res.stats["mean_accepted_per_round"])
+    assert s.tokens_per_pass == 1.5  # 6 tokens after the prefill's, 4 passes
+    assert sv.accepted_length_counts(res) == {"self": [1, 1, 0, 0], "lookup": [0, 0, 1, 0]}
+    rolling = sv.rolling_acceptance(res, window=2)
+    assert [p.rolling for p in rolling] == [1.0, 0.5, 0.5, 1.0, 0.5]
+    assert [p.cumulative for p in rolling] == pytest.approx([1.0, 0.5, 2 / 3, 0.75, 0.6])
+
+
+def test_speculative_token_view_strikes_rejected_drafts_where_they_were_rejected():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    page = sv.speculative_token_html(res, SPEC_TEXT)
+    sources = [part.split('"')[0] for part in page.split('data-source="')[1:]]
+    assert sources == ["verified", "draft", "rejected", "discarded", "correction", "verified", "draft", "draft",
+                       "rejected", "correction"]
+    assert page.count("<s ") == 3  # two rejected drafts and one discarded after the first rejection
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;i&gt;" in page and "&lt;p&gt;" in page
+    assert "q(draft) 0.600, p(verifier) 0.100" in page  # the rejected draft's hover
+    assert "draft 1 of 3, accepted" in page and "from the prefill" in page
+    assert f'background:{sv.SOURCE_COLOURS["correction"]}' in page
+    assert "6 tokens per pass" not in page and "1.50 tokens per pass" in page
+    # Without decoded text, a draft that never became output is shown by id; one that did, by its text.
+    plain = sv.speculative_token_html(res)
+    assert "#6" in plain and "#13" in plain
+    assert "No speculative rounds" in sv.speculative_token_html(make_result())
+
+
+def test_speculative_figure_data():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    fig = sv.speculative_figure(res, SPEC_TEXT)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["rounds (self)"].y) == [1, 1, 0, 0] and list(by_name["rounds (lookup)"].y) == [0, 0, 1, 0]
+    pos = by_name["acceptance by position"]
+    assert list(pos.x) == [1, 2] and list(pos.y) == pytest.approx([2 / 3, 0.5]) and list(pos.text) == ["2/3", "1/2"]
+    assert list(by_name["rolling"].x) == [4, 5, 7, 8, 9]
+    assert list(by_name["cumulative"].y) == pytest.approx([1.0, 0.5, 2 / 3, 0.75, 0.6])
+    rejected, accepted = by_name["rejected draft"], by_name["accepted draft"]
+    assert list(rejected.x) == [0.6, 0.3] and list(rejected.y) == [0.1, 0.01]  # q vs p of each rejection
+    assert list(accepted.x) == [0.9, 1.0, 1.0] and list(accepted.y) == [0.8, 0.7, 0.4]
+    assert rejected.customdata[0][0] == "&lt;script&gt;"
+    assert fig.layout.xaxis4.type == "log" and fig.layout.xaxis4.range[0] <= -2  # p = 0.01 stays in view
+    assert fig.layout.height == sv.SPECULATIVE_HEIGHT
+    empty = sv.speculative_figure(make_result())
+    assert not empty.data and empty.layout.height == sv.SPECULATIVE_HEIGHT
+    res.rounds = [r for r in res.rounds if not r.drafted]  # speculation off throughout: say so, no empty axes
+    off = sv.speculative_figure(res)
+    assert not off.data and "stayed off in all 1 rounds" in off.layout.annotations[0].text
+
+
+def test_rounds_table_and_speculative_ledger():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    table = sv.rounds_table_html(res, SPEC_TEXT)
+    assert table.count("<tr>") == 1 + 4  # header + one row per verifier pass
+    assert "predicted_reject" in table and "<td" in table and "&lt;script&gt;" in table and "<script>" not in table
+    row0 = table.split("<tbody>")[1].split("</tr>")[0]
+    cells = [c.split(">", 1)[1].split("</td")[0] for c in row0.split("<td")[1:]]
+    assert cells[:9] == ["0", "3", "self", "2", "3", "1", "max_len", "1.00", "2.00"]
+    text = views.ledger_markdown(res, None)
+    assert "| layers run per token (mean) | 4.00 / 4 |" in text
+    assert "| compute fraction (MACs, all overheads) | 1.250 |" in text
+    assert "| verifier passes (full-depth passes after the prefill) | 4 | — |" in text
+    assert "| tokens per verifier pass | 1.50 | 1.00 |" in text
+    assert "| accepted drafts per round with a draft (mean) | 1.00 |" in text
+    assert "K/V fill" not in text and "drafter=self" in text
+    base = make_result(exits=(4, 4, 4, 4), mode="full")
+    assert "| verifier passes (full-depth passes after the prefill) | 4 | 3 |" in views.ledger_markdown(res, base)
+
+
+def test_speculative_panel_redraws_from_json():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    back = GenerationResult.from_json(res.to_json())
+    assert sv.speculative_token_html(back, SPEC_TEXT) == sv.speculative_token_html(res, SPEC_TEXT)
+    assert sv.rounds_table_html(back) == sv.rounds_table_html(res)
+    assert sv.speculative_figure(back).to_dict() == sv.speculative_figure(res).to_dict()
