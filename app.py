@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import queue
 import tempfile
@@ -30,7 +31,9 @@ import gradio as gr
 
 from adaptive import AdaptiveError, GenerationResult, Runtime, TraceFormatError
 from adaptive.config import KV_POLICIES, MEASURES
+from adaptive.speculative import DRAFTERS
 from adaptive import runtime as runtime_module
+from explain import speculative_views as spec_views
 from explain import views
 
 ROOT = Path(__file__).resolve().parent
@@ -144,6 +147,7 @@ def _analyse(session: Session, runtime: Runtime, max_new_tokens: int, temperatur
     res = session.result
     session.lens = lens(runtime, res.prompt_ids, res.token_ids, measure=res.stats.get("measure") or "max_prob")
     ids = {i for layer in session.lens.top_ids for row in layer for i in row} | set(res.token_ids)
+    ids |= {i for r in res.rounds for i in r.drafted}  # rejected drafts are shown, struck through
     session.token_text = {i: runtime.decode([i]) for i in ids}
     if res.stats.get("mode") == "full":
         session.baseline = res  # a full-depth run is its own baseline
@@ -165,7 +169,16 @@ def _write_trace(session: Session) -> str:
 
 # ---- drawing: one place that turns a Session into every view ------------------------------------------------
 OUTPUT_NAMES = ("status", "tokens", "text", "heatmap", "ledger", "ledger_plot", "audit", "stats", "token_pick",
-                "download", "session")
+                "download", "spec_tokens", "spec_plot", "spec_rounds", "session")
+
+
+def _client_safe(stats: dict) -> dict:
+    """The stats as shown in the JSON panel. gradio_client takes any dict with a string "path" for a file to
+    download (its pre-4.21 FileData check), so the runtime's multi-scale "path" key would make every API call
+    fail with a 403; it is shown as "path_name" instead. The trace file keeps the runtime's own keys."""
+    if isinstance(stats.get("path"), str):
+        stats = {("path_name" if k == "path" else k): v for k, v in stats.items()}
+    return stats
 
 
 def render(session: Session, heat_value: str, status: str, pending: bool = False) -> tuple:
@@ -187,9 +200,12 @@ def render(session: Session, heat_value: str, status: str, pending: bool = False
         views.ledger_markdown(res, session.baseline, pending),
         views.ledger_figure(res),
         views.audit_html(res, session.baseline, session.lens, session.token_text, pending),
-        res.stats,
+        _client_safe(res.stats),
         gr.Dropdown(choices=choices, value=first_early if choices else None),
         session.trace_path,
+        spec_views.speculative_token_html(res, session.token_text),
+        spec_views.speculative_figure(res, session.token_text),
+        spec_views.rounds_table_html(res, session.token_text),
         session,
     )
 
@@ -202,6 +218,41 @@ def _parse_exit_layers(text: str) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
     except ValueError:
         raise _error(f"Exit layers must be comma-separated layer numbers like 2,4,6; got {text!r}") from None
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    """A knob that must be a whole number in [low, high] (API clients can send anything)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer() or not low <= number <= high:
+        raise _error(f"{name} must be a whole number from {low} to {high}; got {value!r}.")
+    return int(number)
+
+
+def _speculative_options(drafter: str, draft_model: str, draft_depth, draft_length, max_draft,
+                         draft_vocab_size) -> dict[str, Any]:
+    """Runtime knobs for mode="speculative". 0 means adaptive for depth and length, so those are left out and
+    the runtime's controller picks them; a blank vocabulary size leaves the model's own default."""
+    if drafter not in DRAFTERS:
+        raise _error(f"Unknown drafter {drafter!r}: choose one of {', '.join(DRAFTERS)}.")
+    options: dict[str, Any] = {"drafter": drafter, "max_draft": _whole("Longest adaptive draft", max_draft, 1, 64)}
+    if drafter == "draft_model":
+        path = (draft_model or "").strip()
+        if not path:
+            raise _error("The draft_model drafter needs a draft model: type a checkpoint directory with the same "
+                         "tokenizer in Draft model path.")
+        options["draft_model"] = path
+    depth = _whole("Draft depth", draft_depth, 0, 1024)
+    if depth:
+        options["draft_depth"] = depth
+    length = _whole("Draft length", draft_length, 0, 64)
+    if length:
+        options["draft_length"] = length
+    if draft_vocab_size is not None and draft_vocab_size != "":
+        options["draft_vocab_size"] = _whole("Draft vocabulary size", draft_vocab_size, 0, 10**7)
+    return options
 
 
 def _drain_in_thread(stream, stop: threading.Event, interval: float) -> Iterator[list]:
@@ -255,13 +306,19 @@ def on_page_load():
 def on_load_model(model: str):
     runtime = load_model(model)
     cfg = runtime.early_exit_config()
+    draft_vocab = runtime.defaults.get("speculative", {}).get("draft_vocab_size")
     return (model_info(runtime), gr.Slider(value=cfg.threshold), gr.Dropdown(value=cfg.measure),
-            gr.Radio(value=cfg.kv_policy), ",".join(str(k) for k in sorted(cfg.exit_points(runtime.spec.num_layers))))
+            gr.Radio(value=cfg.kv_policy), ",".join(str(k) for k in sorted(cfg.exit_points(runtime.spec.num_layers))),
+            gr.Number(value=draft_vocab) if isinstance(draft_vocab, int) else gr.skip())
 
 
 def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: str, kv_policy: str,
-                exit_layers: str, max_new_tokens: int, temperature: float, seed: float | None, heat_value: str):
-    """Stream tokens into the token view, then draw every view (lens, full-depth audit, ledger)."""
+                exit_layers: str, max_new_tokens: int, temperature: float, seed: float | None, heat_value: str,
+                drafter: str = "self", draft_model: str = "", draft_depth: float = 0, draft_length: float = 0,
+                max_draft: float = 8, draft_vocab_size: float | None = None):
+    """Stream tokens into the token view, then draw every view (lens, full-depth audit, ledger, speculation).
+
+    The speculative knobs come last so that API clients written before they existed keep working."""
     if not prompt or not prompt.strip():
         raise _error("The prompt is empty: type some code to continue, or pick an example.")
     if not isinstance(max_new_tokens, (int, float)) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -274,8 +331,10 @@ def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: s
         layers = _parse_exit_layers(exit_layers)
         if layers is not None:
             options["exit_layers"] = layers
+    elif mode == "speculative":
+        options = _speculative_options(drafter, draft_model, draft_depth, draft_length, max_draft, draft_vocab_size)
     elif mode != "full":
-        raise _error(f"Unknown mode {mode!r}: choose full or early_exit.")
+        raise _error(f"Unknown mode {mode!r}: choose full, early_exit or speculative.")
     skip = tuple(gr.skip() for _ in OUTPUT_NAMES[1:])
     if not MODELS.loaded(model):
         yield ("Loading the model…", *skip)
@@ -285,6 +344,10 @@ def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: s
                                 seed=seed, **options)
     except AdaptiveError as e:
         raise _error(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - a draft model that transformers cannot read must reach the page
+        if options.get("drafter") != "draft_model":
+            raise
+        raise _error(f"Could not load the draft model {options['draft_model']!r}: {type(e).__name__}: {e}") from e
     live = GenerationResult(token_ids=[], text="", traces=[], prompt_text=prompt,
                             stats={"num_layers": runtime.spec.num_layers, "mode": mode})
     stop = threading.Event()
@@ -342,6 +405,8 @@ def on_load_trace(file: str | None, heat_value: str, session: Session | None):
     L = result.stats.get("num_layers")
     if not isinstance(L, int) or L < 1 or any(not 1 <= t.exit_layer <= L for t in result.traces):
         raise _error(f"{path.name}: stats.num_layers is missing or an exit layer lies outside 1..num_layers.")
+    if any(t.round is not None and not 0 <= t.round < len(result.rounds) for t in result.traces):
+        raise _error(f"{path.name}: a token refers to a speculative round that the file does not hold.")
     current = Session(result=result, model=None, source="uploaded")
     _write_trace(current)
     if result.stats.get("mode") == "full":
@@ -419,7 +484,8 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="Adaptive Inference Runtime", delete_cache=(3600, 7200)) as demo:
         session = gr.State(None)
         gr.Markdown("# Adaptive Inference Runtime\nEarly exit over a causal LM: each token stops at the first layer "
-                    "whose exit head is confident enough. Every decision is drawn below.")
+                    "whose exit head is confident enough; or speculative decoding: the model's shallow layers draft, "
+                    "all layers verify in one pass, and the output equals full depth. Every decision is drawn below.")
         banner = gr.Markdown(startup_message(), elem_id="air-banner")
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
@@ -432,17 +498,30 @@ def build_app() -> gr.Blocks:
                     gr.Examples([[p["prompt"]] for p in prompts], inputs=[prompt], label="Example prompts",
                                 example_labels=[f'{p.get("name", "prompt")} ({p.get("difficulty", "?")})' for p in prompts],
                                 api_name="load_example", examples_per_page=9)
-                mode = gr.Radio(["early_exit", "full"], value="early_exit", label="Mode")
+                mode = gr.Radio(["early_exit", "full", "speculative"], value="early_exit", label="Mode",
+                                elem_id="air-mode")
                 with gr.Accordion("Early-exit knobs", open=True):
                     threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Threshold")
                     with gr.Row():
                         measure = gr.Dropdown(list(MEASURES), value="max_prob", label="Confidence measure")
                         kv_policy = gr.Radio(list(KV_POLICIES), value="propagate", label="KV policy")
                     exit_layers = gr.Textbox(label="Exit layers", placeholder="blank: the model's default, e.g. 2,4,6")
+                with gr.Accordion("Speculative knobs", open=False):
+                    drafter = gr.Radio(list(DRAFTERS), value="self", label="Drafter (lookup falls back to self)")
+                    draft_model = gr.Textbox(label="Draft model path (drafter draft_model: same tokenizer)",
+                                             placeholder="a local checkpoint directory")
+                    with gr.Row():
+                        draft_depth = gr.Slider(0, 32, value=0, step=1, label="Draft depth (0 = adaptive: L/4 or L/2)")
+                        draft_length = gr.Slider(0, 16, value=0, step=1, label="Draft length (0 = adaptive)")
+                    with gr.Row():
+                        max_draft = gr.Slider(1, 16, value=8, step=1, label="Longest adaptive draft")
+                        # A placeholder, or Gradio draws a blank Number as a misleading 0 (0 means full here).
+                        draft_vocab_size = gr.Number(value=None, precision=0, minimum=0, placeholder="model default",
+                                                     label="Draft vocabulary (blank = model default, 0 = full)")
                 with gr.Accordion("Length and sampling", open=False):
                     max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                    seed = gr.Number(value=None, precision=0, label="Seed (blank = none)")
+                    seed = gr.Number(value=None, precision=0, label="Seed (blank = none)", placeholder="none")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="air-generate")
                     stop_btn = gr.Button("Stop", variant="stop")
@@ -464,6 +543,14 @@ def build_app() -> gr.Blocks:
                         ledger_plot = gr.Plot(views.empty_figure("no run yet", views.LEDGER_HEIGHT), label="Exits and compute", show_label=False)
                         with gr.Accordion("Raw stats", open=False):
                             stats = gr.JSON(label="stats")
+                    with gr.Tab("Speculative", id="speculative"):
+                        spec_tokens = gr.HTML(spec_views.speculative_token_html(GenerationResult([], "", [], {})),
+                                              elem_id="air-spec-tokens")
+                        spec_plot = gr.Plot(views.empty_figure("Generate with mode speculative to see its rounds.",
+                                                               spec_views.SPECULATIVE_HEIGHT),
+                                            label="Speculative rounds", show_label=False, elem_id="air-spec-plot")
+                        with gr.Accordion("Rounds (one per verifier pass)", open=True):
+                            spec_rounds = gr.HTML("", elem_id="air-spec-rounds")
                     with gr.Tab("Audit", id="audit"):
                         audit = gr.HTML(views.audit_html(GenerationResult([], "", [], {}), None), elem_id="air-audit")
                     with gr.Tab("Why did it exit here?", id="why"):
@@ -487,12 +574,16 @@ def build_app() -> gr.Blocks:
                         upload = gr.File(label="Upload a trace", file_types=[".json"], type="filepath")
                         analyse_btn = gr.Button("Analyse with model (lens + full-depth audit)")
 
-        outputs = [status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, token_pick, download, session]
+        outputs = [status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, token_pick, download,
+                   spec_tokens, spec_plot, spec_rounds, session]
         demo.load(on_page_load, outputs=[banner], api_name="init")
-        load_btn.click(on_load_model, inputs=[model], outputs=[banner, threshold, measure, kv_policy, exit_layers],
+        load_btn.click(on_load_model, inputs=[model],
+                       outputs=[banner, threshold, measure, kv_policy, exit_layers, draft_vocab_size],
                        api_name="load_model")
         gen = generate_btn.click(on_generate, inputs=[model, prompt, mode, threshold, measure, kv_policy, exit_layers,
-                                                      max_new_tokens, temperature, seed, heat_value],
+                                                      max_new_tokens, temperature, seed, heat_value, drafter,
+                                                      draft_model, draft_depth, draft_length, max_draft,
+                                                      draft_vocab_size],
                                  outputs=outputs, api_name="generate", show_progress="minimal")
         stop_btn.click(None, cancels=[gen], api_name="stop")
         heat_value.change(on_redraw_heatmap, inputs=[heat_value, session], outputs=[heatmap],
@@ -509,6 +600,7 @@ def preload(name: str) -> None:
     try:
         runtime = MODELS.get(name)
         result = runtime.generate("def f(x):\n", max_new_tokens=4, mode="early_exit")
+        runtime.host_costs()  # measured once per model; speculation's first request would otherwise wait for it
         from adaptive.lens import lens
         lens(runtime, result.prompt_ids, result.token_ids)
     except Exception as e:  # noqa: BLE001 - a missing model is reported in the page, never fatal

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 import socket
 import subprocess
 import sys
@@ -80,7 +81,8 @@ def test_missing_bundled_model_is_reported_not_fatal(tmp_path, monkeypatch):
 def generate(client, model, prompt="def main():\n", mode="early_exit", threshold=0.3, max_new_tokens=24, **kw):
     args = dict(model=model, prompt=prompt, mode=mode, threshold=threshold, measure="max_prob",
                 kv_policy="propagate", exit_layers="", max_new_tokens=max_new_tokens, temperature=0.0, seed=None,
-                heat_value="confidence measure")
+                heat_value="confidence measure", drafter="self", draft_model="", draft_depth=0, draft_length=0,
+                max_draft=8, draft_vocab_size=None)
     args.update(kw)
     return client.predict(**args, api_name="/generate")
 
@@ -92,7 +94,7 @@ def test_generate_explain_download_upload(server, tmp_path):
 
     url, model = server
     client = Client(url, verbose=False)
-    status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, pick, trace_file = generate(client, model)
+    status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, pick, trace_file, spec, *_ = generate(client, model)
     n = stats["new_tokens"]
     assert stats["mode"] == "early_exit" and stats["num_layers"] == 4 and 1 <= n <= 24
     assert tokens.count('class="air-tok"') == n and "top-5 at final layer 4" in tokens  # the lens ran
@@ -101,6 +103,7 @@ def test_generate_explain_download_upload(server, tmp_path):
     assert heat["type"] == "heatmap" and len(heat["z"]) == 4 and len(heat["z"][0]) == n
     assert "Measured speedup vs full depth" in ledger  # the full-depth run of the same prompt ran
     assert "full depth" in audit
+    assert "No speculative rounds" in spec  # the panel says so for an early-exit run
     result = GenerationResult.from_json(Path(trace_file).read_text())
     assert result.token_ids and len(result.traces) == n and result.text == text
 
@@ -118,6 +121,42 @@ def test_generate_explain_download_upload(server, tmp_path):
     assert "top-5 at final layer" in analysed[1] and "Measured speedup" in analysed[4]
     kl = json.loads(client.predict(heat_value="KL to final layer", api_name="/redraw_heatmap")["plot"])
     assert "KL to final" in kl["layout"]["title"]["text"]
+
+
+def test_speculative_panel(server):
+    """mode="speculative" with a fixed depth and length (deterministic drafts on the tiny model): the panel is
+    drawn from the run's rounds, agrees with the runtime's stats, the output equals full depth (greedy is
+    lossless), and an uploaded trace redraws the panel without the model."""
+    from gradio_client import Client, handle_file
+
+    from adaptive import GenerationResult
+
+    url, model = server
+    client = Client(url, verbose=False)
+    (status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, pick, trace_file, spec_tokens, spec_plot,
+     spec_rounds) = generate(client, model, prompt="import os\n", mode="speculative", draft_depth=2, draft_length=4)
+    assert stats["mode"] == "speculative" and (stats["draft_depth"], stats["draft_length"]) == (2, 4)
+    result = GenerationResult.from_json(Path(trace_file).read_text())
+    n, passes = len(result.traces), stats["verifier_passes"]
+    assert n == stats["new_tokens"] > 4 and len(result.rounds) == passes
+    sources = Counter(t.source for t in result.traces)
+    assert sources["draft"] > 0 and sources["correction"] > 0  # this prompt has both kinds on the tiny model
+    assert spec_tokens.count('data-source="draft"') == sources["draft"]
+    assert spec_tokens.count('data-source="correction"') == sources["correction"]
+    assert spec_tokens.count('data-source="rejected"') == sources["correction"]  # one struck draft per correction
+    assert spec_rounds.count("<tr>") == passes + 1
+    data = {d["name"]: d for d in json.loads(spec_plot["plot"])["data"]}
+    assert data["acceptance by position"]["y"] == pytest.approx(stats["acceptance_by_position"])
+    assert len(data["rejected draft"]["x"]) == sum(1 for r in result.rounds if r.accepted < len(r.drafted))
+    assert "| tokens per verifier pass |" in ledger and "Measured speedup vs full depth" in ledger
+    assert "tokens equal the full-depth run" in audit  # greedy speculation equals full depth
+    assert tokens.count('class="air-tok"') == n and "exit after layer 4 of 4" in tokens
+
+    outputs = client.predict(file=handle_file(trace_file), heat_value="confidence measure", api_name="/load_trace")
+    assert outputs[10].count('data-source="rejected"') == sources["correction"]
+    uploaded = {d["name"]: d for d in json.loads(outputs[11]["plot"])["data"]}
+    assert uploaded["acceptance by position"]["y"] == data["acceptance by position"]["y"]
+    assert outputs[12].count("<tr>") == passes + 1
 
 
 def test_sessions_are_separate(server):
@@ -147,6 +186,12 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server, tmp_path):
         generate(client, "/no/such/model/dir")
     with pytest.raises(AppError, match="Exit layers must be comma-separated"):
         generate(client, model, exit_layers="two")
+    with pytest.raises(AppError, match="needs a draft model"):
+        generate(client, model, mode="speculative", drafter="draft_model")
+    with pytest.raises(AppError, match="does not exist"):
+        generate(client, model, mode="speculative", drafter="draft_model", draft_model="/no/such/draft")
+    with pytest.raises(AppError, match=r"draft_depth must be an integer in \[1, 3\]"):
+        generate(client, model, mode="speculative", draft_depth=4)
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": "adaptive-trace", "version": 1, "traces": [{"token_id": -1}]')
     with pytest.raises(AppError, match="Could not read broken.json as an adaptive trace"):
@@ -156,9 +201,16 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server, tmp_path):
                                  "traces": [{"token_id": 1, "position": 3, "exit_layer": 9}]}))
     with pytest.raises(AppError, match="exit layer lies outside"):
         client.predict(file=handle_file(str(wrong)), heat_value="confidence measure", api_name="/load_trace")
+    dangling = tmp_path / "dangling.json"
+    dangling.write_text(json.dumps({"format": "adaptive-trace", "version": 1, "token_ids": [1], "stats": {"num_layers": 4},
+                                    "traces": [{"token_id": 1, "position": 3, "exit_layer": 4, "round": 2}]}))
+    with pytest.raises(AppError, match="speculative round that the file does not hold"):
+        client.predict(file=handle_file(str(dangling)), heat_value="confidence measure", api_name="/load_trace")
     # Still serving, and full mode is its own baseline.
     outputs = generate(client, model, mode="full", max_new_tokens=3)
     assert outputs[7]["mode"] == "full" and "its own baseline" in outputs[4]
+    assert "path" not in outputs[7]  # gradio_client would take the stats for a file to download
+    assert "No speculative rounds" in outputs[10]
 
 
 def test_attribution_matches_the_lens_and_is_complete(tiny_checkpoint):
