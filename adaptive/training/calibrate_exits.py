@@ -2,8 +2,8 @@
 
 Target: the setting with the lowest honest ``compute_fraction`` whose teacher-forced agreement with
 full depth is at least ``target`` (0.99) plus a small ``margin`` (picking the cheapest of thousands of
-settings that pass on a few thousand tokens is optimistic; the margin pays for that on unseen text). Candidates: measure x exit-layer set x threshold x exit
-vocabulary size x KV policy.
+settings that pass on a few thousand tokens is optimistic; the margin pays for that on unseen text).
+Candidates: measure x exit-layer set x threshold x exit vocabulary size x KV policy.
 
 1. Prompts: ``num_prompts`` contexts of ``min_context``..``max_context`` tokens, each starting at a line
    start of a different file of the split (seeded), and the full-depth greedy continuation of
@@ -120,7 +120,7 @@ class SimCosts:
     head_full: int  # the full LM head
 
 
-def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES, patiences=(2, 3),
+def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                  progress: bool = True) -> tuple[list[SimTable], SimCosts, float]:
     """Simulation tables per exit-vocabulary size, the cost arrays, and how often the readout's final
     top-1 equals the reference (a sanity check: should be 1.0 up to float ties)."""
@@ -264,8 +264,9 @@ def search(tables: list[SimTable], costs: SimCosts, target: float, measures=(*LO
            patiences=(2, 3), kv_policies=("propagate", "defer"),
            progress: bool = True) -> tuple[list[tuple[float, SimResult, int]], int]:
     """Every family's cheapest threshold that reaches ``target`` in simulation: (compute, result, index),
-    cheapest first; and the number of settings simulated. ``defer`` is simulated only for the families that are best under ``propagate``
-    (its catch-up costs whole layers, so it can only tie on compute, never win)."""
+    cheapest first; and the number of settings simulated. ``defer`` is simulated only for the families
+    that are best under ``propagate`` (its catch-up costs whole layers, so it can only tie on compute,
+    never win)."""
     from tqdm import tqdm
 
     L = costs.layer_cum.shape[0] - 1
@@ -295,7 +296,8 @@ def search(tables: list[SimTable], costs: SimCosts, target: float, measures=(*LO
     if "defer" in kv_policies:
         by_size = {t.exit_vocab_size: t for t in tables}
         for _, res, _ in found[:5]:
-            fam = Family(res.family.measure, res.family.exit_layers, res.family.exit_vocab_size, "defer", res.family.patience)
+            f = res.family
+            fam = Family(f.measure, f.exit_layers, f.exit_vocab_size, "defer", f.patience)
             r = simulate(by_size[fam.exit_vocab_size], costs, fam, res.thresholds)
             simulated += len(res.thresholds)
             i = r.cheapest(target)
@@ -357,10 +359,10 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "validation", num_prompts: int = 24, min_context: int = 64,
-              max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
+def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "validation", num_prompts: int = 24,
+              min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
               draft_vocab_size: int = 2048, families: int = 6, per_measure: int = 2, max_tries: int = 3,
-              confirm_minutes: float = 8.0, progress: bool = True) -> Calibration:
+              confirm_minutes: float = 8.0, prune_slack: float = 0.01, progress: bool = True) -> Calibration:
     from tqdm import tqdm
 
     times = {}
@@ -391,9 +393,14 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     t0 = time.time()
     measured: list[Measured] = []
     bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
+    best_ok = float("inf")  # compute of the cheapest confirmed setting so far
     for _, res, i in picked:
         for _ in range(max_tries):
             if measured and (time.time() - t0) / 60 > confirm_minutes:
+                break
+            # Real compute tracks the simulated one closely (exits differ only through propagate's
+            # approximate K/V), so a setting simulated as dearer than a confirmed one cannot win.
+            if res.compute[i] > best_ok + prune_slack:
                 break
             knobs = res.family.knobs(res.thresholds[i])
             start = time.time()
@@ -401,6 +408,7 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
             measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
                                      time.time() - start))
             if agree >= goal:
+                best_ok = min(best_ok, compute)
                 break
             # Missed: ask the simulation for the shortfall on top of what it promised, at a stricter threshold.
             want = min(1.0, res.agreement[i] + (goal - agree))
@@ -417,7 +425,10 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     if not measured:
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
     ok = [m for m in measured if m.agreement >= goal] or [m for m in measured if m.agreement >= target]
-    best = min(ok, key=lambda m: m.compute_fraction) if ok else max(measured, key=lambda m: (m.agreement, -m.compute_fraction))
+    if ok:
+        best = min(ok, key=lambda m: m.compute_fraction)
+    else:  # nothing reached the target: the most faithful setting, the cheaper on ties
+        best = max(measured, key=lambda m: (m.agreement, -m.compute_fraction))
     return Calibration(target=target, margin=margin, chosen=best.knobs, agreement=best.agreement,
                        compute_fraction=best.compute_fraction, layers_run_mean=best.layers_run_mean,
                        meets_target=best.agreement >= target, split=split,
