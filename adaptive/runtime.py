@@ -247,7 +247,7 @@ class Runtime:
             if path not in self.paths:
                 raise InvalidRequestError(f"unknown path {path!r}; choose one of {', '.join(self.paths)}")
             if path == "full":
-                return FullDecoder(self.model, self.costs, max_len), {"path": "full"}
+                return FullDecoder(self.model, self.costs, max_len), {"multiscale_path": "full"}
             # A fixed shallow path is early exit that always stops after the path's layers: no confidence
             # check is needed (a hidden-state measure at threshold 0), the exit head runs once per token.
             depth = self.paths[path]
@@ -256,7 +256,7 @@ class Runtime:
                                   exit_vocab_size=options.get("exit_vocab_size", 0), num_layers=self.spec.num_layers)
             exit_ids = self._shortlist(cfg.exit_vocab_size, prompt_ids)
             return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids), {
-                "path": path, "path_layers": depth, "kv_policy": cfg.kv_policy, "exit_heads": self.heads.source,
+                "multiscale_path": path, "path_layers": depth, "kv_policy": cfg.kv_policy, "exit_heads": self.heads.source,
                 "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size}
         if mode == "speculative":
             return self._speculative_decoder({k: v for k, v in options.items() if k in SPECULATIVE_KNOBS},

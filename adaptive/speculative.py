@@ -122,6 +122,7 @@ class SpeculationController:
         self.fixed_length = fixed_length
         self.draft_model_step_ms = draft_model_step_ms
         self.off_for = 0  # plain steps left before speculation is tried again
+        self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
 
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup
     def draft_step_ms(self, depth: int) -> float:
@@ -154,7 +155,10 @@ class SpeculationController:
             return None
         gain, depth = max((self.predicted_speedup(d)[0], d) for d in self.depths)
         if gain < 1.0 and self.fixed_length is None:
-            self.off_for = 8  # re-probe after a few plain steps: acceptance may recover
+            if self.probe_due:  # explore once: without new rounds the estimate could never recover
+                self.probe_due = False
+                return depth
+            self.off_for, self.probe_due = 8, True
             return None
         return depth
 

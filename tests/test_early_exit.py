@@ -166,7 +166,7 @@ def test_fixed_paths_run_exactly_their_layers():
     assert rt.generate(prompt, max_new_tokens=10, path="full").token_ids == full.token_ids
     for name, depth in (("light", 1), ("standard", 2)):
         res = rt.generate(prompt, max_new_tokens=10, path=name)
-        assert res.stats["path"] == name and all(t.exit_layer == depth for t in res.traces[1:])
+        assert res.stats["multiscale_path"] == name and all(t.exit_layer == depth for t in res.traces[1:])
         same = rt.generate(prompt, max_new_tokens=10, mode="early_exit", threshold=0.0, measure="cosine",
                            exit_layers=(depth,))
         assert res.token_ids == same.token_ids

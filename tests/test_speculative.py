@@ -197,3 +197,19 @@ def test_speculative_sampling_matches_the_model_distribution(shortlist):
     assert drafted > n // 4  # the draft path was really used
     assert _chi_square(counts2, p2) < 20.5  # chi2(df=5) at p = 0.001
     assert _chi_square(counts3, p3) < 20.5
+
+
+def test_controller_switches_off_and_probes_again():
+    """With a pessimistic acceptance estimate speculation turns off, but re-probes after a pause."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import AcceptanceStats, SpeculationController
+
+    host = HostCosts(layer_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, head_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, num_layers=8)
+    stats = AcceptanceStats({2: 0.05, 4: 0.05})
+    ctl = SpeculationController(host, 8, stats, depths=(2, 4))
+    plans = [ctl.plan() for _ in range(20)]
+    assert plans[0] is None and plans[1:9] == [None] * 8 and plans[9] in (2, 4)  # off, pause, then one probe
+    stats.record(2, [0.9] * 200, [True] * 200)  # the probe found drafts accepted: speculation resumes
+    assert ctl.predicted_speedup(2)[0] > 1.0
+    ctl.off_for = 0
+    assert ctl.plan() == 2
