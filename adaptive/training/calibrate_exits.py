@@ -109,6 +109,7 @@ class SimTable:
     conf: dict[str, np.ndarray]  # measure -> (L+1, P, N) confidence after k layers (rows 1..L-1 used)
     top1: np.ndarray  # (L+1, P, N) token emitted when exiting after k layers; row L = the reference
     check_macs: np.ndarray  # (L+1, P) one exit-head check after k layers (shortlist rows x d + adapter)
+    classifier_macs: int = 0  # one learned-classifier check (measure "classifier"; no head until the exit)
 
 
 @dataclass
@@ -144,7 +145,8 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
     tables, final_match = [], 0.0
     with torch.inference_mode():
         for size in sizes:
-            conf = {m: np.zeros((L + 1, P, N)) for m in (*LOGIT_MEASURES, "cosine")}
+            hidden_measures = ("cosine", "classifier") if rt.exit_classifier is not None else ("cosine",)
+            conf = {m: np.zeros((L + 1, P, N)) for m in (*LOGIT_MEASURES, *hidden_measures)}
             top1 = np.zeros((L + 1, P, N), dtype=np.int64)
             top1[L] = ref
             check = np.zeros((L + 1, P))
@@ -157,12 +159,15 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                     for m in LOGIT_MEASURES:
                         conf[m][k, p] = make_measure(m).score(logits, hs[k], hs[k - 1]).numpy()
                     conf["cosine"][k, p] = make_measure("cosine").score(None, hs[k], hs[k - 1]).numpy()
+                    if rt.exit_classifier is not None:
+                        conf["classifier"][k, p] = rt.exit_classifier.probability(k, hs[k], hs[k - 1]).numpy()
                     arg = logits.argmax(-1)
                     top1[k, p] = (arg if ids is None else ids[arg]).numpy()
                     check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
                 if size == 0:
                     final_match += float((model.head(hs[L]).argmax(-1).numpy() == ref[p]).mean()) / P
-            tables.append(SimTable(size, conf, top1, check))
+            tables.append(SimTable(size, conf, top1, check,
+                                   rt.exit_classifier.macs if rt.exit_classifier is not None else 0))
     return tables, sim_costs, final_match
 
 
@@ -237,8 +242,10 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     agree = (emitted == table.top1[L][None]).mean(axis=(1, 2))
     # Exit-head checks: cumulative over the exit points passed through, per prompt (shortlists differ).
     check = table.check_macs[E]  # (|E|, P)
-    if family.measure == "cosine":
+    if family.measure in ("cosine", "classifier"):  # hidden-state measures: one head, at the exit
         heads = np.where(exit_k < L, table.check_macs[np.minimum(exit_k, L - 1), pi], costs.head_full)
+        if family.measure == "classifier":  # plus the classifier's own matmuls at every check made
+            heads = heads + np.where(first < len(E), first + 1, len(E)) * table.classifier_macs
     else:
         cum = np.concatenate([np.cumsum(check, axis=0), check.sum(0, keepdims=True)])  # (|E|+1, P)
         heads = cum[first, pi] + np.where(exit_k < L, 0, costs.head_full)
@@ -260,7 +267,8 @@ def exit_layer_sets(num_layers: int, max_size: int = 7) -> list[tuple[int, ...]]
     return [s for r in range(1, min(max_size, num_layers - 1) + 1) for s in itertools.combinations(layers, r)]
 
 
-def search(tables: list[SimTable], costs: SimCosts, target: float, measures=(*LOGIT_MEASURES, "cosine", "patience"),
+def search(tables: list[SimTable], costs: SimCosts, target: float,
+           measures=(*LOGIT_MEASURES, "cosine", "classifier", "patience"),
            patiences=(2, 3), kv_policies=("propagate", "defer"),
            progress: bool = True) -> tuple[list[tuple[float, SimResult, int]], int]:
     """Every family's cheapest threshold that reaches ``target`` in simulation: (compute, result, index),
@@ -273,7 +281,7 @@ def search(tables: list[SimTable], costs: SimCosts, target: float, measures=(*LO
     sets = exit_layer_sets(L)
     jobs = []
     for table in tables:
-        for m in measures:
+        for m in (m for m in measures if m == "patience" or m in table.conf):
             for pat in (patiences if m == "patience" else (2,)):
                 jobs.extend((table, Family(m, s, table.exit_vocab_size, "propagate", pat)) for s in sets)
     grids = {}

@@ -4,8 +4,11 @@ Stages, in order, each skippable (``--skip-<stage>``):
 
   draft-vocab  token counts over the train split -> ``draft_vocab.json``
   exits        tuned-lens exit adapters (``train_exits``) -> ``exit_adapters.safetensors``
+  classifier   learned exit classifier (``train_exit_classifier``) -> ``exit_classifier.safetensors``
   evaluate     per-layer loss and agreement on the test split, before and after adapters
   calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
+  certify      Learn-then-Test certificate for the calibrated family (``ltt_calibrate``)
+               -> ``calibration_certificate.json`` (the default setting itself is left as calibrated)
   card         early-exit decoding table and completions on the test split -> ``README.md``
 
 Every measurement lands in ``finalize_report.json`` next to the model (merged stage by stage), so a
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("draft-vocab", "exits", "evaluate", "calibrate", "card")
+STAGES = ("draft-vocab", "exits", "classifier", "evaluate", "calibrate", "certify", "card")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-minutes", type=float, default=15.0)
     g.add_argument("--exit-run-dir", default=None,
                    help="resume folder (default: runs/exits/<name>-<weights hash>, so another checkpoint never resumes it)")
+    g = p.add_argument_group("classifier")
+    g.add_argument("--classifier-steps", type=int, default=300)
+    g.add_argument("--classifier-minutes", type=float, default=8.0)
+    g.add_argument("--classifier-shortlist", type=int, default=1024,
+                   help="label agreement over this exit shortlist (0: full vocabulary)")
+    g = p.add_argument_group("certify")
+    g.add_argument("--epsilon", type=float, default=0.01)
+    g.add_argument("--delta", type=float, default=0.1)
+    g.add_argument("--ltt-prompts", type=int, default=300)
+    g.add_argument("--ltt-test-prompts", type=int, default=60)
     g = p.add_argument_group("evaluate")
     g.add_argument("--eval-windows", type=int, default=64)
     g.add_argument("--eval-window", type=int, default=512)
@@ -105,6 +118,26 @@ def main(args) -> int:
                 model=str(model_dir), text=None, out=None, run_dir=run_dir, steps=args.exit_steps,
                 max_minutes=args.exit_minutes, batch=8, seq_len=256, positions=512, lr=1e-3, seed=0,
                 checkpoint_minutes=5.0, threads=args.threads))
+        elif stage == "classifier":
+            from . import train_exit_classifier
+
+            train_exit_classifier.main(argparse.Namespace(
+                model=str(model_dir), text=None, out=None, steps=args.classifier_steps,
+                max_minutes=args.classifier_minutes, batch=8, seq_len=256, positions=1024, hidden=32,
+                shortlist=args.classifier_shortlist if (model_dir / "draft_vocab.json").is_file() else 0,
+                lr=3e-3, seed=0, threads=args.threads))
+        elif stage == "certify":
+            from . import ltt_calibrate
+
+            chosen = (report.get("calibration") or {}).get("chosen") or {}
+            status = ltt_calibrate.main(argparse.Namespace(
+                model=str(model_dir), text=None, epsilon=args.epsilon, delta=args.delta, prompts=args.ltt_prompts,
+                tokens=32, context=96, test_prompts=args.ltt_test_prompts, measure=chosen.get("measure"),
+                exit_layers=",".join(str(k) for k in chosen["exit_layers"]) if chosen.get("exit_layers") else None,
+                exit_vocab_size=chosen.get("exit_vocab_size"), kv_policy=chosen.get("kv_policy"), seed=0,
+                write_defaults=False, threads=args.threads))
+            cert_path = model_dir / "calibration_certificate.json"
+            report["certificate"] = json.loads(cert_path.read_text()) if status == 0 and cert_path.is_file() else None
         elif stage == "evaluate":
             rt = Runtime.from_pretrained(model_dir)
             ev = evaluate.evaluate(rt, "test", args.eval_windows, args.eval_window)

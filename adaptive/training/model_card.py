@@ -288,6 +288,19 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "tokens) with the final layer on the calibration prompts; the runtime starts from it and updates it "
                 "as requests run.", ""]
 
+    cert = report.get("certificate")
+    if cert:
+        out += ["## Learn-then-Test certificate", "",
+                f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
+                f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`: threshold **{cert['threshold']}** keeps the "
+                f"expected teacher-forced disagreement with full depth at most ε = {cert['epsilon']} with probability "
+                f"at least 1 − δ = {1 - cert['delta']:.2f}, certified on n = {cert['n']} i.i.d. validation windows "
+                f"({cert['tokens_per_prompt']} tokens each; observed risk {cert['observed_risk']:.4f}, p = "
+                f"{cert['p_value']:.3g}). Held-out check by real decoding on {cert.get('test_tokens')} test-split "
+                f"tokens: agreement {cert.get('test_agreement', float('nan')):.4f}. "
+                "The runtime reports the certificate in `stats['certificate']` when a request uses exactly these "
+                "settings (`calibration_certificate.json`).", ""]
+
     # -- completions
     comps = report.get("completions")
     if comps:
@@ -313,6 +326,10 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             "Exit head after k layers = `head(h + W_k h + b_k)` |",
             "| `draft_vocab.json` | `{\"format\": \"adaptive-draft-vocab\", \"version\": 1, \"token_ids\": [...], \"counts\": "
             "[...], \"source\": ...}`: token ids by decreasing count over the train split; shortlists for draft and exit heads |",
+            "| `exit_classifier.safetensors` | learned exit classifier (measure `classifier`): per exit point an MLP "
+            "on the RMS-normalised hidden state and its cosine with the previous layer's; see `adaptive/exit_classifier.py` |",
+            "| `calibration_certificate.json` | the Learn-then-Test certificate (ε, δ, n, measure, threshold, "
+            "calibration-set hash, held-out agreement) |",
             "| `adaptive_defaults.json` | per-mode default knobs: `early_exit` (threshold, measure, exit_layers, "
             "exit_vocab_size, kv_policy, min_layer) and `speculative` (draft_vocab_size, acceptance_priors by depth) |",
             f"| `{REPORT_FILE}` | every measurement on this card, as JSON |",
@@ -321,10 +338,10 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             "```bash",
             "python -m adaptive train-model                      # the checkpoint (resumable; ~2 h on 2 CPU cores)",
             f"python -m adaptive finalize-model --model {_shown_path(model_dir)}"
-            "   # draft vocab, exit adapters, evaluation, calibration, this card",
+            "   # draft vocab, exit adapters, exit classifier, evaluation, calibration, certificate, this card",
             "```", "",
-            "Stages can be skipped (`--skip-draft-vocab`, `--skip-exits`, `--skip-evaluate`, `--skip-calibrate`, "
-            "`--skip-card`); the card is re-rendered from the stored report. Speed numbers depend on the host; "
+            "Stages can be skipped (`--skip-draft-vocab`, `--skip-exits`, `--skip-classifier`, `--skip-evaluate`, "
+            "`--skip-calibrate`, `--skip-certify`, `--skip-card`); the card is re-rendered from the stored report. Speed numbers depend on the host; "
             "losses, agreements and compute fractions are deterministic.", ""]
     return "\n".join(out)
 
