@@ -155,7 +155,7 @@ def main(args) -> int:
             logp = torch.log_softmax(F.linear(model.final_norm(h + F.linear(h, w, b)), model.w.lm_head).float(), -1)
             loss = (p_target * (target - logp)).sum(-1).mean()  # KL(p_final || p_k)
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         opt.step()
         step += 1
         bar.update(1)
