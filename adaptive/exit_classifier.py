@@ -64,14 +64,9 @@ class ExitClassifier:
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, num_layers: int) -> "ExitClassifier":
-        from safetensors import SafetensorError, safe_open
+        from .exits import read_sidecar
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+        meta, tensors = read_sidecar(path)
         if meta.get("format") != CLASSIFIER_FORMAT:
             raise CheckpointError(f"{path}: not an exit-classifier file (format={meta.get('format')!r})")
         if meta.get("hidden_size") != str(hidden_size) or meta.get("num_layers") != str(num_layers):

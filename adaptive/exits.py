@@ -86,18 +86,22 @@ class ShortlistHead:
         return hidden_size * self.size + (adapter_macs if self.heads.has_adapter(layers_run) else 0)
 
 
+def read_sidecar(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of one of our safetensors sidecar files; a broken file is a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
 def load_adapters(path: str | Path, hidden_size: int, num_layers: int,
                   dtype: torch.dtype = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Read an adapter file, checking its format, shapes and layer range."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    meta, tensors = read_sidecar(path)
     if meta.get("format") != ADAPTER_FORMAT or meta.get("kind") != "residual_affine":
         raise CheckpointError(f"{path}: not an exit-adapter file (metadata format={meta.get('format')!r})")
     if meta.get("hidden_size") != str(hidden_size) or meta.get("num_layers") != str(num_layers):

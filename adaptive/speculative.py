@@ -175,6 +175,44 @@ class SpeculationController:
 
 # ---- drafters ------------------------------------------------------------------------------------------
 
+class DraftLog:
+    """What a model drafter accumulates token by token, and the running P(all drafts survive)."""
+
+    def __init__(self, stats_key: int):
+        self.stats_key = stats_key
+        self.tokens: list[int] = []
+        self.q: list[torch.Tensor | None] = []
+        self.q_probs: list[float] = []
+        self.confidences: list[float] = []
+        self.predicted: list[float] = []
+        self.survive = 1.0
+
+    def add(self, dec: "SpeculativeDecoder", token: int, q: torch.Tensor | None, q_tok: float, conf: float) -> None:
+        self.tokens.append(token)
+        self.q.append(q)
+        self.q_probs.append(q_tok)
+        self.confidences.append(conf)
+        accept = dec.controller.stats.predict(self.stats_key, conf)
+        self.predicted.append(accept)
+        self.survive *= accept
+
+    def stop_reason(self, dec: "SpeculativeDecoder", limit: int) -> str | None:
+        """Why drafting stops after the latest token, or None to go on."""
+        n = len(self.tokens)
+        if self.tokens[-1] in dec.eos:
+            return "eos"
+        if n >= limit:
+            return "max_len"
+        if not dec.controller.keep_drafting(self.stats_key, n, self.survive):
+            return "predicted_reject" if n < dec.controller.max_draft else "max_len"
+        return None
+
+    def draft(self, depth: int, hidden: torch.Tensor | None, stop: str, macs: int, drafter: str) -> Draft:
+        return Draft(tokens=self.tokens, q=self.q, q_probs=self.q_probs, depth=depth, hidden=hidden,
+                     stop_reason=stop, predicted_accept=self.predicted, confidences=self.confidences, macs=macs,
+                     drafter=drafter)
+
+
 class SelfDrafter:
     """Draft with the model's own first d layers and the exit head after them."""
 
@@ -182,8 +220,7 @@ class SelfDrafter:
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
         model, pos = dec.model, dec.pos
-        tokens, qs, q_probs, predicted, hiddens, confs = [], [], [], [], [], []
-        survive, token, stop, macs = 1.0, t0, "max_len", 0
+        log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, "max_len"
         for j in range(limit):
             ids = torch.tensor([[token]], device=model.device)
             h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
@@ -191,21 +228,12 @@ class SelfDrafter:
             logits = dec.draft_head.logits(h, depth)
             macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * dec.draft_head.size
             token, q, q_tok, conf = dec.draw(logits, dec.draft_head.ids)
-            tokens.append(token)
-            qs.append(q)
-            q_probs.append(q_tok)
-            confs.append(conf)
-            a = dec.controller.stats.predict(depth, conf)
-            predicted.append(a)
-            survive *= a
-            if token in dec.eos:
-                stop = "eos"
+            log.add(dec, token, q, q_tok, conf)
+            reason = log.stop_reason(dec, limit)
+            if reason:
+                stop = reason
                 break
-            if j + 1 < limit and not dec.controller.keep_drafting(depth, j + 1, survive):
-                stop = "predicted_reject" if j + 1 < dec.controller.max_draft else "max_len"
-                break
-        return Draft(tokens=tokens, q=qs, q_probs=q_probs, depth=depth, hidden=torch.cat(hiddens, dim=1),
-                     stop_reason=stop, predicted_accept=predicted, confidences=confs, macs=macs, drafter=self.name)
+        return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
 
 
 class LookupDrafter:
@@ -280,30 +308,20 @@ class DraftModelDrafter:
                              self.synced, self.cache)[:, -1:]
         macs = sum(self.costs.layers_macs(0, L, p) for p in range(self.synced, pos + 1))
         self.synced = pos + 1
-        tokens, qs, q_probs, predicted, confs = [], [], [], [], []
-        survive, stop = 1.0, "max_len"
+        log, stop = DraftLog(DRAFT_MODEL_KEY), "max_len"
         for j in range(limit):
             token, q, q_tok, conf = dec.draw(model.head(h)[0, 0])
             macs += self.costs.head_macs
-            tokens.append(token)
-            qs.append(q)
-            q_probs.append(q_tok)
-            confs.append(conf)
-            a = dec.controller.stats.predict(DRAFT_MODEL_KEY, conf)
-            predicted.append(a)
-            survive *= a
-            if token in dec.eos:
-                stop = "eos"
-                break
-            if j + 1 == limit or not dec.controller.keep_drafting(DRAFT_MODEL_KEY, j + 1, survive):
-                stop = "predicted_reject" if j + 1 < limit else "max_len"
+            log.add(dec, token, q, q_tok, conf)
+            reason = log.stop_reason(dec, limit)
+            if reason:
+                stop = reason
                 break
             ids = torch.tensor([[token]], device=model.device)
             h = model.run_layers(model.embed(ids, pos + 1 + j), 0, L, pos + 1 + j, self.cache)
             macs += self.costs.layers_macs(0, L, pos + 1 + j)
             self.synced = pos + 2 + j
-        return Draft(tokens=tokens, q=qs, q_probs=q_probs, depth=0, hidden=None, stop_reason=stop,
-                     predicted_accept=predicted, confidences=confs, macs=macs, drafter=self.name)
+        return log.draft(0, None, stop, macs, self.name)
 
     def rollback(self, length: int) -> None:
         self.synced = min(self.synced, length)
