@@ -38,18 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=None, help="training log for the card (default: runs/<model name>/log.jsonl)")
     g = p.add_argument_group("exits")
     g.add_argument("--exit-steps", type=int, default=400)
-    g.add_argument("--exit-minutes", type=float, default=15.0)
+    g.add_argument("--exit-minutes", type=float, default=10.0)
     g.add_argument("--exit-run-dir", default=None,
                    help="resume folder (default: runs/exits/<name>-<weights hash>, so another checkpoint never resumes it)")
     g = p.add_argument_group("classifier")
-    g.add_argument("--classifier-steps", type=int, default=300)
-    g.add_argument("--classifier-minutes", type=float, default=8.0)
+    g.add_argument("--classifier-steps", type=int, default=250)
+    g.add_argument("--classifier-minutes", type=float, default=6.0)
     g.add_argument("--classifier-shortlist", type=int, default=1024,
                    help="label agreement over this exit shortlist (0: full vocabulary)")
     g = p.add_argument_group("certify")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--delta", type=float, default=0.1)
-    g.add_argument("--ltt-prompts", type=int, default=300)
+    g.add_argument("--ltt-prompts", type=int, default=1200,
+                   help="i.i.d. calibration windows: certifying epsilon=0.01 at delta=0.1 needs several hundred")
+    g.add_argument("--ltt-tokens", type=int, default=8, help="reference tokens per calibration window")
     g.add_argument("--ltt-test-prompts", type=int, default=60)
     g = p.add_argument_group("evaluate")
     g.add_argument("--eval-windows", type=int, default=64)
@@ -132,7 +134,7 @@ def main(args) -> int:
             chosen = (report.get("calibration") or {}).get("chosen") or {}
             status = ltt_calibrate.main(argparse.Namespace(
                 model=str(model_dir), text=None, epsilon=args.epsilon, delta=args.delta, prompts=args.ltt_prompts,
-                tokens=32, context=96, test_prompts=args.ltt_test_prompts, measure=chosen.get("measure"),
+                tokens=args.ltt_tokens, context=96, test_prompts=args.ltt_test_prompts, measure=chosen.get("measure"),
                 exit_layers=",".join(str(k) for k in chosen["exit_layers"]) if chosen.get("exit_layers") else None,
                 exit_vocab_size=chosen.get("exit_vocab_size"), kv_policy=chosen.get("kv_policy"), seed=0,
                 write_defaults=False, threads=args.threads))
