@@ -396,12 +396,15 @@ class Runtime:
         full = sum(t.full_macs for t in traces)
         totals = decoder.totals
         decode_s = max(total_s - prefill_s, 1e-9)
+        # The breakdown by kind of work is kept by the step decoders; a speculative round's work is only
+        # known as a whole (in compute_fraction and the rounds' draft/verify times).
+        breakdown = {} if isinstance(decoder, SpeculativeDecoder) else {
+            "kv_fill_fraction": totals.kv_fill_macs / full,
+            "head_fraction": (totals.head_macs + self.costs.head_macs) / full}
         return {
             "mode": mode, "model": self.name, "num_layers": L, "prompt_tokens": prompt_len, "new_tokens": n,
             "layers_run_mean": sum(t.exit_layer for t in traces) / n,
-            "compute_fraction": macs / full,
-            "kv_fill_fraction": totals.kv_fill_macs / full,
-            "head_fraction": (totals.head_macs + self.costs.head_macs) / full,
+            "compute_fraction": macs / full, **breakdown,
             "exit_layer_histogram": {str(k): v for k, v in sorted(Counter(t.exit_layer for t in traces).items())},
             "tokens_per_s": n / total_s, "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
             "ms_per_token": 1000 * total_s / n, "prefill_ms": 1000 * prefill_s, "total_ms": 1000 * total_s,
