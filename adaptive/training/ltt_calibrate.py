@@ -122,7 +122,10 @@ def main(args) -> int:
     cfg = rt.early_exit_config(**knobs)
     prompts = _windows(rt, "validation", args.prompts, args.context, args.seed, args.text)
     losses_by_prompt = []
-    thresholds = sorted({round(x, 3) for x in np.linspace(0.3, 0.999, 71)} | {0.995, 0.998}, reverse=True)
+    # Dense over (0, 1): logit measures like margin live near 0, probabilities near 1. Fixed-sequence
+    # testing pays nothing for a long grid: it stops at the first threshold it cannot certify.
+    grid = np.concatenate([np.geomspace(1e-3, 0.3, 40), np.linspace(0.3, 0.999, 71), [0.995, 0.998]])
+    thresholds = sorted({round(float(x), 4) for x in grid}, reverse=True)
     for prompt in tqdm(prompts, desc="calibration prompts"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
         exit_ids = rt._shortlist(cfg.exit_vocab_size, prompt)
