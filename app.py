@@ -296,11 +296,16 @@ def _drain_in_thread(stream, stop: threading.Event, interval: float) -> Iterator
 
 # ---- event handlers ------------------------------------------------------------------------------------------
 def on_page_load():
-    """Model line at the top of the page; says plainly when the bundled model is missing."""
+    """Model line at the top of the page, and the knobs set to the default model's calibrated defaults
+    (so Generate uses them unless the user changes them); says plainly when the bundled model is missing."""
     name = default_model()
-    if MODELS.loaded(name):
-        return startup_message() or model_info(MODELS.get(name))
-    return startup_message() or f"Model **{html.escape(name)}** loads on first use."
+    message = startup_message()
+    if message:
+        return (message, *[gr.skip()] * 5)
+    try:
+        return on_load_model(name)
+    except Exception:  # noqa: BLE001 - a model that fails to load is reported on first use, not at page load
+        return (f"Model **{html.escape(name)}** loads on first use.", *[gr.skip()] * 5)
 
 
 def on_load_model(model: str):
@@ -576,7 +581,8 @@ def build_app() -> gr.Blocks:
 
         outputs = [status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, token_pick, download,
                    spec_tokens, spec_plot, spec_rounds, session]
-        demo.load(on_page_load, outputs=[banner], api_name="init")
+        demo.load(on_page_load, outputs=[banner, threshold, measure, kv_policy, exit_layers, draft_vocab_size],
+                  api_name="init")
         load_btn.click(on_load_model, inputs=[model],
                        outputs=[banner, threshold, measure, kv_policy, exit_layers, draft_vocab_size],
                        api_name="load_model")

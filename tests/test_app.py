@@ -72,7 +72,7 @@ def test_missing_bundled_model_is_reported_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(adaptive.runtime, "DEFAULT_MODEL_DIR", tmp_path / "pycoder-8l")
     monkeypatch.delenv("ADAPTIVE_MODEL", raising=False)
     assert "bundled model is not in" in app.startup_message()
-    assert "bundled model is not in" in app.on_page_load()
+    assert "bundled model is not in" in app.on_page_load()[0]  # banner first, knobs left as they are
     app.build_app()  # the page still builds
     with pytest.raises(gr.Error, match="bundled default model is missing"):
         app.load_model(app.BUNDLED)
@@ -232,3 +232,18 @@ def test_attribution_matches_the_lens_and_is_complete(tiny_checkpoint):
         assert set(attr.ablation) <= {-1.0, 0.0, 1.0}
     patience = explain_exit(rt, res.prompt_ids, res.token_ids, 1, 2, 0.3, "patience", n_steps=8)
     assert patience.measure == "max_prob" and "not differentiable" in patience.notes[0]
+
+
+def test_page_load_sets_the_knobs_to_the_models_defaults(tiny_checkpoint, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    import app
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    (model_dir / "adaptive_defaults.json").write_text(json.dumps(
+        {"early_exit": {"threshold": 0.42, "measure": "margin", "exit_layers": [2, 3]}}))
+    monkeypatch.setenv("ADAPTIVE_MODEL", str(model_dir))
+    banner, threshold, measure, kv_policy, exit_layers, _ = app.on_page_load()
+    assert threshold.value == 0.42 and measure.value == "margin" and exit_layers == "2,3"
