@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..exit_classifier import CLASSIFIER_FILE, ExitClassifier, features
 from ..runtime import Runtime
-from .train_exits import _hidden_states, _token_stream
+from .train_exits import _hidden_states, prepare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,16 +64,8 @@ def _batch(rt: Runtime, ids: torch.Tensor, pick: torch.Tensor, shortlist_ids: to
 def main(args) -> int:
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rt = Runtime.from_pretrained(args.model)
+    rt, out, stream, seq_len = prepare(args, CLASSIFIER_FILE)
     L, d = rt.spec.num_layers, rt.spec.hidden_size
-    out = Path(args.out) if args.out else Path(rt.directory) / CLASSIFIER_FILE
-    stream = _token_stream(rt, args.text)
-    seq_len = min(args.seq_len, rt.spec.max_positions)
-    if len(stream) <= seq_len + 1:
-        raise SystemExit(f"error: the text has only {len(stream)} tokens; need more than {seq_len + 1}")
     shortlist_ids = None
     if args.shortlist:
         if not rt.draft_ranking:

@@ -59,6 +59,20 @@ def _token_stream(rt: Runtime, text_files: list[str] | None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def prepare(args, default_file: str) -> tuple[Runtime, Path, torch.Tensor, int]:
+    """Shared set-up of the exit trainers: (runtime, output path, token stream, sequence length)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rt = Runtime.from_pretrained(args.model)
+    out = Path(args.out) if args.out else Path(rt.directory) / default_file
+    stream = _token_stream(rt, args.text)
+    seq_len = min(args.seq_len, rt.spec.max_positions)
+    if len(stream) <= seq_len + 1:
+        raise SystemExit(f"error: the text has only {len(stream)} tokens; need more than {seq_len + 1}")
+    return rt, out, stream, seq_len
+
+
 @torch.inference_mode()
 def _hidden_states(rt: Runtime, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Hidden states after each layer k = 1..L-1 and the final log-probs, for ids (B, T)."""
@@ -116,17 +130,9 @@ def _load_state(run_dir: Path, adapters, opt: torch.optim.Optimizer, d: int, L: 
 def main(args) -> int:
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rt = Runtime.from_pretrained(args.model)
+    rt, out, stream, seq_len = prepare(args, ADAPTER_FILE)
     model = rt.model
     d, L = model.spec.hidden_size, model.spec.num_layers
-    out = Path(args.out) if args.out else Path(rt.directory) / ADAPTER_FILE
-    stream = _token_stream(rt, args.text)
-    seq_len = min(args.seq_len, model.spec.max_positions)
-    if len(stream) <= seq_len + 1:
-        raise SystemExit(f"error: the text has only {len(stream)} tokens; need more than {seq_len + 1}")
     adapters = {k: (torch.zeros(d, d, requires_grad=True), torch.zeros(d, requires_grad=True)) for k in range(1, L)}
     params = [p for pair in adapters.values() for p in pair]
     opt = torch.optim.Adam(params, lr=args.lr)
