@@ -605,10 +605,14 @@ def preload(name: str) -> None:
     """Load the default model and run a few tokens before the first user arrives (first-token latency)."""
     try:
         runtime = MODELS.get(name)
-        result = runtime.generate("def f(x):\n", max_new_tokens=4, mode="early_exit")
         runtime.host_costs()  # measured once per model; speculation's first request would otherwise wait for it
-        from adaptive.lens import lens
-        lens(runtime, result.prompt_ids, result.token_ids)
+        # One short request through the whole handler warms every path a user's first Generate takes:
+        # decoding, the lens, the full-depth audit, figure building and trace writing.
+        cfg = runtime.early_exit_config()
+        exits = ",".join(str(k) for k in sorted(cfg.exit_points(runtime.spec.num_layers)))
+        for _ in on_generate(name, "def f(x):\n", "early_exit", cfg.threshold, cfg.measure, cfg.kv_policy, exits,
+                             8, 0.0, None, "confidence measure"):
+            pass
     except Exception as e:  # noqa: BLE001 - a missing model is reported in the page, never fatal
         print(f"[app] default model not preloaded: {e}", flush=True)
 
