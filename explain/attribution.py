@@ -130,7 +130,6 @@ def explain_exit(runtime, prompt_ids: list[int], token_ids: list[int], index: in
     context = list(prompt_ids) + list(token_ids[:index])
     if len(context) > max_context:
         raise InvalidRequestError(f"the context has {len(context)} tokens; attribution is limited to {max_context}")
-    T = len(context)
     scorer = make_measure(measure, classifier=classifier) if measure == "classifier" else make_measure(measure)
     # The learned classifier needs the layer count; the other measures read it from nothing but their inputs.
     extra = {"layer": layer} if measure == "classifier" else {}

@@ -7,7 +7,6 @@ from adaptive import Runtime
 from adaptive.config import EarlyExitConfig
 from adaptive.costs import CostModel
 from adaptive.early_exit import EarlyExitDecoder
-from adaptive.exits import ExitHeads
 
 from conftest import make_model, random_prompt
 

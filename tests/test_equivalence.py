@@ -1,6 +1,5 @@
 """Our lean forward against Hugging Face's, on tiny random models of every supported family."""
 
-import pytest
 import torch
 
 from adaptive import Runtime

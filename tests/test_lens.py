@@ -1,7 +1,6 @@
 """The lens pass agrees with what a decode computes at the same layer and position."""
 
 import pytest
-import torch
 
 from adaptive import Runtime
 from adaptive.lens import lens

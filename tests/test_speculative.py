@@ -6,7 +6,7 @@ import torch
 from adaptive import Runtime
 from adaptive.config import SamplingConfig
 from adaptive.sampling import Sampler
-from adaptive.speculative import LOOKUP_KEY, Draft, LookupDrafter, SpeculativeDecoder
+from adaptive.speculative import Draft, LookupDrafter, SpeculativeDecoder
 
 from conftest import build_tiny_checkpoint, make_model, random_prompt
 

@@ -140,10 +140,6 @@ def main(args) -> int:
         return 1
     tested = next(t for t in result.tested if t["threshold"] == result.threshold)
     exit_layers = sorted(cfg.exit_points(rt.spec.num_layers))
-    cert = Certificate(epsilon=args.epsilon, delta=args.delta, n=result.n, measure=cfg.measure,
-                       threshold=result.threshold, exit_layers=exit_layers, exit_vocab_size=cfg.exit_vocab_size,
-                       kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
-                       observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens)
     # Held-out check with the real decoder (the policy's own K/V), teacher-forced on TEST windows.
     agree = total = 0
     settings = dict(measure=cfg.measure, threshold=result.threshold, exit_layers=tuple(exit_layers),
@@ -155,9 +151,13 @@ def main(args) -> int:
                              follow=reference, **settings)
         agree += sum(a == b for a, b in zip(forced.token_ids, reference))
         total += len(reference)
-    payload = {**cert.__dict__, "test_agreement": agree / total, "test_tokens": total}
+    cert = Certificate(epsilon=args.epsilon, delta=args.delta, n=result.n, measure=cfg.measure,
+                       threshold=result.threshold, exit_layers=exit_layers, exit_vocab_size=cfg.exit_vocab_size,
+                       kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
+                       observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
+                       test_agreement=agree / total, test_tokens=total)
     path = Path(rt.directory) / CERTIFICATE_FILE
-    path.write_text(json.dumps(payload, indent=1))
+    cert.save(path)
     print(f"wrote {path}: threshold {result.threshold}, test agreement {agree / total:.4f} on {total} tokens")
     if args.write_defaults:
         defaults_path = Path(rt.directory) / DEFAULTS_FILE
