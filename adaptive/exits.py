@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, InvalidRequestError
-from .model import LeanModel
+from .model import LeanModel, matvec_layout
 
 ADAPTER_FILE = "exit_adapters.safetensors"
 ADAPTER_FORMAT = "adaptive-exit-adapters"
@@ -29,7 +29,8 @@ ADAPTER_FORMAT = "adaptive-exit-adapters"
 class ExitHeads:
     def __init__(self, model: LeanModel, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.model = model
-        self.adapters = dict(adapters or {})
+        # Adapters run at batch 1 on every exit check: store them in the fast mat-vec layout.
+        self.adapters = {k: (matvec_layout(w), b) for k, (w, b) in (adapters or {}).items()}
         self.source: str = "logit lens"
 
     def adapt(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
@@ -58,7 +59,7 @@ class ShortlistHead:
     def __init__(self, heads: ExitHeads, ids: torch.Tensor | None):
         self.heads, self.ids = heads, ids
         # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
-        self.weight = heads.model.w.lm_head.index_select(0, ids).contiguous() if ids is not None else None
+        self.weight = matvec_layout(heads.model.w.lm_head.index_select(0, ids)) if ids is not None else None
 
     @property
     def size(self) -> int:

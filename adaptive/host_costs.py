@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import LeanModel
+from .model import LeanModel, matvec_layout
 
 PROBE_WIDTHS = (1, 2, 4, 8)  # positions per pass that are timed; others are interpolated
 
@@ -80,7 +80,7 @@ class HostCosts:
 @torch.inference_mode()
 def measure_head_rows(model: LeanModel, rows: int, repeats: int = 25) -> float:
     """ms for a final norm + LM head restricted to ``rows`` vocabulary rows (the draft shortlist)."""
-    weight = model.w.lm_head[:rows].contiguous()
+    weight = matvec_layout(model.w.lm_head[:rows])  # the layout ShortlistHead uses
     h = torch.randn(1, 1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
     times = []
     for _ in range(repeats):

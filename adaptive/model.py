@@ -71,22 +71,40 @@ def _cat_or_none(parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch
                       for b, w in parts])
 
 
+def matvec_layout(w: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix, stored transposed: a view of an (in, out) contiguous copy.
+
+    ``F.linear(x, w)`` computes x @ w.T; with this layout w.T is contiguous, and a batch-1 mat-vec
+    streams the weights row after row. Measured on this project's CPU (one thread, 1376x256 fp32
+    matrices, weights streamed from cache): 14-16 GB/s against 8-11 GB/s for the row-major (out, in)
+    layout checkpoints use, i.e. ~1.5x faster decoding matmuls, and also faster at T=4 (verification).
+    The values are bit-identical; only the summation order inside the BLAS kernel may differ.
+    """
+    return w.T.contiguous().T
+
+
 def fuse_layer(lw: LayerWeights) -> None:
-    """Replace q/k/v and gate/up by views into fused matrices (fewer, larger matmuls at batch 1)."""
-    qkv = torch.cat((lw.q_w, lw.k_w, lw.v_w))
+    """Give one layer its decode layout (a copy, so only for weights we own): q/k/v and gate/up fused
+    into one matrix each (fewer, larger matmuls at batch 1), every matrix in ``matvec_layout``.
+    The per-projection fields become views into the fused matrices, so nothing else changes."""
+    qkv = matvec_layout(torch.cat((lw.q_w, lw.k_w, lw.v_w)))
     nq, nk = lw.q_w.shape[0], lw.k_w.shape[0]
     lw.qkv_w = qkv
     lw.qkv_b = _cat_or_none([(lw.q_b, lw.q_w), (lw.k_b, lw.k_w), (lw.v_b, lw.v_w)])
     lw.q_w, lw.k_w, lw.v_w = qkv[:nq], qkv[nq:nq + nk], qkv[nq + nk:]
     if lw.qkv_b is not None:
         lw.q_b, lw.k_b, lw.v_b = lw.qkv_b[:nq], lw.qkv_b[nq:nq + nk], lw.qkv_b[nq + nk:]
+    lw.o_w = matvec_layout(lw.o_w)
+    lw.down_w = matvec_layout(lw.down_w)
     if lw.gate_w is not None:
         ff = lw.gate_w.shape[0]
-        lw.gate_up_w = torch.cat((lw.gate_w, lw.up_w))
+        lw.gate_up_w = matvec_layout(torch.cat((lw.gate_w, lw.up_w)))
         lw.gate_up_b = _cat_or_none([(lw.gate_b, lw.gate_w), (lw.up_b, lw.up_w)])
         lw.gate_w, lw.up_w = lw.gate_up_w[:ff], lw.gate_up_w[ff:]
         if lw.gate_up_b is not None:
             lw.gate_b, lw.up_b = lw.gate_up_b[:ff], lw.gate_up_b[ff:]
+    else:
+        lw.up_w = matvec_layout(lw.up_w)
 
 
 class LeanModel:
@@ -98,6 +116,8 @@ class LeanModel:
         if fuse:
             for lw in weights.layers:
                 fuse_layer(lw)
+            # A separate copy even when tied: the embedding lookup wants rows, the head wants columns.
+            weights.lm_head = matvec_layout(weights.lm_head)
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         if spec.positional == "rope":
@@ -122,6 +142,12 @@ class LeanModel:
     def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         d = (self.spec.hidden_size,)
         if self.spec.norm_kind == "rms":
+            if x.dtype == torch.float32:
+                # F.rms_norm on CPU is a composite with dtype round trips: ~15 us per call at batch 1
+                # against ~10 us for these ops (measured), and a model calls it 2L+1 times per token.
+                # Same arithmetic as transformers' LlamaRMSNorm in fp32: x * rsqrt(mean(x^2) + eps) * w.
+                mean_square = x.square().sum(-1, keepdim=True).mul_(1.0 / d[0])
+                return x * torch.rsqrt(mean_square.add_(self.spec.norm_eps)) * w
             return F.rms_norm(x, d, w, self.spec.norm_eps)
         return F.layer_norm(x, d, w, b, self.spec.norm_eps)
 

@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pilot", action="store_true",
                    help="short run, no export, no checkpoint; prints a JSON summary (default 4 min)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast for forward and loss (fp32 master weights and optimizer); "
+                        "2-3x faster on CPUs with AMX/AVX512-BF16")
     p.add_argument("--full-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the whole validation split at the end (default on unless --pilot)")
 
@@ -241,8 +244,9 @@ def main(args: argparse.Namespace) -> int:
             drop = {i for i in range(L) if r[i].item() < exit_cfg.layer_drop_rate(i)}
             perm = torch.randperm(L - 1, generator=g)[:exit_cfg.exits_per_step] + 1
             exits = set(perm.tolist()) if exit_cfg.ramp(progress) > 0 else set()
-        h, kept = forward_layers(model, x, keep=exits, drop=drop)
-        parts = early_exit_loss(exit_cfg, lambda z: head(model, z), head(model, h), y, kept, progress, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            h, kept = forward_layers(model, x, keep=exits, drop=drop)
+            parts = early_exit_loss(exit_cfg, lambda z: head(model, z), head(model, h), y, kept, progress, g)
         opt.zero_grad(set_to_none=True)
         parts.total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
