@@ -60,6 +60,7 @@ class ShortlistHead:
         self.heads, self.ids = heads, ids
         # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
         self.weight = matvec_layout(heads.model.w.lm_head.index_select(0, ids)) if ids is not None else None
+        self.weight_t = self.weight.T if self.weight is not None else None  # (d, n), contiguous
 
     @property
     def size(self) -> int:
@@ -70,7 +71,7 @@ class ShortlistHead:
         if self.weight is None:
             return self.heads.logits(h, layers_run)[0, 0]
         x = self.heads.model.final_norm(self.heads.adapt(h, layers_run))
-        return F.linear(x, self.weight)[0, 0]
+        return torch.mm(x.view(1, -1), self.weight_t)[0]  # (1, d) @ (d, n): the stored layout, no wrapper
 
     def token(self, index: int) -> int:
         """Vocabulary id of position ``index`` in this head's logits."""

@@ -27,6 +27,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.fill = [0] * num_layers
+        # Per-layer views (B, Hkv, T, hd): one narrow per access instead of a multi-axis index.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
 
     @property
     def num_layers(self) -> int:
@@ -39,8 +41,8 @@ class KVCache:
             raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
         if end > self.max_len:
             raise CacheHoleError(f"layer {layer}: write up to {end} exceeds the cache length {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        self.k_layers[layer].narrow(2, start, end - start).copy_(k)
+        self.v_layers[layer].narrow(2, start, end - start).copy_(v)
         self.fill[layer] = max(self.fill[layer], end)
 
     def write_layers(self, first_layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -59,7 +61,7 @@ class KVCache:
         """Views (B, Hkv, end-start, hd) of the valid K/V of positions [start, end) in one layer."""
         if end > self.fill[layer]:
             raise CacheHoleError(f"layer {layer}: reading up to {end} but only {self.fill[layer]} positions are filled")
-        return self.k[layer, :, :, start:end], self.v[layer, :, :, start:end]
+        return self.k_layers[layer].narrow(2, start, end - start), self.v_layers[layer].narrow(2, start, end - start)
 
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` positions in every layer (stale slots are simply overwritten later)."""

@@ -33,7 +33,7 @@ import torch
 from .costs import CostModel
 from .decoding import Decoder
 from .errors import InvalidRequestError
-from .exits import ExitHeads, MaxProb, ShortlistHead
+from .exits import ExitHeads, ShortlistHead
 from .host_costs import HostCosts
 from .model import LeanModel
 from .sampling import Sampler
@@ -123,16 +123,31 @@ class SpeculationController:
         self.draft_model_step_ms = draft_model_step_ms
         self.off_for = 0  # plain steps left before speculation is tried again
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
+        self._memo: dict[tuple, float] = {}
 
-    # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup
+    # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup.
+    # They are fixed for the controller's lifetime and asked for several times per drafted token, so
+    # each (depth, k) is interpolated once.
     def draft_step_ms(self, depth: int) -> float:
+        key = ("draft", depth)
+        if key not in self._memo:
+            self._memo[key] = self._draft_step_ms(depth)
+        return self._memo[key]
+
+    def verify_ms(self, depth: int, k: int) -> float:
+        key = ("verify", depth, k)
+        if key not in self._memo:
+            self._memo[key] = self._verify_ms(depth, k)
+        return self._memo[key]
+
+    def _draft_step_ms(self, depth: int) -> float:
         if depth == LOOKUP_KEY:
             return 0.0  # an n-gram search: no model call
         if depth == DRAFT_MODEL_KEY:
             return self.draft_model_step_ms or 0.0
         return self.host.layers(depth) + (self.draft_head_ms if self.draft_head_ms is not None else self.host.head())
 
-    def verify_ms(self, depth: int, k: int) -> float:
+    def _verify_ms(self, depth: int, k: int) -> float:
         start = depth if depth > 0 else 0  # without a shallow path the verifier runs every layer
         return self.host.layers(self.L - start, max(k, 1)) + self.host.head(max(k, 1))
 
@@ -348,7 +363,6 @@ class SpeculativeDecoder(Decoder):
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
-        self._max_prob = MaxProb()
 
     def prefill(self, prompt_ids: torch.Tensor):
         self.context = prompt_ids[0].tolist()
@@ -360,8 +374,9 @@ class SpeculativeDecoder(Decoder):
         Returns (token, q over the full vocabulary or None for greedy, q(token), draft confidence = max q).
         """
         if self.sampler.config.greedy:
-            conf = float(self._max_prob.score(logits, None, None))
-            best = int(torch.argmax(logits))
+            # max_prob and argmax from one softmax (this runs once per drafted token)
+            conf_t, best_t = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            conf, best = conf_t.item(), best_t.item()
             return (best if ids is None else int(ids[best])), None, conf, conf
         q = self.sampler.distribution(logits)  # same temperature / top-k / top-p as the verifier's p
         pick = int(torch.multinomial(q, 1, generator=self.sampler.generator))
@@ -376,14 +391,19 @@ class SpeculativeDecoder(Decoder):
 
         logits: (k, V) verifier logits at positions pos..pos+k-1 (predicting t1..tk).
         """
-        p_probs = []
+        p_probs: list[float] = []
+        if self.sampler.config.greedy:
+            # One softmax and one argmax over all k positions instead of k of each.
+            k = len(draft.tokens)
+            drafted = torch.tensor(draft.tokens, device=logits.device)[:, None]  # (k, 1)
+            p_all = torch.softmax(logits[:k].float(), dim=-1).gather(1, drafted)[:, 0].tolist()
+            targets = logits[:k].argmax(dim=-1).tolist()
+            for i, token in enumerate(draft.tokens):
+                p_probs.append(p_all[i])
+                if token != targets[i]:
+                    return i, targets[i], p_probs
+            return k, -1, p_probs
         for i, token in enumerate(draft.tokens):
-            if self.sampler.config.greedy:
-                p_probs.append(float(torch.softmax(logits[i].float(), -1)[token]))
-                target = int(torch.argmax(logits[i]))
-                if token != target:
-                    return i, target, p_probs
-                continue
             p = self.sampler.distribution(logits[i])
             q = draft.q[i]
             p_tok = float(p[token])
