@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
-MODES = ("full", "early_exit", "speculative")
+MODES = ("full", "early_exit", "speculative", "auto")
 KV_POLICIES = ("propagate", "defer")
 MEASURES = ("max_prob", "margin", "entropy", "cosine", "patience", "classifier")
 # Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.

@@ -25,6 +25,8 @@ from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
+from .gate import GATE_FILE, PromptGate
+from .scheduler import AUTO_KNOBS, Plan, Scheduler
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
 from .model import LeanModel
 from .sampling import Sampler
@@ -64,6 +66,7 @@ class Runtime:
         self.draft_ranking: list[int] | None = None  # token ids by frequency, for the draft shortlist
         self.exit_classifier: ExitClassifier | None = None  # learned exit decisions (measure="classifier")
         self.certificate: Certificate | None = None  # Learn-then-Test certificate of an early-exit setting
+        self.gate: PromptGate | None = None  # prompt-level gate: which path is enough for a prompt
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
@@ -71,6 +74,7 @@ class Runtime:
         self._draft_runtimes: dict[str, "Runtime"] = {}
         priors = {int(k): float(v) for k, v in self.defaults.get("speculative", {}).get("acceptance_priors", {}).items()}
         self.acceptance = AcceptanceStats(priors)  # running acceptance, shared by every request
+        self.scheduler = Scheduler(self)  # mode="auto": running costs and audits, shared by every request
 
     @property
     def paths(self) -> dict[str, int]:
@@ -118,6 +122,8 @@ class Runtime:
         if (directory / CLASSIFIER_FILE).is_file():
             self.exit_classifier = ExitClassifier.load(directory / CLASSIFIER_FILE, self.spec.hidden_size,
                                                        self.spec.num_layers)
+        if (directory / GATE_FILE).is_file():
+            self.gate = PromptGate.load(directory / GATE_FILE, self.spec.hidden_size, self.paths)
         if (directory / CERTIFICATE_FILE).is_file():
             self.certificate = Certificate.load(directory / CERTIFICATE_FILE)
         if (directory / DRAFT_VOCAB_FILE).is_file():
@@ -285,6 +291,15 @@ class Runtime:
         """Validate everything up front, then return an iterator of TokenTrace records."""
         prompt_ids = self.encode(prompt)
         self._check_lengths(len(prompt_ids), max_new_tokens)
+        plan: Plan | None = None
+        if mode == "auto":
+            unknown = set(options) - set(AUTO_KNOBS) - {*SAMPLING_KNOBS, "stop_at_eos"}
+            if unknown:
+                raise InvalidRequestError(f"unknown option(s) {sorted(unknown)} for mode='auto'; valid: "
+                                          f"{', '.join([*AUTO_KNOBS, *SAMPLING_KNOBS, 'stop_at_eos'])}")
+            plan = self.scheduler.plan(prompt_ids, {k: v for k, v in options.items() if k in AUTO_KNOBS})
+            options = {**{k: v for k, v in options.items() if k not in AUTO_KNOBS}, **plan.options}
+            mode = plan.mode
         sampling = SamplingConfig(temperature=temperature, seed=seed, top_k=options.get("top_k", 0),
                                   top_p=options.get("top_p", 1.0))
         eos = set(self.spec.eos_token_ids) if options.get("stop_at_eos", True) else set()
@@ -299,7 +314,29 @@ class Runtime:
                 raise InvalidRequestError(f"follow has {len(follow)} tokens but max_new_tokens={max_new_tokens}")
         records = self._records(prompt_ids, prompt_text, max_new_tokens, mode, sampler, decoder, settings, eos,
                                 follow)
-        return GenerationStream(records)
+        return GenerationStream(records if plan is None else self._auto_records(records, plan))
+
+    def _auto_records(self, records, plan: Plan):
+        """Pass the chosen mode's records through, then charge the scheduling work to the request and
+        feed the measured cost (and, when drawn, a full-depth audit) back to the scheduler."""
+        result = yield from records
+        self.scheduler.observe(plan, result)
+        st = result.stats
+        gate_macs = plan.gate["feature_macs"] if plan.gate else 0
+        audit_macs = plan.audit["macs"] if plan.audit else 0
+        audit_ms = plan.audit["ms"] if plan.audit else 0.0
+        st["served_by"] = st["mode"]
+        st["mode"] = "auto"
+        st["auto"] = plan.to_dict()
+        # Honest totals: the gate's pass is part of what this request cost; a drawn audit (a monitoring
+        # cost that serves later requests, paid by ~audit_rate of them) is reported beside it.
+        st["decode_compute_fraction"] = st["compute_fraction"]
+        st["compute_fraction"] = (st["macs"] + gate_macs) / st["full_macs"]
+        st["audit_compute_fraction"] = audit_macs / st["full_macs"]
+        st["scheduling_ms"] = plan.plan_ms + audit_ms
+        st["total_ms"] += plan.plan_ms + audit_ms
+        st["ms_per_token"] = st["total_ms"] / max(1, st["new_tokens"])
+        return result
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, mode: str = "full",
                  temperature: float = 0.0, seed: int | None = None, **options) -> GenerationResult:

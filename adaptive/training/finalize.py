@@ -9,6 +9,7 @@ Stages, in order, each skippable (``--skip-<stage>``):
   calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
   certify      Learn-then-Test certificate for the calibrated family (``ltt_calibrate``)
                -> ``calibration_certificate.json`` (the default setting itself is left as calibrated)
+  gate         the prompt-level gate from real runs of every path (``train_gate``) -> ``prompt_gate.safetensors``
   card         early-exit decoding table and completions on the test split -> ``README.md``
 
 Every measurement lands in ``finalize_report.json`` next to the model (merged stage by stage), so a
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("draft-vocab", "exits", "classifier", "evaluate", "calibrate", "certify", "card")
+STAGES = ("draft-vocab", "exits", "classifier", "evaluate", "calibrate", "certify", "gate", "card")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="i.i.d. calibration windows: certifying epsilon=0.01 at delta=0.1 needs several hundred")
     g.add_argument("--ltt-tokens", type=int, default=8, help="reference tokens per calibration window")
     g.add_argument("--ltt-test-prompts", type=int, default=60)
+    g = p.add_argument_group("gate")
+    g.add_argument("--gate-prompts", type=int, default=600)
     g = p.add_argument_group("evaluate")
     g.add_argument("--eval-windows", type=int, default=64)
     g.add_argument("--eval-window", type=int, default=512)
@@ -67,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--card-prompts", type=int, default=12)
     g.add_argument("--card-new-tokens", type=int, default=128)
     g.add_argument("--card-repeats", type=int, default=3)
+
+
+def rt_hidden(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
 
 
 def weights_hash(model_dir: Path) -> str:
@@ -140,6 +147,15 @@ def main(args) -> int:
                 write_defaults=False, threads=args.threads))
             cert_path = model_dir / "calibration_certificate.json"
             report["certificate"] = json.loads(cert_path.read_text()) if status == 0 and cert_path.is_file() else None
+        elif stage == "gate":
+            from . import train_gate
+
+            train_gate.main(argparse.Namespace(model=str(model_dir), text=None, prompts=args.gate_prompts, tokens=32,
+                                               tau=0.9, l2=None, run_dir=f"runs/gate/{model_dir.name}-{weights_hash(model_dir)}",
+                                               seed=0, threads=args.threads))
+            from ..gate import GATE_FILE, PromptGate
+
+            report["gate"] = PromptGate.load(model_dir / GATE_FILE, rt_hidden(model_dir), {"light": 0, "standard": 0, "full": 0}).report
         elif stage == "evaluate":
             rt = Runtime.from_pretrained(model_dir)
             ev = evaluate.evaluate(rt, "test", args.eval_windows, args.eval_window)

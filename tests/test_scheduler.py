@@ -1,0 +1,141 @@
+"""Prompt gate and runtime scheduler (mode="auto"): labels from real runs, policies, audits, bad input."""
+
+import pytest
+import torch
+
+from adaptive.errors import CheckpointError, InvalidRequestError
+from adaptive.gate import GATE_FILE, SCALAR_FEATURES, PromptGate, prompt_features
+from adaptive.runtime import Runtime
+from adaptive.training.train_gate import choose_l2, fit_logistic, mixed_windows, path_agreement
+
+from conftest import make_model, random_prompt
+
+
+def _runtime(silence_deep_layers: bool = False) -> Runtime:
+    model = make_model("llama")
+    if silence_deep_layers:
+        # Layers after the light path add nothing to the residual stream, so every path's exit head sees
+        # the final hidden state: every shallow path must agree with full depth exactly.
+        with torch.no_grad():
+            for layer in model.model.layers[1:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    return Runtime.from_model(model, share_weights=False)
+
+
+def test_gate_labels_come_from_real_runs():
+    rt = _runtime()
+    prompt = random_prompt(12, seed=3)
+    agreement = path_agreement(rt, prompt, tokens=16)
+    assert set(agreement) == {"light", "standard"}
+    reference = rt.generate(prompt, max_new_tokens=16, mode="full", stop_at_eos=False).token_ids
+    for path, value in agreement.items():
+        run = rt.generate(prompt, max_new_tokens=16, mode="full", path=path, follow=reference, stop_at_eos=False)
+        assert value == sum(a == b for a, b in zip(run.token_ids, reference)) / 16
+    assert min(agreement.values()) < 1.0  # random weights: shallow paths do disagree
+
+    silent = _runtime(silence_deep_layers=True)
+    assert path_agreement(silent, prompt, tokens=16) == {"light": 1.0, "standard": 1.0}
+
+
+def test_gate_fit_learns_a_separable_rule_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(200, 5)
+    y = (x[:, 0] > 0).float()
+    w, b = fit_logistic(x, y, l2=0.01)
+    assert ((torch.sigmoid(x @ w + b) >= 0.5).float() == y).float().mean() > 0.95
+    assert choose_l2(x, y) in (0.01, 0.1, 1.0, 3.0, 10.0, 30.0)
+
+    rt = _runtime()
+    d = rt.spec.hidden_size
+    features, scalars, macs = prompt_features(rt, random_prompt(10), layers=rt.paths["light"])
+    assert features.shape == (2 * d + len(SCALAR_FEATURES),) and set(scalars) == set(SCALAR_FEATURES) and macs > 0
+    F = features.numel()
+    gate = PromptGate(torch.randn(2, F), torch.zeros(2), torch.zeros(F), torch.ones(F), ["light", "standard"],
+                      rt.paths["light"], 0.9, {"note": "test"})
+    gate.save(tmp_path / GATE_FILE)
+    loaded = PromptGate.load(tmp_path / GATE_FILE, d, rt.paths)
+    assert loaded.probabilities(features) == pytest.approx(gate.probabilities(features))
+    assert loaded.probabilities(features)["full"] == 1.0
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        PromptGate.load(tmp_path / "broken.safetensors", d, rt.paths)
+    with pytest.raises(CheckpointError, match="shapes"):
+        PromptGate.load(tmp_path / GATE_FILE, d + 1, rt.paths)
+
+
+def test_mixed_windows_have_mixed_lengths():
+    windows = mixed_windows(list(range(5000)), 200, seed=0)
+    lengths = [len(w) for w in windows]
+    assert min(lengths) < 16 and max(lengths) > 100
+
+
+def test_quality_policy_is_lossless_without_a_certificate():
+    rt = _runtime()
+    prompt = random_prompt(10, seed=1)
+    full = rt.generate(prompt, max_new_tokens=24, mode="full")
+    auto = rt.generate(prompt, max_new_tokens=24, mode="auto", policy="quality", epsilon=0.01)
+    assert auto.token_ids == full.token_ids
+    plan = auto.stats["auto"]
+    assert plan["chosen"] in ("full", "speculative") and auto.stats["mode"] == "auto"
+    assert auto.stats["served_by"] == plan["mode"] and plan["reason"]
+
+
+def test_load_policy_moves_to_cheaper_paths_as_the_queue_grows():
+    rt = _runtime()
+    prompt = random_prompt(10, seed=2)
+    computes = []
+    for queue in (0, 2, 4, 6, 8, 20):
+        plan = rt.scheduler.plan(prompt, {"policy": "load", "queue_depth": queue})
+        chosen = next(c for c in plan.candidates if c["name"] == plan.chosen)
+        computes.append(chosen["compute"])
+    assert all(a >= b for a, b in zip(computes, computes[1:]))
+    assert computes[-1] < computes[0]
+    assert rt.scheduler.plan(prompt, {"policy": "load", "queue_depth": 20}).chosen == "path_light"
+
+
+def test_budget_and_latency_policies_respect_their_targets():
+    rt = _runtime()
+    prompt = random_prompt(10, seed=4)
+    plan = rt.scheduler.plan(prompt, {"policy": "budget", "budget": 0.5})
+    chosen = next(c for c in plan.candidates if c["name"] == plan.chosen)
+    assert chosen["compute"] <= 0.5
+    fastest = min(plan.candidates, key=lambda c: c["ms_per_token"])
+    plan = rt.scheduler.plan(prompt, {"policy": "latency", "latency_ms": 1e-6})
+    assert plan.chosen == fastest["name"] and "no candidate" in plan.reason
+
+
+def test_audits_measure_agreement_and_drive_the_fallback():
+    silent = _runtime(silence_deep_layers=True)
+    prompt = random_prompt(10, seed=5)
+    res = silent.generate(prompt, max_new_tokens=16, mode="auto", policy="budget", budget=0.5, audit_rate=1.0)
+    audit = res.stats["auto"]["audit"]
+    assert res.stats["auto"]["chosen"].startswith("path_") and audit["tokens"] == 16 and audit["agreement"] == 1.0
+    assert res.stats["audit_compute_fraction"] > 0
+
+    rt = _runtime()
+    res = rt.generate(prompt, max_new_tokens=16, mode="auto", policy="budget", budget=0.5, audit_rate=1.0)
+    # The audit's full-depth pass must agree with a real full-depth decode of the same prefixes.
+    ref = rt.generate(prompt, max_new_tokens=16, mode="full", follow=res.token_ids)
+    expected = sum(a == b for a, b in zip(ref.token_ids, res.token_ids))
+    assert res.stats["auto"]["audit"]["agree"] == expected
+    # Enough audited disagreement makes a lossy candidate ineligible under the quality policy.
+    name = res.stats["auto"]["chosen"]
+    run = rt.scheduler.running[name]
+    run.audited_tokens, run.audited_agree = 100, 20
+    cands = {c.name: c for c in rt.scheduler.candidates(prompt, None)}
+    assert cands[name].agreement == 0.2 and cands[name].basis.startswith("audited")
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"policy": "fastest"}, "unknown policy"),
+    ({"policy": "latency"}, "latency_ms"),
+    ({"policy": "budget", "budget": 1.5}, "budget"),
+    ({"epsilon": -0.1}, "epsilon"),
+    ({"queue_depth": -1}, "queue_depth"),
+    ({"threshold": 0.5}, "unknown option"),
+])
+def test_bad_auto_knobs_get_clear_errors(knobs, message):
+    rt = _runtime()
+    with pytest.raises(InvalidRequestError, match=message):
+        rt.generate(random_prompt(5), max_new_tokens=4, mode="auto", **knobs)
