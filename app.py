@@ -33,6 +33,8 @@ from adaptive import AdaptiveError, GenerationResult, Runtime, TraceFormatError
 from adaptive.config import KV_POLICIES, MEASURES
 from adaptive.speculative import DRAFTERS
 from adaptive import runtime as runtime_module
+from adaptive.scheduler import POLICIES
+from explain import scheduler_views as sched_views
 from explain import speculative_views as spec_views
 from explain import views
 
@@ -169,15 +171,18 @@ def _write_trace(session: Session) -> str:
 
 # ---- drawing: one place that turns a Session into every view ------------------------------------------------
 OUTPUT_NAMES = ("status", "tokens", "text", "heatmap", "ledger", "ledger_plot", "audit", "stats", "token_pick",
-                "download", "spec_tokens", "spec_plot", "spec_rounds", "session")
+                "download", "spec_tokens", "spec_plot", "spec_rounds", "auto_gate", "auto_plan", "session")
 
 
 def _client_safe(stats: dict) -> dict:
     """The stats as shown in the JSON panel. gradio_client takes any dict with a string "path" for a file to
-    download (its pre-4.21 FileData check), so the runtime's multi-scale "path" key would make every API call
-    fail with a 403; it is shown as "path_name" instead. The trace file keeps the runtime's own keys."""
-    if isinstance(stats.get("path"), str):
-        stats = {("path_name" if k == "path" else k): v for k, v in stats.items()}
+    download (its pre-4.21 FileData check), so the runtime's multi-scale "path" keys (top level, and nested in
+    mode="auto"'s plan) would make every API call fail with a 403; they are shown as "path_name" instead. The
+    trace file keeps the runtime's own keys."""
+    if isinstance(stats, dict):
+        return {("path_name" if k == "path" and isinstance(v, str) else k): _client_safe(v) for k, v in stats.items()}
+    if isinstance(stats, list):
+        return [_client_safe(v) for v in stats]
     return stats
 
 
@@ -206,6 +211,8 @@ def render(session: Session, heat_value: str, status: str, pending: bool = False
         spec_views.speculative_token_html(res, session.token_text),
         spec_views.speculative_figure(res, session.token_text),
         spec_views.rounds_table_html(res, session.token_text),
+        sched_views.gate_figure(res),
+        sched_views.plan_html(res),
         session,
     )
 
@@ -252,6 +259,24 @@ def _speculative_options(drafter: str, draft_model: str, draft_depth, draft_leng
         options["draft_length"] = length
     if draft_vocab_size is not None and draft_vocab_size != "":
         options["draft_vocab_size"] = _whole("Draft vocabulary size", draft_vocab_size, 0, 10**7)
+    return options
+
+
+def _auto_options(policy: str, epsilon, latency_ms, budget, queue_depth, audit_rate) -> dict[str, Any]:
+    """Runtime knobs for mode="auto": only the target the chosen policy reads is sent."""
+    if policy not in POLICIES:
+        raise _error(f"Unknown policy {policy!r}: choose one of {', '.join(POLICIES)}.")
+    try:
+        options: dict[str, Any] = {"policy": policy, "epsilon": float(epsilon), "audit_rate": float(audit_rate),
+                                   "queue_depth": _whole("Queue depth", queue_depth, 0, 1000)}
+        if policy == "latency":
+            if latency_ms is None or latency_ms == "":
+                raise _error("The latency policy needs a target in ms per token.")
+            options["latency_ms"] = float(latency_ms)
+        if policy == "budget":
+            options["budget"] = float(budget)
+    except (TypeError, ValueError) as e:
+        raise _error(f"Scheduler knobs must be numbers: {e}") from e
     return options
 
 
@@ -320,10 +345,12 @@ def on_load_model(model: str):
 def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: str, kv_policy: str,
                 exit_layers: str, max_new_tokens: int, temperature: float, seed: float | None, heat_value: str,
                 drafter: str = "self", draft_model: str = "", draft_depth: float = 0, draft_length: float = 0,
-                max_draft: float = 8, draft_vocab_size: float | None = None):
+                max_draft: float = 8, draft_vocab_size: float | None = None, policy: str = "quality",
+                epsilon: float = 0.01, latency_ms: float | None = None, budget: float = 0.6, queue_depth: float = 0,
+                audit_rate: float = 0.1):
     """Stream tokens into the token view, then draw every view (lens, full-depth audit, ledger, speculation).
 
-    The speculative knobs come last so that API clients written before they existed keep working."""
+    The speculative and scheduler knobs come last so that API clients written before they existed keep working."""
     if not prompt or not prompt.strip():
         raise _error("The prompt is empty: type some code to continue, or pick an example.")
     if not isinstance(max_new_tokens, (int, float)) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -338,8 +365,10 @@ def on_generate(model: str, prompt: str, mode: str, threshold: float, measure: s
             options["exit_layers"] = layers
     elif mode == "speculative":
         options = _speculative_options(drafter, draft_model, draft_depth, draft_length, max_draft, draft_vocab_size)
+    elif mode == "auto":
+        options = _auto_options(policy, epsilon, latency_ms, budget, queue_depth, audit_rate)
     elif mode != "full":
-        raise _error(f"Unknown mode {mode!r}: choose full, early_exit or speculative.")
+        raise _error(f"Unknown mode {mode!r}: choose full, early_exit, speculative or auto.")
     skip = tuple(gr.skip() for _ in OUTPUT_NAMES[1:])
     if not MODELS.loaded(model):
         yield ("Loading the model…", *skip)
@@ -474,6 +503,20 @@ def on_explain(token_index: int | None, layer: int, n_steps: int, model: str, th
     return views.attribution_figure(attr), views.attribution_markdown(attr)
 
 
+def on_explain_gate(path: str, n_steps: int, model: str, session: Session | None):
+    """Captum attribution of the prompt gate's verdict for one path over the prompt tokens."""
+    from explain.attribution import explain_gate
+
+    if session is None or not session.result.prompt_ids:
+        raise _error("Generate first (any mode): the gate is explained for the current prompt.")
+    runtime = load_model(session.model or model)
+    try:
+        att = explain_gate(runtime, session.result.prompt_ids, path, n_steps=int(n_steps))
+    except AdaptiveError as e:
+        raise _error(str(e)) from e
+    return sched_views.gate_attribution_figure(att)
+
+
 # ---- layout -------------------------------------------------------------------------------------------------
 def load_prompts() -> list[dict]:
     try:
@@ -503,7 +546,7 @@ def build_app() -> gr.Blocks:
                     gr.Examples([[p["prompt"]] for p in prompts], inputs=[prompt], label="Example prompts",
                                 example_labels=[f'{p.get("name", "prompt")} ({p.get("difficulty", "?")})' for p in prompts],
                                 api_name="load_example", examples_per_page=9)
-                mode = gr.Radio(["early_exit", "full", "speculative"], value="early_exit", label="Mode",
+                mode = gr.Radio(["early_exit", "full", "speculative", "auto"], value="early_exit", label="Mode",
                                 elem_id="air-mode")
                 with gr.Accordion("Early-exit knobs", open=True):
                     threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Threshold")
@@ -523,6 +566,16 @@ def build_app() -> gr.Blocks:
                         # A placeholder, or Gradio draws a blank Number as a misleading 0 (0 means full here).
                         draft_vocab_size = gr.Number(value=None, precision=0, minimum=0, placeholder="model default",
                                                      label="Draft vocabulary (blank = model default, 0 = full)")
+                with gr.Accordion("Scheduler knobs (mode auto)", open=False):
+                    policy = gr.Radio(list(POLICIES), value="quality", label="Policy", elem_id="air-policy")
+                    with gr.Row():
+                        epsilon = gr.Number(value=0.01, minimum=0, maximum=1, label="ε: allowed disagreement (quality, load)")
+                        latency_ms = gr.Number(value=None, minimum=0, label="Latency target, ms/token (latency)",
+                                               placeholder="e.g. 2.0")
+                    with gr.Row():
+                        budget = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Compute budget (budget)")
+                        queue_depth = gr.Slider(0, 20, value=0, step=1, label="Requests waiting (load)")
+                    audit_rate = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Audit rate (full-depth checks)")
                 with gr.Accordion("Length and sampling", open=False):
                     max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -556,6 +609,18 @@ def build_app() -> gr.Blocks:
                                             label="Speculative rounds", show_label=False, elem_id="air-spec-plot")
                         with gr.Accordion("Rounds (one per verifier pass)", open=True):
                             spec_rounds = gr.HTML("", elem_id="air-spec-rounds")
+                    with gr.Tab("Scheduler", id="scheduler"):
+                        auto_gate = gr.Plot(sched_views.gate_figure(GenerationResult([], "", [], {})),
+                                            label="Prompt gate", show_label=False, elem_id="air-gate-plot")
+                        auto_plan = gr.HTML(sched_views.plan_html(GenerationResult([], "", [], {})), elem_id="air-plan")
+                        with gr.Row():
+                            gate_path = gr.Dropdown(["light", "standard"], value="light", label="Gate verdict to explain",
+                                                    scale=2)
+                            gate_steps = gr.Slider(8, 128, value=32, step=8, label="IG steps", scale=2)
+                        gate_btn = gr.Button("Explain the gate's verdict (Captum)")
+                        gate_why = gr.Plot(views.empty_figure("Generate with mode auto, then press Explain.",
+                                                              sched_views.GATE_HEIGHT),
+                                           label="Gate attribution", show_label=False, elem_id="air-gate-why")
                     with gr.Tab("Audit", id="audit"):
                         audit = gr.HTML(views.audit_html(GenerationResult([], "", [], {}), None), elem_id="air-audit")
                     with gr.Tab("Why did it exit here?", id="why"):
@@ -580,7 +645,7 @@ def build_app() -> gr.Blocks:
                         analyse_btn = gr.Button("Analyse with model (lens + full-depth audit)")
 
         outputs = [status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, token_pick, download,
-                   spec_tokens, spec_plot, spec_rounds, session]
+                   spec_tokens, spec_plot, spec_rounds, auto_gate, auto_plan, session]
         demo.load(on_page_load, outputs=[banner, threshold, measure, kv_policy, exit_layers, draft_vocab_size],
                   api_name="init")
         load_btn.click(on_load_model, inputs=[model],
@@ -589,13 +654,16 @@ def build_app() -> gr.Blocks:
         gen = generate_btn.click(on_generate, inputs=[model, prompt, mode, threshold, measure, kv_policy, exit_layers,
                                                       max_new_tokens, temperature, seed, heat_value, drafter,
                                                       draft_model, draft_depth, draft_length, max_draft,
-                                                      draft_vocab_size],
+                                                      draft_vocab_size, policy, epsilon, latency_ms, budget,
+                                                      queue_depth, audit_rate],
                                  outputs=outputs, api_name="generate", show_progress="minimal")
         stop_btn.click(None, cancels=[gen], api_name="stop")
         heat_value.change(on_redraw_heatmap, inputs=[heat_value, session], outputs=[heatmap],
                           api_name="redraw_heatmap")
         upload.upload(on_load_trace, inputs=[upload, heat_value, session], outputs=outputs, api_name="load_trace")
         analyse_btn.click(on_analyse, inputs=[model, heat_value, session], outputs=outputs, api_name="analyse")
+        gate_btn.click(on_explain_gate, inputs=[gate_path, gate_steps, model, session], outputs=[gate_why],
+                       api_name="explain_gate")
         explain_btn.click(on_explain, inputs=[token_pick, why_layer, n_steps, model, threshold, measure, session],
                           outputs=[why_plot, why_text], api_name="explain")
     return demo

@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class Row:
     mean_accepted: float | None = None  # speculative rows: accepted drafted tokens per verifier pass
     acceptance_rate: float | None = None
     slower_than_full: float | None = None  # share of prompts where this row was slower than our full
+    easy_ms_per_token: float | None = None  # median wall ms/token over the prompts labelled "easy"
+    hard_ms_per_token: float | None = None  # ... and over the rest (medium + hard)
+    served_by: dict | None = None  # auto rows: which candidate served how many prompts
     repeat_tokens_per_s: list = field(default_factory=list)
 
 
@@ -71,6 +75,12 @@ def add_arguments(p) -> None:
                    help="speculative drafters to measure (comma-separated; '' for none)")
     p.add_argument("--hf-assistant", action=argparse.BooleanOptionalAction, default=True,
                    help="HF generate() with assistant_early_exit and prompt_lookup_num_tokens=10")
+    p.add_argument("--paths", action=argparse.BooleanOptionalAction, default=False,
+                   help="rows for the fixed light and standard paths")
+    p.add_argument("--auto", default="",
+                   help="mode='auto' rows, comma-separated policy specs: quality, quality@EPS, latency@MS, "
+                        "budget@FRACTION, load@QUEUE (e.g. 'quality,budget@0.6,load@4')")
+    p.add_argument("--audit-rate", type=float, default=0.1, help="audit rate of the auto rows")
     p.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
 
 
@@ -93,6 +103,27 @@ def _build(args):
     elif (ASSETS_DIR / "prompts.json").is_file() and rt.directory and rt.directory.parent == ASSETS_DIR:
         texts = [p["prompt"] for p in json.loads((ASSETS_DIR / "prompts.json").read_text())]
     return rt, hf, [rt.encode(t) for t in texts], str(rt.directory)
+
+
+def _difficulties(args, rt) -> list[str] | None:
+    """Difficulty labels of the bundled prompt set ("easy" / "medium" / "hard"), when it is the one used."""
+    if args.random_llama or args.prompts or not (rt.directory and rt.directory.parent == ASSETS_DIR):
+        return None
+    if not (ASSETS_DIR / "prompts.json").is_file():
+        return None
+    return [p.get("difficulty", "") for p in json.loads((ASSETS_DIR / "prompts.json").read_text())]
+
+
+def _auto_row(spec: str, audit_rate: float) -> "Row":
+    """'quality', 'quality@0.01', 'latency@2.5', 'budget@0.6', 'load@4' -> a mode='auto' row."""
+    policy, _, value = spec.partition("@")
+    knobs = {"policy": policy, "audit_rate": audit_rate}
+    if value:
+        key = {"quality": "epsilon", "latency": "latency_ms", "budget": "budget", "load": "queue_depth"}.get(policy)
+        if key is None:
+            raise SystemExit(f"error: unknown auto policy {policy!r} in --auto")
+        knobs[key] = int(value) if key == "queue_depth" else float(value)
+    return Row(f"auto_{spec}", "auto", knobs)
 
 
 def _hf_generate(hf, prompt: list[int], n: int, **extra) -> list[int]:
@@ -123,6 +154,13 @@ def run(args) -> dict:
             rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
     for drafter in (d for d in args.speculative.split(",") if d):
         rows.append(Row(f"speculative_{drafter}", "speculative", {"drafter": drafter}))
+    # (getattr: callers such as finalize-model build their own Namespace without these newer options)
+    if getattr(args, "paths", False):
+        rows += [Row(f"path_{name}", "full", {"path": name}) for name in ("light", "standard")]
+    rows += [_auto_row(spec, getattr(args, "audit_rate", 0.1)) for spec in getattr(args, "auto", "").split(",") if spec]
+    difficulty = _difficulties(args, rt)
+    if difficulty is not None and args.num_prompts:
+        difficulty = difficulty[:args.num_prompts]
 
     def decode(row: Row, prompt: list[int]):
         if row.mode == "hf":
@@ -154,28 +192,45 @@ def run(args) -> dict:
             row.repeat_tokens_per_s.append(len(prompts) * n / elapsed[row.name])
     median_seconds = {name: [statistics.median(t) for t in times] for name, times in per_prompt.items()}
 
-    full_out = outputs["full"]
+    full_out = outputs["full"]  # the row named "full" (path rows are mode "full" too)
     for row in rows:
         row.tokens_per_s = statistics.median(row.repeat_tokens_per_s)
         row.ms_per_token = 1000.0 / row.tokens_per_s
         matches = [sum(a == b for a, b in zip(out, ref)) for out, ref in zip(outputs[row.name], full_out)]
         row.free_agreement = sum(matches) / (len(prompts) * n)
         row.agreement = row.free_agreement
-        if row.mode == "early_exit":  # untimed: the same mode fed full depth's tokens (teacher forcing)
-            forced = [rt.generate(p, max_new_tokens=n, mode="early_exit", stop_at_eos=False, follow=ref, **row.options)
+        if row.mode == "early_exit" or (row.mode == "full" and row.options):
+            # untimed: the same mode fed full depth's tokens (teacher forcing)
+            forced = [rt.generate(p, max_new_tokens=n, mode=row.mode, stop_at_eos=False, follow=ref, **row.options)
                       for p, ref in zip(prompts, full_out)]
             row.agreement = sum(sum(a == b for a, b in zip(f.token_ids, ref)) for f, ref in zip(forced, full_out)) / (len(prompts) * n)
         row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
         if stats[row.name][0] is not None:
             row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])
-            row.compute_fraction = sum(s["macs"] for s in stats[row.name]) / sum(s["full_macs"] for s in stats[row.name])
+            # compute_fraction * full_macs: an auto row's own request cost includes its gate pass
+            row.compute_fraction = sum(s["compute_fraction"] * s["full_macs"] for s in stats[row.name]) / \
+                sum(s["full_macs"] for s in stats[row.name])
         if row.mode == "speculative":
             row.mean_accepted = statistics.fmean(s["mean_accepted_per_round"] for s in stats[row.name])
             row.acceptance_rate = statistics.fmean(s["acceptance_rate"] for s in stats[row.name])
-        if row.mode != "full":
+        if row.mode == "auto":
+            # teacher-forced agreement of whatever served each prompt, on full depth's prefixes
+            served = [s["auto"] for s in stats[row.name]]
+            row.served_by = dict(Counter(a["chosen"] for a in served))
+            forced = [rt.generate(p, max_new_tokens=n, mode=a["mode"], stop_at_eos=False, follow=ref, **a["options"])
+                      if a["mode"] != "speculative" else None for p, ref, a in zip(prompts, full_out, served)]
+            agree = [sum(x == y for x, y in zip(f.token_ids, ref)) if f is not None else
+                     sum(x == y for x, y in zip(out, ref)) for f, out, ref in zip(forced, outputs[row.name], full_out)]
+            row.agreement = sum(agree) / (len(prompts) * n)
+        if difficulty is not None:
+            easy = [median_seconds[row.name][i] for i, d in enumerate(difficulty) if d == "easy"]
+            hard = [median_seconds[row.name][i] for i, d in enumerate(difficulty) if d != "easy"]
+            row.easy_ms_per_token = 1000 * sum(easy) / (len(easy) * n) if easy else None
+            row.hard_ms_per_token = 1000 * sum(hard) / (len(hard) * n) if hard else None
+        if row.mode != "full" or row.options:
             row.slower_than_full = sum(a > b for a, b in zip(median_seconds[row.name], median_seconds["full"])) / len(prompts)
     hf_row = next((r for r in rows if r.mode == "hf"), None)
-    full_row = next(r for r in rows if r.mode == "full")
+    full_row = next(r for r in rows if r.name == "full")
     for row in rows:
         row.ratio_to_hf = row.tokens_per_s / hf_row.tokens_per_s if hf_row else None
         row.ratio_to_full = row.tokens_per_s / full_row.tokens_per_s
@@ -192,14 +247,18 @@ def _fmt(v, spec):
 
 def format_table(report: dict) -> str:
     head = (f"{'row':<28}{'tok/s':>9}{'ms/tok':>9}{'x HF':>7}{'x full':>8}{'layers':>8}{'compute':>9}{'agree':>8}"
-            f"{'exact':>7}{'acc/rnd':>9}{'slower':>8}")
+            f"{'exact':>7}{'acc/rnd':>9}{'slower':>8}{'easy ms':>9}{'hard ms':>9}")
     lines = [f"model {report['model']}, {report['prompts']} prompts x {report['max_new_tokens']} tokens, "
              f"median of {report['repeats']} repeats, batch 1, greedy, {report['torch_threads']} threads", head]
     for r in report["rows"]:
         lines.append(f"{r['name']:<28}{r['tokens_per_s']:>9.1f}{r['ms_per_token']:>9.2f}{_fmt(r['ratio_to_hf'], '>7.2f')}"
                      f"{_fmt(r['ratio_to_full'], '>8.2f')}{_fmt(r['layers_run_mean'], '>8.2f')}"
                      f"{_fmt(r['compute_fraction'], '>9.3f')}{_fmt(r['agreement'], '>8.3f')}{_fmt(r['exact_prompts'], '>7.2f')}"
-                     f"{_fmt(r['mean_accepted'], '>9.2f')}{_fmt(r['slower_than_full'], '>8.2f')}")
+                     f"{_fmt(r['mean_accepted'], '>9.2f')}{_fmt(r['slower_than_full'], '>8.2f')}"
+                     f"{_fmt(r['easy_ms_per_token'], '>9.2f')}{_fmt(r['hard_ms_per_token'], '>9.2f')}")
+    for r in report["rows"]:
+        if r.get("served_by"):
+            lines.append(f"  {r['name']} served by {r['served_by']}")
     return "\n".join(lines)
 
 

@@ -170,6 +170,14 @@ class LeanModel:
             # one roll instead of two slices, a negation and a cat (per-op overhead dominates at batch 1).
             half = sin.shape[-1] // 2
             self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
+            self.sin = sin  # (T, hd)
+            # rotate_half as a signed permutation matrix: x @ P == cat(-x2, x1). One mm on the whole
+            # (heads x hd) block instead of roll's narrow/narrow/cat; exact (one nonzero per column).
+            hd = sin.shape[-1]
+            self._rotate = torch.zeros(hd, hd, dtype=self.dtype, device=self.device)
+            idx = torch.arange(half, device=self.device)
+            self._rotate[idx + half, idx] = -1.0
+            self._rotate[idx, idx + half] = 1.0
         self._act = {"silu": F.silu, "gelu": F.gelu,
                      "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[spec.activation]
         self._kv_stack: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -217,7 +225,7 @@ class LeanModel:
         """What every layer of one pass over positions [pos, pos+T) shares: RoPE rows and masks."""
         cos = sin = None
         if self.spec.positional == "rope":
-            cos, sin = self.cos[pos:pos + T, 0], self.sin_signed[pos:pos + T, 0]  # (T, hd)
+            cos, sin = self.cos[pos:pos + T, 0], self.sin[pos:pos + T]  # (T, hd)
         return Frame(pos, T, cos, sin)
 
     def _qkv(self, lw: LayerWeights, mm: dict[str, torch.Tensor], x: torch.Tensor, frame: "Frame", B: int):
@@ -232,9 +240,8 @@ class LeanModel:
         qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H+2Hkv, T, hd)
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if frame.cos is not None:
-            # q and k rotated together: one set of ops instead of two. rotate_half(x) * sin equals
-            # roll(x, hd/2) * sin_signed (see __init__).
-            qk = torch.addcmul(qk * frame.cos, torch.roll(qk, hd // 2, dims=-1), frame.sin)
+            # q and k rotated together: one set of ops instead of two (rotate_half(x) == x @ _rotate).
+            qk = torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate), frame.sin)
         return qk[:, :H], qk[:, H:], v
 
     def _attention_mask(self, pos: int, T: int, key_start: int, window: int | None) -> torch.Tensor:
@@ -279,8 +286,9 @@ class LeanModel:
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
         if lw.gate_up_w is not None:
-            gate, up = _project(x, mm["gate_up_w"], lw.gate_up_b).chunk(2, dim=-1)  # (B*T, ff) each
-            inner = self._act(gate) * up
+            gate_up = _project(x, mm["gate_up_w"], lw.gate_up_b)  # (B*T, 2*ff): gate then up
+            ff = gate_up.shape[-1] // 2
+            inner = self._act(gate_up[:, :ff]) * gate_up[:, ff:]
         elif lw.gate_w is not None:
             inner = self._act(_project(x, mm["gate_w"], lw.gate_b)) * _project(x, mm["up_w"], lw.up_b)
         else:

@@ -20,7 +20,7 @@ from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
 from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
-from .speculative import AcceptanceStats, DraftModelDrafter, SpeculationController, SpeculativeDecoder
+from .speculative import AcceptanceStats, DraftModelDrafter, RoundTimings, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
@@ -74,6 +74,7 @@ class Runtime:
         self._draft_runtimes: dict[str, "Runtime"] = {}
         priors = {int(k): float(v) for k, v in self.defaults.get("speculative", {}).get("acceptance_priors", {}).items()}
         self.acceptance = AcceptanceStats(priors)  # running acceptance, shared by every request
+        self.round_timings = RoundTimings()  # measured / predicted round costs, shared by every request
         self.scheduler = Scheduler(self)  # mode="auto": running costs and audits, shared by every request
 
     @property
@@ -214,7 +215,7 @@ class Runtime:
         depths = tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
         controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
-                                           draft_head_ms=draft_head_ms)
+                                           draft_head_ms=draft_head_ms, timings=self.round_timings)
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
                                      draft_model=draft_model, draft_ids=draft_ids)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",

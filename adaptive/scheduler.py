@@ -72,6 +72,7 @@ class Plan:
     audited: bool = False
     audit: dict | None = None
     plan_ms: float = 0.0
+    state: dict = field(default_factory=dict)  # the scheduler's running record when it decided
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,7 +212,14 @@ class Scheduler:
                     target={"agreement": target, "latency_ms": knobs["latency_ms"], "budget": knobs["budget"]},
                     queue_depth=knobs["queue_depth"], candidates=[c.to_dict() for c in cands],
                     gate=gate.to_dict() if gate else None, plan_ms=(time.perf_counter() - start) * 1000,
+                    state=self.state(),
                     audited=self.rng.random() < knobs["audit_rate"] and pick.agreement < 1.0)
+
+    def state(self) -> dict:
+        """Running record per candidate: requests served, measured ms/token and compute, audits."""
+        with self.lock:
+            return {name: {**asdict(run), "audited_agreement": run.audited_agreement}
+                    for name, run in self.running.items()}
 
     # ---- feedback --------------------------------------------------------------------------------
     def observe(self, plan: Plan, result) -> None:

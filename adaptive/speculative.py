@@ -42,6 +42,11 @@ from .trace import SpecRound
 DRAFTERS = ("self", "lookup", "draft_model")
 DRAFT_MODEL_KEY, LOOKUP_KEY = 0, -1  # "depth" keys of the non-self drafters in the controller
 _CONFIDENCE_BINS = 10
+MEASURE_FIRST = 3  # plain steps a runtime measures before its first speculative round
+MEASURE_EVERY = 16  # and then one round in this many, to follow changes in machine load
+# Speculate only when the predicted gain clears this: the prediction multiplies several measured
+# quantities, and on a busy CPU a predicted 1.05 is often a real 0.95.
+MIN_PREDICTED_GAIN = 1.1
 
 
 @dataclass
@@ -109,13 +114,54 @@ class AcceptanceStats:
                 b[1] += 1
 
 
+class RoundTimings:
+    """Measured / predicted time of drafts, verifications and plain steps, as running means (EMA).
+
+    The start-up host costs time bare layer and head calls; a real round also pays for embedding,
+    drawing, acceptance and bookkeeping, which is several layers' worth at batch 1 on a CPU. These
+    ratios correct the controller's predictions with what rounds actually took on this host, so its
+    choice of depth and its "switch speculation off" rule use real costs. Shared across requests.
+    """
+
+    def __init__(self, weight: float = 0.1, window: int = 32):
+        self.lock = threading.Lock()
+        self.weight = weight
+        self.ratio: dict[tuple, float] = {}
+        self.count: dict[tuple, int] = {}
+        self.recent: dict[tuple, list[float]] = {}  # the last ``window`` ratios per key
+        self.window = window
+
+    def get(self, key: tuple) -> float:
+        return self.ratio.get(key, 1.0)
+
+    def low(self, key: tuple) -> float:
+        """The lower quartile of recent ratios (1.0 before any): a plain step's cost is judged by what it
+        takes when nothing disturbs it, so noise makes speculation look worse, never better."""
+        recent = sorted(self.recent.get(key, []))
+        return recent[len(recent) // 4] if recent else 1.0
+
+    def record(self, key: tuple, measured_ms: float, predicted_ms: float) -> None:
+        if predicted_ms <= 0:
+            return
+        r = measured_ms / predicted_ms
+        with self.lock:
+            n = self.count.get(key, 0)
+            # plain mean for the first observations, then an EMA that follows drifts (load, heat)
+            w = max(self.weight, 1.0 / (n + 1))
+            self.ratio[key] = self.ratio.get(key, r) * (1 - w) + r * w
+            self.count[key] = n + 1
+            self.recent[key] = (self.recent.get(key, []) + [r])[-self.window:]
+
+
 class SpeculationController:
     """Chooses draft depth and length from measured costs and running acceptance."""
 
     def __init__(self, host: HostCosts, num_layers: int, stats: AcceptanceStats, depths: tuple[int, ...],
                  max_draft: int = 8, fixed_depth: int | None = None, fixed_length: int | None = None,
-                 draft_model_step_ms: float | None = None, draft_head_ms: float | None = None):
+                 draft_model_step_ms: float | None = None, draft_head_ms: float | None = None,
+                 timings: RoundTimings | None = None):
         self.host, self.L, self.stats = host, num_layers, stats
+        self.timings = timings or RoundTimings()
         self.draft_head_ms = draft_head_ms  # measured cost of the shortlist draft head (None: the full head)
         self.depths = (fixed_depth,) if fixed_depth is not None else depths
         self.max_draft = fixed_length or max_draft
@@ -124,21 +170,47 @@ class SpeculationController:
         self.off_for = 0  # plain steps left before speculation is tried again
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
         self._memo: dict[tuple, float] = {}
+        self.rounds_planned = 0
+        self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
 
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
     # each (depth, k) is interpolated once.
-    def draft_step_ms(self, depth: int) -> float:
+    def raw_draft_step_ms(self, depth: int) -> float:
         key = ("draft", depth)
         if key not in self._memo:
             self._memo[key] = self._draft_step_ms(depth)
         return self._memo[key]
 
-    def verify_ms(self, depth: int, k: int) -> float:
+    def raw_verify_ms(self, depth: int, k: int) -> float:
         key = ("verify", depth, k)
         if key not in self._memo:
             self._memo[key] = self._verify_ms(depth, k)
         return self._memo[key]
+
+    def raw_full_step(self) -> float:
+        if "full" not in self._memo:
+            self._memo["full"] = self.host.full_step()
+        return self._memo["full"]
+
+    # predictions corrected by what rounds measured on this host
+    def draft_step_ms(self, depth: int) -> float:
+        return self.raw_draft_step_ms(depth) * self.timings.get(("draft", depth))
+
+    def verify_ms(self, depth: int, k: int) -> float:
+        return self.raw_verify_ms(depth, k) * self.timings.get(("verify", depth))
+
+    def full_step(self) -> float:
+        return self.raw_full_step() * self.timings.low(("full",))
+
+    def record_round(self, depth: int | None, drafted: int, draft_ms: float, verify_ms: float) -> None:
+        """Feed one round's measured times back (depth None: a plain step)."""
+        if depth is None:
+            self.timings.record(("full",), verify_ms, self.raw_full_step())
+            return
+        if drafted and self.raw_draft_step_ms(depth) > 0:
+            self.timings.record(("draft", depth), draft_ms, drafted * self.raw_draft_step_ms(depth))
+        self.timings.record(("verify", depth), verify_ms, self.raw_verify_ms(depth, drafted))
 
     def _draft_step_ms(self, depth: int) -> float:
         if depth == LOOKUP_KEY:
@@ -156,7 +228,7 @@ class SpeculationController:
 
     def predicted_speedup(self, depth: int) -> tuple[float, int]:
         """(tokens per full-step time, best draft length) at ``depth`` under the running acceptance."""
-        alpha, full = self.stats.alpha(depth), self.host.full_step()
+        alpha, full = self.stats.alpha(depth), self.full_step()
         best = (0.0, 0)
         for k in range(1, self.max_draft + 1):
             gain = self.expected_tokens(alpha, k) * full / (k * self.draft_step_ms(depth) + self.verify_ms(depth, k))
@@ -164,12 +236,23 @@ class SpeculationController:
         return best
 
     def plan(self) -> int | None:
-        """The draft depth for the next round, or None for a plain step (speculation off)."""
+        """The draft depth for the next round, or None for a plain step (speculation off).
+
+        Plain steps also measure what speculation is compared against: the full step as it runs in this
+        loop on this host now. So the first rounds on a runtime and every ``MEASURE_EVERY``-th round are
+        plain steps (they emit a token like any full-depth step; only the chance to speculate is lost).
+        """
+        self.rounds_planned += 1
+        self.plain_reason = "off"
+        if self.fixed_length is None and (self.timings.count.get(("full",), 0) < MEASURE_FIRST
+                                          or self.rounds_planned % MEASURE_EVERY == 0):
+            self.plain_reason = "measure"
+            return None
         if self.off_for > 0:
             self.off_for -= 1
             return None
         gain, depth = max((self.predicted_speedup(d)[0], d) for d in self.depths)
-        if gain < 1.0 and self.fixed_length is None:
+        if gain < MIN_PREDICTED_GAIN and self.fixed_length is None:
             if self.probe_due:  # explore once: without new rounds the estimate could never recover
                 self.probe_due = False
                 return depth
@@ -185,7 +268,7 @@ class SpeculationController:
         if self.fixed_length is not None:
             return True
         marginal_verify = self.verify_ms(depth, drafted + 1) - self.verify_ms(depth, drafted)
-        return survive * self.host.full_step() > self.draft_step_ms(depth) + marginal_verify
+        return survive * self.full_step() > self.draft_step_ms(depth) + marginal_verify
 
 
 # ---- drafters ------------------------------------------------------------------------------------------
@@ -426,6 +509,7 @@ class SpeculativeDecoder(Decoder):
         limit = min(remaining, self.max_len - pos)  # positions pos..pos+k-1 must fit in the cache
         start = time.perf_counter()
         draft: Draft | None = None
+        self.controller.plain_reason = "off"
         if limit >= 2:  # a one-token draft can never emit more than a plain step
             if self.free_drafter is not None:  # free to try; falls back to model drafting when nothing matches
                 draft = self.free_drafter.draft(self, t0, limit)
@@ -460,6 +544,7 @@ class SpeculativeDecoder(Decoder):
             self.controller.stats.record(draft.stats_key, draft.confidences[:evaluated],
                                          [True] * accepted + [False] * (evaluated - accepted))
         verify_ms = (time.perf_counter() - start) * 1000
+        self.controller.record_round(draft.stats_key if draft else None, k, draft_ms, verify_ms)
 
         # Keep positions pos..pos+len(emitted)-1 (t0 and all emitted but the last, which is the next t0).
         new_pos = pos + len(emitted)
@@ -471,7 +556,7 @@ class SpeculativeDecoder(Decoder):
         self.rounds.append(SpecRound(
             index=len(self.rounds), position=pos, drafter=draft.drafter if draft else "none",
             depth=draft.depth if draft else 0, drafted=list(draft.tokens) if draft else [], accepted=accepted,
-            stop_reason=draft.stop_reason if draft else "off", draft_ms=draft_ms, verify_ms=verify_ms,
+            stop_reason=draft.stop_reason if draft else self.controller.plain_reason, draft_ms=draft_ms, verify_ms=verify_ms,
             q_probs=list(draft.q_probs) if draft else [], p_probs=p_probs,
             predicted_accept=list(draft.predicted_accept) if draft else []))
         return emitted, macs

@@ -173,3 +173,74 @@ def explain_exit(runtime, prompt_ids: list[int], token_ids: list[int], index: in
         prompt_len=len(prompt_ids), ig=ig.tolist(), ig_delta=float(delta.abs().max()), ig_steps=n_steps,
         ablation=ablation[0].tolist(), baseline_id=baseline_id, baseline_confidence=baseline_confidence,
         elapsed_s=time.perf_counter() - started, notes=notes)
+
+
+@dataclass
+class GateAttribution:
+    """Attribution of the prompt gate's verdict for one path over the T prompt tokens."""
+
+    path: str
+    probability: float  # P(path agrees with full depth) for the actual prompt
+    baseline_probability: float  # ... when every prompt token is the baseline token
+    context_ids: list[int]  # (T,)
+    context_text: list[str]  # (T,)
+    ig: list[float]  # (T,) integrated gradients of the gate's logit, summed over the embedding dimension
+    ig_delta: float
+    ig_steps: int
+    baseline_id: int
+    elapsed_s: float = 0.0
+
+
+def explain_gate(runtime, prompt_ids: list[int], path: str, n_steps: int = 32,
+                 internal_batch_size: int = 16) -> GateAttribution:
+    """LayerIntegratedGradients of the prompt gate's logit for ``path`` on the prompt's input embeddings.
+
+    The gate's features are recomputed differentiably from the embeddings (the light path's layers, the
+    pooled and last hidden states, the light exit head's confidence); the token-count features (length,
+    distinct and repeated shares) do not depend on the embeddings and are held at the prompt's values.
+    """
+    from captum.attr import LayerIntegratedGradients
+
+    from adaptive.gate import SCALAR_FEATURES, prompt_features
+
+    started = time.perf_counter()
+    gate = runtime.gate
+    if gate is None:
+        raise InvalidRequestError("this model has no prompt gate (train one with `python -m adaptive train-gate`)")
+    if path not in gate.paths:
+        raise InvalidRequestError(f"the gate decides between {gate.paths}; got path {path!r}")
+    model, layers = runtime.model, gate.feature_layers
+    row = gate.paths.index(path)
+    _, scalars, _ = prompt_features(runtime, prompt_ids, layers)
+    counts = torch.tensor([scalars[k] for k in SCALAR_FEATURES[2:]])  # the embedding-independent features
+    embedding = _Embedding(model)
+
+    def logit(ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) prompt ids -> (B,) the gate's logit for ``path``."""
+        cache = _AutogradCache()
+        h = embedding(ids)
+        for i in range(layers):
+            h = model.layer(i, h, 0, cache)  # (B, T, d)
+        probs = torch.softmax(runtime.heads.logits(h[:, -1], layers).float(), dim=-1)  # (B, V)
+        top2 = torch.topk(probs, 2, dim=-1).values  # (B, 2)
+        B = ids.shape[0]
+        feats = torch.cat([h.float().mean(1), h[:, -1].float(), top2[:, :1], top2[:, :1] - top2[:, 1:],
+                           counts.expand(B, -1)], dim=-1)  # (B, F), the order of prompt_features
+        z = (feats - gate.mean) / gate.std
+        return z @ gate.weight[row] + gate.bias[row]
+
+    ids = torch.tensor([list(prompt_ids)], device=model.device)
+    eos = model.spec.eos_token_ids
+    baseline_id = int(eos[0]) if eos else 0
+    base = torch.full_like(ids, baseline_id)
+    with torch.inference_mode(False), torch.enable_grad():
+        lig = LayerIntegratedGradients(logit, embedding)
+        attributions, delta = lig.attribute(ids, baselines=base, n_steps=n_steps, internal_batch_size=internal_batch_size,
+                                            return_convergence_delta=True)  # (1, T, d), (1,)
+    with torch.no_grad():
+        p, p0 = torch.sigmoid(logit(ids))[0], torch.sigmoid(logit(base))[0]
+    text = [runtime.decode([t]) if runtime.tokenizer is not None else f"#{t}" for t in prompt_ids]
+    return GateAttribution(path=path, probability=float(p), baseline_probability=float(p0),
+                           context_ids=list(prompt_ids), context_text=text,
+                           ig=attributions.sum(dim=-1)[0].detach().tolist(), ig_delta=float(delta.abs().max()),
+                           ig_steps=n_steps, baseline_id=baseline_id, elapsed_s=time.perf_counter() - started)

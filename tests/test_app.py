@@ -15,7 +15,7 @@ import pytest
 from conftest import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-EVENTS = {"init", "load_model", "generate", "redraw_heatmap", "load_trace", "analyse", "explain"}
+EVENTS = {"init", "load_model", "generate", "redraw_heatmap", "load_trace", "analyse", "explain", "explain_gate"}
 
 
 def free_port() -> int:
@@ -134,7 +134,7 @@ def test_speculative_panel(server):
     url, model = server
     client = Client(url, verbose=False)
     (status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, pick, trace_file, spec_tokens, spec_plot,
-     spec_rounds) = generate(client, model, prompt="import os\n", mode="speculative", draft_depth=2, draft_length=4)
+     spec_rounds, *_) = generate(client, model, prompt="import os\n", mode="speculative", draft_depth=2, draft_length=4)
     assert stats["mode"] == "speculative" and (stats["draft_depth"], stats["draft_length"]) == (2, 4)
     result = GenerationResult.from_json(Path(trace_file).read_text())
     n, passes = len(result.traces), stats["verifier_passes"]
@@ -157,6 +157,25 @@ def test_speculative_panel(server):
     uploaded = {d["name"]: d for d in json.loads(outputs[11]["plot"])["data"]}
     assert uploaded["acceptance by position"]["y"] == data["acceptance by position"]["y"]
     assert outputs[12].count("<tr>") == passes + 1
+
+
+def test_auto_mode_panel(server):
+    """mode="auto": the scheduler's plan, reason, candidates and audit are drawn; bad scheduler knobs and a
+    model without a prompt gate are reported on the page."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, model = server
+    client = Client(url, verbose=False)
+    outs = generate(client, model, prompt="import os\n", mode="auto", policy="load", queue_depth=20, audit_rate=1.0)
+    stats, gate_plot, plan = outs[7], outs[13], outs[14]
+    assert stats["mode"] == "auto" and stats["auto"]["chosen"] == "path_light" and stats["served_by"] == "full"
+    assert "<b>Policy</b> load" in plan and "path_light" in plan and "<b>Audit</b>" in plan
+    assert "no prompt gate" in json.dumps(gate_plot)  # the tiny checkpoint ships no gate
+    with pytest.raises(AppError, match="latency policy needs"):
+        generate(client, model, mode="auto", policy="latency")
+    with pytest.raises(AppError, match="no prompt gate"):
+        client.predict(path="light", n_steps=8, model=model, api_name="/explain_gate")
 
 
 def test_sessions_are_separate(server):

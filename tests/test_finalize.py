@@ -198,9 +198,11 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
                               "--skip-certify", "--eval-windows", "2",
                               "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
                               "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",
-                              "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl")])
+                              "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl"),
+                              "--gate-prompts", "8", "--gate-tokens", "6", "--gate-run-dir", str(tmp_path / "gate")])
     assert finalize.main(args) == 0
     report = json.loads((model_dir / model_card.REPORT_FILE).read_text())
-    assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds"}
+    assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds", "gate"}
+    assert report["gate"]["prompts"] == 8 and (model_dir / "prompt_gate.safetensors").is_file()
     assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()

@@ -139,3 +139,22 @@ def test_bad_auto_knobs_get_clear_errors(knobs, message):
     rt = _runtime()
     with pytest.raises(InvalidRequestError, match=message):
         rt.generate(random_prompt(5), max_new_tokens=4, mode="auto", **knobs)
+
+
+def test_gate_attribution_is_complete():
+    from explain.attribution import explain_gate
+
+    rt = _runtime()
+    F = 2 * rt.spec.hidden_size + len(SCALAR_FEATURES)
+    torch.manual_seed(1)
+    rt.gate = PromptGate(torch.randn(2, F) * 0.1, torch.zeros(2), torch.zeros(F), torch.ones(F),
+                         ["light", "standard"], rt.paths["light"], 0.9)
+    prompt = random_prompt(9, seed=6)
+    att = explain_gate(rt, prompt, "light", n_steps=64)
+    assert len(att.ig) == 9
+    # Completeness: attributions sum to logit(input) - logit(baseline), up to the path integral's error.
+    logit = lambda p: torch.logit(torch.tensor(p)).item()
+    assert sum(att.ig) == pytest.approx(logit(att.probability) - logit(att.baseline_probability), abs=0.05)
+    assert att.probability == pytest.approx(rt.gate.decide(rt, prompt).probabilities["light"], abs=1e-4)
+    with pytest.raises(InvalidRequestError):
+        explain_gate(rt, prompt, "full")

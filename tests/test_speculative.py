@@ -207,8 +207,14 @@ def test_controller_switches_off_and_probes_again():
     host = HostCosts(layer_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, head_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, num_layers=8)
     stats = AcceptanceStats({2: 0.05, 4: 0.05})
     ctl = SpeculationController(host, 8, stats, depths=(2, 4))
+    # A fresh runtime first times plain steps (what speculation is compared against).
+    assert [ctl.plan() for _ in range(2)] == [None, None] and ctl.plain_reason == "measure"
+    for _ in range(3):
+        ctl.record_round(None, 0, 0.0, ctl.raw_full_step())  # three plain steps at the predicted cost
+    ctl.rounds_planned = 0
     plans = [ctl.plan() for _ in range(20)]
     assert plans[0] is None and plans[1:9] == [None] * 8 and plans[9] in (2, 4)  # off, pause, then one probe
+    assert plans[15] is None  # every 16th round is a timing plain step
     stats.record(2, [0.9] * 200, [True] * 200)  # the probe found drafts accepted: speculation resumes
     assert ctl.predicted_speedup(2)[0] > 1.0
     ctl.off_for = 0

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ltt-test-prompts", type=int, default=60)
     g = p.add_argument_group("gate")
     g.add_argument("--gate-prompts", type=int, default=600)
+    g.add_argument("--gate-tokens", type=int, default=32, help="reference tokens per gate prompt")
+    g.add_argument("--gate-run-dir", default=None, help="label cache (default: runs/gate/<name>-<weights hash>)")
     g = p.add_argument_group("evaluate")
     g.add_argument("--eval-windows", type=int, default=64)
     g.add_argument("--eval-window", type=int, default=512)
@@ -150,9 +152,10 @@ def main(args) -> int:
         elif stage == "gate":
             from . import train_gate
 
-            train_gate.main(argparse.Namespace(model=str(model_dir), text=None, prompts=args.gate_prompts, tokens=32,
-                                               tau=0.9, l2=None, run_dir=f"runs/gate/{model_dir.name}-{weights_hash(model_dir)}",
-                                               seed=0, threads=args.threads))
+            run_dir = args.gate_run_dir or f"runs/gate/{model_dir.name}-{weights_hash(model_dir)}"
+            train_gate.main(argparse.Namespace(model=str(model_dir), text=None, prompts=args.gate_prompts,
+                                               tokens=args.gate_tokens, tau=0.9, l2=None, run_dir=run_dir, seed=0,
+                                               threads=args.threads))
             from ..gate import GATE_FILE, PromptGate
 
             report["gate"] = PromptGate.load(model_dir / GATE_FILE, rt_hidden(model_dir), {"light": 0, "standard": 0, "full": 0}).report

@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
     rt = Runtime.from_pretrained(args.model)
     shallow = [name for name in rt.paths if name != "full"]
     stream = _stream(rt, "validation", args.text)
-    prompts = mixed_windows(stream, args.prompts, args.seed)
+    longest = min(160, rt.spec.max_positions - args.tokens - 1)  # prompt + reference must fit the context
+    prompts = mixed_windows(stream, args.prompts, args.seed, shortest=min(8, longest), longest=longest)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     labels_path = run_dir / "labels.jsonl"
