@@ -346,6 +346,48 @@ class Runtime:
             pass
         return stream.result
 
+    def generate_many(self, prompts: list[str | list[int]], max_new_tokens: int = 64, mode: str = "full",
+                      order: str = "cheap_first", **options) -> list[GenerationResult]:
+        """Several requests in one call, served cheapest-predicted first; results in the input order.
+
+        The predicted cost of a request is its prompt length plus ``max_new_tokens`` times the depth the
+        prompt gate expects it to need (full depth without a gate), so short, easy requests are not held
+        back behind deep ones. With ``mode="auto"`` and ``policy="load"`` each request sees the number of
+        requests still waiting as its queue depth. Rows are decoded one after another with the batch-1
+        kernels (each row keeps its own cache, so one row's exits can never touch another's); every
+        result records its queue wait and position in ``stats["batch"]``.
+        """
+        if order not in ("cheap_first", "fifo"):
+            raise InvalidRequestError(f"order must be 'cheap_first' or 'fifo', got {order!r}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError("generate_many needs a non-empty list of prompts")
+        encoded = [self.encode(p) for p in prompts]  # every prompt is validated before any work starts
+        for ids in encoded:
+            self._check_lengths(len(ids), max_new_tokens)
+        L = self.spec.num_layers
+        predicted = []
+        for ids in encoded:
+            depth = L
+            if self.gate is not None:
+                depth = self.paths[self.gate.decide(self, ids).path]
+            predicted.append(len(ids) + max_new_tokens * depth / L)
+        schedule = sorted(range(len(encoded)), key=lambda i: predicted[i]) if order == "cheap_first" \
+            else list(range(len(encoded)))
+        results: list[GenerationResult | None] = [None] * len(encoded)
+        start = time.perf_counter()
+        for rank, i in enumerate(schedule):
+            waited_ms = (time.perf_counter() - start) * 1000
+            row_options = dict(options)
+            if mode == "auto" and row_options.get("policy") == "load" and "queue_depth" not in options:
+                row_options["queue_depth"] = len(schedule) - rank - 1
+            prompt = prompts[i] if isinstance(prompts[i], str) else encoded[i]
+            res = self.generate(prompt, max_new_tokens=max_new_tokens, mode=mode, **row_options)
+            res.stats["batch"] = {"index": i, "served_as": rank, "size": len(encoded), "order": order,
+                                  "predicted_cost": predicted[i], "queue_wait_ms": waited_ms,
+                                  "latency_ms": waited_ms + res.stats["total_ms"]}
+            results[i] = res
+        return results
+
     # ---- the decode loop ----------------------------------------------------------------------------
     def _records(self, prompt_ids: list[int], prompt_text: str, max_new_tokens: int, mode: str,
                  sampler: Sampler, decoder: Decoder, settings: dict[str, Any], eos: set[int],

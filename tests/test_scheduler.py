@@ -158,3 +158,22 @@ def test_gate_attribution_is_complete():
     assert att.probability == pytest.approx(rt.gate.decide(rt, prompt).probabilities["light"], abs=1e-4)
     with pytest.raises(InvalidRequestError):
         explain_gate(rt, prompt, "full")
+
+
+def test_generate_many_equals_one_by_one_and_serves_cheap_first():
+    rt = _runtime()
+    prompts = [random_prompt(n, seed=n) for n in (30, 5, 17, 9)]
+    many = rt.generate_many(prompts, max_new_tokens=12, mode="full")
+    for prompt, res in zip(prompts, many):
+        assert res.token_ids == rt.generate(prompt, max_new_tokens=12, mode="full").token_ids
+    served = sorted(many, key=lambda r: r.stats["batch"]["served_as"])
+    assert [len(r.prompt_ids) for r in served] == [5, 9, 17, 30]  # without a gate: shortest job first
+    assert served[0].stats["batch"]["queue_wait_ms"] <= served[-1].stats["batch"]["queue_wait_ms"]
+    # The load policy sees the queue shrink as requests are served.
+    auto = rt.generate_many(prompts, max_new_tokens=6, mode="auto", policy="load")
+    queue = {r.stats["batch"]["served_as"]: r.stats["auto"]["queue_depth"] for r in auto}
+    assert [queue[k] for k in sorted(queue)] == [3, 2, 1, 0]
+    with pytest.raises(InvalidRequestError):
+        rt.generate_many([], max_new_tokens=4)
+    with pytest.raises(InvalidRequestError):
+        rt.generate_many(prompts + [[]], max_new_tokens=4)  # one bad prompt: refused before any work
