@@ -25,7 +25,7 @@ from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
-from .gate import GATE_FILE, PromptGate
+from .gating import GATE_FILE, PromptGate
 from .scheduler import AUTO_KNOBS, Plan, Scheduler
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
 from .model import LeanModel
@@ -320,7 +320,16 @@ class Runtime:
     def _auto_records(self, records, plan: Plan):
         """Pass the chosen mode's records through, then charge the scheduling work to the request and
         feed the measured cost (and, when drawn, a full-depth audit) back to the scheduler."""
-        result = yield from records
+        # Every token carries the gate's per-path probabilities (the prompt gate decides per request).
+        gate = {**plan.gate["probabilities"]} if plan.gate else None
+        while True:
+            try:
+                trace = next(records)
+            except StopIteration as done:
+                result = done.value
+                break
+            trace.gate = gate
+            yield trace
         self.scheduler.observe(plan, result)
         st = result.stats
         gate_macs = plan.gate["feature_macs"] if plan.gate else 0

@@ -28,7 +28,7 @@ class TokenTrace:
     confidence: float | None = None  # the measure's value at the exit layer (None when none was computed)
     drafted: bool = False
     accepted: bool | None = None
-    gate: dict[str, float] | None = None  # path -> probability
+    gate: dict[str, float] | None = None  # path -> P(agrees with full depth) from the prompt gate (mode auto)
     text: str = ""  # the token's own decoded text (may be a partial UTF-8 sequence shown as U+FFFD)
     # Confidence at every layer that was checked, as {layer count: value}; keys are strings in JSON.
     layer_confidence: dict[int, float] = field(default_factory=dict)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptive.errors import CheckpointError, InvalidRequestError
-from adaptive.gate import GATE_FILE, SCALAR_FEATURES, PromptGate, prompt_features
+from adaptive.gating import GATE_FILE, SCALAR_FEATURES, PromptGate, prompt_features
 from adaptive.runtime import Runtime
 from adaptive.training.train_gate import choose_l2, fit_logistic, mixed_windows, path_agreement
 
@@ -150,6 +150,8 @@ def test_gate_attribution_is_complete():
     rt.gate = PromptGate(torch.randn(2, F) * 0.1, torch.zeros(2), torch.zeros(F), torch.ones(F),
                          ["light", "standard"], rt.paths["light"], 0.9)
     prompt = random_prompt(9, seed=6)
+    res = rt.generate(prompt, max_new_tokens=5, mode="auto")  # every token carries the gate's verdict
+    assert all(t.gate == res.stats["auto"]["gate"]["probabilities"] and t.gate["full"] == 1.0 for t in res.traces)
     att = explain_gate(rt, prompt, "light", n_steps=64)
     assert len(att.ig) == 9
     # Completeness: attributions sum to logit(input) - logit(baseline), up to the path integral's error.

@@ -156,7 +156,7 @@ def main(args) -> int:
             train_gate.main(argparse.Namespace(model=str(model_dir), text=None, prompts=args.gate_prompts,
                                                tokens=args.gate_tokens, tau=0.9, l2=None, run_dir=run_dir, seed=0,
                                                threads=args.threads))
-            from ..gate import GATE_FILE, PromptGate
+            from ..gating import GATE_FILE, PromptGate
 
             report["gate"] = PromptGate.load(model_dir / GATE_FILE, rt_hidden(model_dir), {"light": 0, "standard": 0, "full": 0}).report
         elif stage == "evaluate":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..gate import GATE_FILE, PromptGate, prompt_features
+from ..gating import GATE_FILE, PromptGate, prompt_features
 from ..runtime import Runtime
 from .ltt_calibrate import _stream
 
