@@ -73,3 +73,25 @@ def test_exit_classifier_trains_loads_and_decides(tmp_path, tiny_checkpoint):
                          threshold=0.0, exit_layers=(1,))
     assert all(t.exit_layer == 1 for t in always.traces[1:])
     assert all(0.0 <= t.confidence <= 1.0 for t in always.traces[1:])
+
+
+def test_soft_exit_policy_expectations():
+    """The differentiable exit policy's expectations, checked on cases with known answers."""
+    import torch
+
+    from adaptive.training.train_exit_classifier import soft_exit_policy
+
+    agree = torch.tensor([[0.0], [1.0], [1.0]])  # exits 1..3 of a 4-layer model; exit 1 would disagree
+    never = torch.zeros(3, 1)
+    d, layers = soft_exit_policy(never, agree)
+    assert float(d) == 0.0 and float(layers) == 4.0  # never exiting: full depth, always agrees
+    first = torch.tensor([[1.0], [0.0], [0.0]])
+    d, layers = soft_exit_policy(first, agree)
+    assert float(d) == 1.0 and float(layers) == 1.0  # always exiting at 1: one layer, disagrees
+    half = torch.full((3, 1), 0.5)
+    d, layers = soft_exit_policy(half, agree)
+    assert float(d) == 0.5 and float(layers) == 0.5 * 1 + 0.25 * 2 + 0.125 * 3 + 0.125 * 4
+    p = torch.full((3, 1), 0.3, requires_grad=True)
+    d, layers = soft_exit_policy(p, agree)
+    (d + layers).backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()

@@ -136,7 +136,7 @@ def main(args) -> int:
                 model=str(model_dir), text=None, out=None, steps=args.classifier_steps,
                 max_minutes=args.classifier_minutes, batch=8, seq_len=256, positions=1024, hidden=32,
                 shortlist=args.classifier_shortlist if (model_dir / "draft_vocab.json").is_file() else 0,
-                lr=3e-3, seed=0, threads=args.threads))
+                lr=3e-3, seed=0, threads=args.threads, policy_weight=0.5, disagree_cost=20.0))
         elif stage == "certify":
             from . import ltt_calibrate
 

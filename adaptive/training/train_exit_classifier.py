@@ -3,8 +3,17 @@
 Labels come from the model itself, on the train text: a position is "safe to exit after k layers" when
 the exit head's top-1 at k (with the model's exit adapters, over the same shortlist the runtime will
 use when --shortlist is given) equals the final layer's top-1. One small MLP per exit point is fitted
-with binary cross-entropy on hidden-state features (see ``adaptive/exit_classifier.py``); the threshold
-on its probability is chosen later by calibration. Backbone and heads stay frozen.
+on hidden-state features (see ``adaptive/exit_classifier.py``); the threshold on its probability is
+chosen later by calibration. Backbone and heads stay frozen.
+
+The loss has two objectives. Binary cross-entropy per exit point keeps each probability calibrated.
+The decoding objective treats the classifiers as one soft exit policy over the layers: a token exits
+after k layers with probability P_k = p_k * prod_{j<k} (1 - p_j) and otherwise reaches full depth, so
+
+    E[disagreement] = sum_k P_k * (1 - agree_k)        E[layers] = sum_k k * P_k + L * prod_k (1 - p_k)
+
+and ``--policy-weight * (--disagree-cost * E[disagreement] + E[layers] / L)`` trades agreement with
+full depth against expected layers run (CALM's quality / compute trade-off, made differentiable).
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist", type=int, default=0,
                    help="label agreement as the runtime sees it with exit_vocab_size=N (0: full vocabulary)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--policy-weight", type=float, default=0.5,
+                   help="weight of the soft exit-policy objective next to the BCE (0: BCE only)")
+    p.add_argument("--disagree-cost", type=float, default=20.0,
+                   help="one disagreement with full depth costs as much as this many full-depth passes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
 
@@ -58,6 +71,18 @@ def _batch(rt: Runtime, ids: torch.Tensor, pick: torch.Tensor, shortlist_ids: to
         labels.append((top == final_top).float())
         prev = h
     return torch.stack(feats), torch.stack(labels)
+
+
+def soft_exit_policy(p: torch.Tensor, agree: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p, agree (L-1, P): exit probabilities and agreement labels at exits 1..L-1 ->
+    (E[disagreement with full depth], E[layers run]), both averaged over positions."""
+    L = p.shape[0] + 1
+    survive = torch.cumprod(torch.cat([torch.ones_like(p[:1]), 1 - p], dim=0), dim=0)  # (L, P): not exited before k
+    exit_at = p * survive[:-1]  # (L-1, P): P(exit exactly after k layers)
+    ks = torch.arange(1, L, dtype=p.dtype, device=p.device)[:, None]
+    disagree = (exit_at * (1 - agree)).sum(0).mean()
+    layers = ((exit_at * ks).sum(0) + L * survive[-1]).mean()
+    return disagree, layers
 
 
 def main(args) -> int:
@@ -90,14 +115,17 @@ def main(args) -> int:
         x, y = x.clone(), y.clone()  # leave inference mode: these feed autograd
         hid = F.silu(torch.einsum("lpf,lhf->lph", x, w1) + b1[:, None, :])  # (L-1, P, H)
         logit = torch.einsum("lph,lh->lp", hid, w2) + b2[:, None]  # (L-1, P)
-        loss = F.binary_cross_entropy_with_logits(logit, y)
+        bce = F.binary_cross_entropy_with_logits(logit, y)
+        disagree, layers = soft_exit_policy(torch.sigmoid(logit), y)
+        loss = bce + args.policy_weight * (args.disagree_cost * disagree + layers / L)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         positives += float(y.sum())
         total += y.numel()
         bar.update(1)
-        bar.set_postfix(bce=f"{float(loss):.4f}", safe_share=f"{positives / total:.3f}")
+        bar.set_postfix(bce=f"{float(bce):.4f}", disagree=f"{float(disagree):.4f}", layers=f"{float(layers):.2f}",
+                        safe_share=f"{positives / total:.3f}")
     bar.close()
     labels = f"top-1 agreement with the final layer over {'shortlist ' + str(args.shortlist) if args.shortlist else 'the full vocabulary'}"
     ExitClassifier(w1.detach(), b1.detach(), w2.detach(), b2.detach(), labels=labels).save(out, d, L)
