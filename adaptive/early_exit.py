@@ -44,13 +44,19 @@ class EarlyExitDecoder(Decoder):
         # Hidden state of each pending position at the input of its first missing layer (defer only).
         self.pending = (torch.zeros(1, max_len, model.spec.hidden_size, dtype=model.dtype, device=model.device)
                         if config.kv_policy == "defer" else None)
+        self._frame = None  # RoPE rows of the current position, shared by the step's layers (propagate)
 
     def _run_layer(self, layer: int, x: torch.Tensor, x_start: int) -> tuple[torch.Tensor, int, int, int]:
         """Layer ``layer`` on x (1, T, d) of positions [x_start, x_start+T), first joining any positions
         the layer still owes (defer). Returns (output, its start, MACs spent, positions caught up)."""
+        if self.pending is None:  # propagate: always this token alone, one frame for the whole step
+            if self._frame is None or self._frame.pos != x_start:
+                self._frame = self.model.frame(x_start, 1)
+            return self.model.layer(layer, x, x_start, self.cache, self._frame), x_start, \
+                self.costs.layer_macs(layer, x_start), 0
         owed_from = self.cache.fill[layer]
         caught_up = 0
-        if self.pending is not None and owed_from < x_start:
+        if owed_from < x_start:
             x = torch.cat((self.pending[:, owed_from:x_start], x), dim=1)  # (1, T + caught_up, d)
             caught_up = x_start - owed_from
             x_start = owed_from

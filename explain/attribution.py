@@ -201,7 +201,7 @@ def explain_gate(runtime, prompt_ids: list[int], path: str, n_steps: int = 32,
     """
     from captum.attr import LayerIntegratedGradients
 
-    from adaptive.gate import SCALAR_FEATURES, prompt_features
+    from adaptive.gating import SCALAR_FEATURES, prompt_features
 
     started = time.perf_counter()
     gate = runtime.gate
