@@ -26,6 +26,7 @@ from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .gating import GATE_FILE, PromptGate
+from .datastore import DATASTORE_FILE, NgramStore
 from .scheduler import AUTO_KNOBS, Plan, Scheduler
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
 from .model import LeanModel
@@ -37,7 +38,8 @@ DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size")
 SAMPLING_KNOBS = ("top_k", "top_p")
-SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size")
+SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
+                     "datastore")
 DEFAULT_DRAFT_VOCAB_SIZE = 2048
 
 
@@ -67,6 +69,7 @@ class Runtime:
         self.exit_classifier: ExitClassifier | None = None  # learned exit decisions (measure="classifier")
         self.certificate: Certificate | None = None  # Learn-then-Test certificate of an early-exit setting
         self.gate: PromptGate | None = None  # prompt-level gate: which path is enough for a prompt
+        self.datastore: NgramStore | None = None  # corpus n-grams: lookup drafts when the prompt has no match
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
@@ -123,6 +126,8 @@ class Runtime:
         if (directory / CLASSIFIER_FILE).is_file():
             self.exit_classifier = ExitClassifier.load(directory / CLASSIFIER_FILE, self.spec.hidden_size,
                                                        self.spec.num_layers)
+        if (directory / DATASTORE_FILE).is_file():
+            self.datastore = NgramStore.load(directory / DATASTORE_FILE, self.spec.vocab_size)
         if (directory / GATE_FILE).is_file():
             self.gate = PromptGate.load(directory / GATE_FILE, self.spec.hidden_size, self.paths)
         if (directory / CERTIFICATE_FILE).is_file():
@@ -216,12 +221,17 @@ class Runtime:
         controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
                                            draft_head_ms=draft_head_ms, timings=self.round_timings)
+        use_store = knobs.get("datastore", True)
+        if not isinstance(use_store, bool):
+            raise InvalidRequestError(f"datastore must be true or false, got {use_store!r}")
+        datastore = self.datastore if use_store and drafter == "lookup" else None
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
-                                     draft_model=draft_model, draft_ids=draft_ids)
+                                     draft_model=draft_model, draft_ids=draft_ids, datastore=datastore)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
                     "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
                     "draft_vocab": int(draft_ids.numel()) if draft_ids is not None else self.spec.vocab_size,
-                    "exit_heads": self.heads.source}
+                    "exit_heads": self.heads.source,
+                    "datastore": f"{len(datastore)} 3-grams ({datastore.source})" if datastore is not None else None}
         return decoder, settings
 
     def _draft_runtime(self, path: str) -> "Runtime":

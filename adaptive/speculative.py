@@ -40,7 +40,7 @@ from .sampling import Sampler
 from .trace import SpecRound
 
 DRAFTERS = ("self", "lookup", "draft_model")
-DRAFT_MODEL_KEY, LOOKUP_KEY = 0, -1  # "depth" keys of the non-self drafters in the controller
+DRAFT_MODEL_KEY, LOOKUP_KEY, DATASTORE_KEY = 0, -1, -2  # "depth" keys of the non-self drafters in the controller
 _CONFIDENCE_BINS = 10
 MEASURE_FIRST = 3  # plain steps a runtime measures before its first speculative round
 MEASURE_EVERY = 16  # and then one round in this many, to follow changes in machine load
@@ -65,7 +65,8 @@ class Draft:
     @property
     def stats_key(self) -> int:
         """Acceptance statistics are kept per path: self depth d >= 1, draft model 0, lookup -1."""
-        return {"self": self.depth, "draft_model": DRAFT_MODEL_KEY, "lookup": LOOKUP_KEY}[self.drafter]
+        return {"self": self.depth, "draft_model": DRAFT_MODEL_KEY, "lookup": LOOKUP_KEY,
+                "datastore": DATASTORE_KEY}[self.drafter]
 
 
 @dataclass
@@ -213,7 +214,7 @@ class SpeculationController:
         self.timings.record(("verify", depth), verify_ms, self.raw_verify_ms(depth, drafted))
 
     def _draft_step_ms(self, depth: int) -> float:
-        if depth == LOOKUP_KEY:
+        if depth in (LOOKUP_KEY, DATASTORE_KEY):
             return 0.0  # an n-gram search: no model call
         if depth == DRAFT_MODEL_KEY:
             return self.draft_model_step_ms or 0.0
@@ -339,8 +340,9 @@ class LookupDrafter:
 
     name = "lookup"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, length: int = 8):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, length: int = 8, datastore=None):
         self.max_ngram, self.min_ngram, self.length = max_ngram, min_ngram, length
+        self.datastore = datastore  # an NgramStore consulted when the context has no match (or None)
 
     def propose(self, context: list[int], limit: int) -> list[int]:
         """The continuation after the latest earlier match of the last n tokens (longest n first).
@@ -367,25 +369,35 @@ class LookupDrafter:
         return []
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, limit: int) -> Draft | None:
-        proposal = self.propose(dec.context + [t0], limit)
+        context = dec.context + [t0]
+        proposal = self.propose(context, limit)
+        name, key = self.name, LOOKUP_KEY
+        if proposal:
+            alpha = dec.controller.stats.alpha(LOOKUP_KEY)
+            predicted = [alpha] * len(proposal)
+            confidences = predicted
+        elif self.datastore is not None:
+            proposal, confidences = self.datastore.propose(context, min(limit, self.length))
+            name, key = "datastore", DATASTORE_KEY
+            # the share of the corpus behind each token is its confidence; acceptance is predicted per bin
+            predicted = [dec.controller.stats.predict(DATASTORE_KEY, c) for c in confidences]
         if not proposal:
             return None
-        # Keep as many proposed tokens as the running lookup acceptance pays for (drafting is free,
-        # but every extra verified position is not).
-        alpha = dec.controller.stats.alpha(LOOKUP_KEY)
+        # Keep as many proposed tokens as the predicted acceptance pays for (drafting is free, but every
+        # extra verified position is not).
         tokens, stop, survive = [], "max_len", 1.0
-        for token in proposal:
+        for token, accept in zip(proposal, predicted):
             tokens.append(token)
-            survive *= alpha
+            survive *= accept
             if token in dec.eos:
                 stop = "eos"
                 break
-            if not dec.controller.keep_drafting(LOOKUP_KEY, len(tokens), survive):
+            if not dec.controller.keep_drafting(key, len(tokens), survive):
                 stop = "predicted_reject"
                 break
-        return Draft(tokens=tokens, q=[None] * len(tokens), q_probs=[1.0] * len(tokens), depth=0, hidden=None,
-                     stop_reason=stop, predicted_accept=[alpha] * len(tokens), confidences=[alpha] * len(tokens),
-                     drafter=self.name)
+        n = len(tokens)
+        return Draft(tokens=tokens, q=[None] * n, q_probs=[1.0] * n, depth=0, hidden=None, stop_reason=stop,
+                     predicted_accept=list(predicted[:n]), confidences=list(confidences[:n]), drafter=name)
 
 
 class DraftModelDrafter:
@@ -431,7 +443,8 @@ class DraftModelDrafter:
 class SpeculativeDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
                  controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
-                 draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None):
+                 draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None,
+                 datastore=None):
         super().__init__(model, costs, max_len)
         if drafter not in DRAFTERS:
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -440,7 +453,7 @@ class SpeculativeDecoder(Decoder):
         self.self_drafter = SelfDrafter()
         # A drafter that needs no model call (prompt lookup, or a stub in tests) is tried first each round;
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
-        self.free_drafter = LookupDrafter() if drafter == "lookup" else None
+        self.free_drafter = LookupDrafter(datastore=datastore) if drafter == "lookup" else None
         self.draft_model = draft_model
         self.draft_head = ShortlistHead(heads, draft_ids)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)

@@ -86,7 +86,7 @@ class SpecRound:
 
     index: int
     position: int  # position of the round's first fed token (t0)
-    drafter: str  # "self", "draft_model", "lookup" or "none" (speculation switched off: a plain step)
+    drafter: str  # "self", "draft_model", "lookup", "datastore" or "none" (no draft: a plain step)
     depth: int  # layers the draft ran (0: no shallow path, the verifier ran every layer)
     drafted: list[int]  # proposed tokens t1..tk
     accepted: int  # length of the accepted prefix

@@ -194,7 +194,7 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     parser = argparse.ArgumentParser()
     finalize.add_arguments(parser)
     # the trainer stages (exits, classifier, certify) have their own tests; here: the pipeline around them
-    args = parser.parse_args(["--model", str(model_dir), "--skip-draft-vocab", "--skip-exits", "--skip-classifier",
+    args = parser.parse_args(["--model", str(model_dir), "--skip-draft-vocab", "--skip-datastore", "--skip-exits", "--skip-classifier",
                               "--skip-certify", "--eval-windows", "2",
                               "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
                               "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",

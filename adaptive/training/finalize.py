@@ -3,6 +3,7 @@
 Stages, in order, each skippable (``--skip-<stage>``):
 
   draft-vocab  token counts over the train split -> ``draft_vocab.json``
+  datastore    corpus 3-grams for lookup drafting (``build_datastore``) -> ``ngram_datastore.safetensors``
   exits        tuned-lens exit adapters (``train_exits``) -> ``exit_adapters.safetensors``
   classifier   learned exit classifier (``train_exit_classifier``) -> ``exit_classifier.safetensors``
   evaluate     per-layer loss and agreement on the test split, before and after adapters
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("draft-vocab", "exits", "classifier", "evaluate", "calibrate", "certify", "gate", "card")
+STAGES = ("draft-vocab", "datastore", "exits", "classifier", "evaluate", "calibrate", "certify", "gate", "card")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,6 +122,11 @@ def main(args) -> int:
         if stage == "draft-vocab":
             path = evaluate.build_draft_vocab(model_dir)
             print(f"wrote {path}")
+        elif stage == "datastore":
+            from . import build_datastore
+
+            build_datastore.main(argparse.Namespace(model=str(model_dir), text=None, min_count=3, min_share=0.5,
+                                                    out=None))
         elif stage == "exits":
             from . import train_exits
 
