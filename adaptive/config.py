@@ -14,7 +14,7 @@ from .errors import InvalidRequestError
 
 MODES = ("full", "early_exit", "speculative", "auto")
 KV_POLICIES = ("propagate", "defer")
-MEASURES = ("max_prob", "margin", "entropy", "cosine", "patience", "classifier")
+MEASURES = ("max_prob", "margin", "entropy", "cosine", "attention", "patience", "classifier")
 # Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.
 ABSURD_MAX_NEW_TOKENS = 1_000_000
 

@@ -41,6 +41,8 @@ class EarlyExitDecoder(Decoder):
         self.config = config
         self.exit_points = config.exit_points(model.spec.num_layers)
         self.measure = make_measure(config.measure, config.patience, classifier)
+        if hasattr(self.measure, "bind"):  # the attention gate reads this decoder's cache
+            self.measure.bind(model, self.cache)
         # Hidden state of each pending position at the input of its first missing layer (defer only).
         self.pending = (torch.zeros(1, max_len, model.spec.hidden_size, dtype=model.dtype, device=model.device)
                         if config.kv_policy == "defer" else None)

@@ -233,8 +233,50 @@ class LearnedExit(ConfidenceMeasure):
         return self.classifier.probability(layer, hidden, prev_hidden)
 
 
+class AttentionFocus(ConfidenceMeasure):
+    """Attention-based gate: how focused the current token's attention is in the layer just run.
+
+    1 - mean over heads of H(attention) / log(keys): 1 when every head attends to a single position,
+    0 when all spread uniformly. The query is recomputed from the layer's input hidden state (``prev``)
+    with that layer's own norm, q projection and RoPE; the keys are the cache's. Costs the q projection
+    and the scores (d * H * hd + H * hd * keys MACs), no LM head.
+    """
+    name = "attention"
+    needs_logits = False
+
+    def __init__(self):
+        self.model, self.cache = None, None
+
+    def bind(self, model, cache) -> None:
+        self.model, self.cache = model, cache
+
+    def score(self, logits, hidden, prev_hidden, layer=None):
+        model, spec = self.model, self.model.spec
+        index = layer - 1  # the layer just run
+        lw = model.w.layers[index]
+        pos = self.cache.fill[index] - 1  # the current token is the last position written there
+        H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        x = model.norm(prev_hidden[:, -1], lw.attn_norm_w, lw.attn_norm_b)  # (B, d)
+        q = F.linear(x, lw.q_w, lw.q_b).view(-1, 1, H, hd)  # (B, 1, H, hd)
+        if spec.positional == "rope":
+            q = model._rope(q, pos)
+        window = spec.sliding_windows[index]
+        start = 0 if window is None else max(0, pos - window + 1)
+        keys, _ = self.cache.keys_values(index, start, pos + 1)  # (B, Hkv, S, hd)
+        keys = keys.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
+        scale = lw.attn_scale or 1.0 / math.sqrt(hd)
+        attn = torch.softmax(torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)).float() * scale, -1)  # (B, H, 1, S)
+        S = attn.shape[-1]
+        self.check_macs = spec.hidden_size * H * hd + H * hd * S
+        if S < 2:
+            return torch.ones(attn.shape[0])
+        entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1)  # (B, H, 1)
+        return 1.0 - entropy.mean(dim=(1, 2)) / math.log(S)
+
+
 def make_measure(name: str, patience: int = 2, classifier=None) -> ConfidenceMeasure:
-    measures = {"max_prob": MaxProb, "margin": Margin, "entropy": Entropy, "cosine": HiddenCosine}
+    measures = {"max_prob": MaxProb, "margin": Margin, "entropy": Entropy, "cosine": HiddenCosine,
+                "attention": AttentionFocus}
     if name == "patience":
         return Patience(patience)
     if name == "classifier":

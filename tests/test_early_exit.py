@@ -10,7 +10,7 @@ from adaptive.early_exit import EarlyExitDecoder
 
 from conftest import make_model, random_prompt
 
-MEASURES = ["max_prob", "margin", "entropy", "cosine", "patience"]
+MEASURES = ["max_prob", "margin", "entropy", "cosine", "attention", "patience"]
 
 
 @pytest.mark.parametrize("kv_policy", ["propagate", "defer"])
@@ -173,3 +173,25 @@ def test_fixed_paths_run_exactly_their_layers():
     from adaptive import InvalidRequestError
     with _pytest.raises(InvalidRequestError, match="unknown path"):
         rt.generate(prompt, max_new_tokens=3, path="turbo")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "smollm"])
+def test_attention_gate_matches_hugging_face_attention_weights(family):
+    """measure="attention" = 1 - mean head entropy / log(keys) of the current token's attention in the
+    layer just run, checked against HF's own attention probabilities (eager attention)."""
+    import math
+
+    model = make_model(family)
+    rt = Runtime.from_model(model, share_weights=False)
+    prompt = random_prompt(9, seed=11)
+    res = rt.generate(prompt, max_new_tokens=2, mode="early_exit", measure="attention", threshold=1.0,
+                      min_layer=1, stop_at_eos=False)
+    checked = res.traces[1].layer_confidence  # the step that fed traces[0]'s token
+    assert checked
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(torch.tensor([prompt + [res.traces[0].token_id]]), output_attentions=True)
+    for k, conf in checked.items():
+        attn = out.attentions[k - 1][0, :, -1, :].double()  # (H, S): the fed token's attention in layer k
+        entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
+        assert conf == pytest.approx(float(1 - entropy / math.log(attn.shape[-1])), abs=1e-4)
