@@ -240,21 +240,88 @@ def load_checkpoint(path_or_id: str, dtype: torch.dtype = torch.float32, trust_r
     if raw.get("model_type") not in (*LLAMA_FAMILY, "gpt2"):
         archs = ", ".join(raw.get("architectures") or []) or str(raw.get("model_type"))
         raise _unsupported(f"unsupported architecture {archs!r} in {directory}")
-    from transformers import AutoConfig
+    config = _plain_llama_config(raw)
+    if config is None:
+        from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise CheckpointError(f"{directory / 'config.json'} could not be read as a transformers config: {e}") from e
+        try:
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise CheckpointError(f"{directory / 'config.json'} could not be read as a transformers config: {e}") from e
     spec = spec_from_config(config, directory)
     weights = weights_from_state(config, _read_safetensors(directory), dtype, origin=str(directory))
     tokenizer = load_tokenizer_from(directory, trust_remote_code) if load_tokenizer else None
     return LoadedCheckpoint(spec=spec, weights=weights, tokenizer=tokenizer, directory=directory)
 
 
+# Importing transformers takes seconds (it indexes its whole package), more than everything else a
+# load does. A plain Llama checkpoint whose config.json states every field the lean model reads — such
+# as the bundled model, which our exporter writes — needs none of its code, so it is read directly;
+# anything else (other families, biases, RoPE scaling, missing fields left to defaults) goes through
+# AutoConfig. Tests pin the two paths to the same ModelSpec and weights.
+_PLAIN_LLAMA_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                     "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _plain_llama_config(raw: dict):
+    from types import SimpleNamespace
+
+    if raw.get("model_type") != "llama" or any(k not in raw for k in _PLAIN_LLAMA_KEYS):
+        return None
+    rope = raw["rope_parameters"]
+    if raw["attention_bias"] or raw["mlp_bias"] or raw.get("pretraining_tp", 1) != 1 or not isinstance(rope, dict) \
+            or rope.get("rope_type") != "default" or not isinstance(rope.get("rope_theta"), (int, float)):
+        return None
+    return SimpleNamespace(**raw)
+
+
+class PlainTokenizer:
+    """A ``tokenizers`` tokenizer with the three methods the runtime uses, for checkpoints whose
+    tokenizer_config.json asks for nothing beyond tokenizer.json (a PreTrainedTokenizerFast without
+    clean-up of tokenization spaces): same ids and text as transformers' wrapper, without its import."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab()
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size()
+
+
+def _plain_tokenizer(directory: Path) -> PlainTokenizer | None:
+    cfg_path = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").is_file() or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast" or cfg.get("clean_up_tokenization_spaces", True) \
+            or cfg.get("add_prefix_space") or any(k in cfg for k in ("added_tokens_decoder", "chat_template")):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return PlainTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")))
+    except Exception as e:  # a broken tokenizer.json: the message of the library that reads it
+        raise CheckpointError(f"{directory / 'tokenizer.json'} could not be loaded: {e}") from e
+
+
 def load_tokenizer_from(directory: Path, trust_remote_code: bool = False):
     if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
+    plain = _plain_tokenizer(directory)
+    if plain is not None:
+        return plain
     from transformers import AutoTokenizer
 
     try:

@@ -37,3 +37,28 @@ def test_speculative_greedy_equals_full(rt, settings):
 def test_early_exit_default_setting_runs(rt):
     res = rt.generate(PROMPTS[0], max_new_tokens=32, mode="early_exit", stop_at_eos=False)
     assert 1 <= res.stats["layers_run_mean"] <= 8 and res.stats["compute_fraction"] > 0
+
+
+def test_plain_loading_path_equals_the_transformers_path():
+    """The bundled model loads without importing transformers (seconds saved); pin it to AutoConfig +
+    AutoTokenizer: the same spec, the same weights, the same token ids and text."""
+    import sysconfig
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from adaptive.loading import PlainTokenizer, load_checkpoint, spec_from_config
+    from adaptive.runtime import DEFAULT_MODEL_DIR
+
+    plain = load_checkpoint(str(DEFAULT_MODEL_DIR))
+    assert isinstance(plain.tokenizer, PlainTokenizer)
+    assert plain.spec == spec_from_config(AutoConfig.from_pretrained(str(DEFAULT_MODEL_DIR)), DEFAULT_MODEL_DIR)
+    hf_tok = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace")[:4000] for p in sorted(stdlib.glob("*.py"))[:40]]
+    texts += ["", "  \n\t", "héllo wörld ✓ <|endoftext|> x"]
+    for text in texts:
+        ids = plain.tokenizer.encode(text, add_special_tokens=False)
+        assert ids == hf_tok.encode(text, add_special_tokens=False)
+        assert plain.tokenizer.decode(ids) == hf_tok.decode(ids)
+    assert plain.tokenizer.get_vocab() == hf_tok.get_vocab()

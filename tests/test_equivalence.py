@@ -75,3 +75,30 @@ def test_fused_and_shared_layouts_agree(family):
     fused = Runtime.from_model(hf, share_weights=False).generate(prompt, max_new_tokens=20, mode="early_exit", threshold=0.05)
     assert shared.token_ids == fused.token_ids
     assert [t.exit_layer for t in shared.traces] == [t.exit_layer for t in fused.traces]
+
+
+def test_plain_config_path_only_for_fully_stated_plain_llama(tmp_path):
+    """config.json is read without transformers only for a plain Llama that states every field; a saved
+    tiny checkpoint loads to the same spec and logits either way."""
+    import json
+
+    from transformers import AutoConfig
+
+    from adaptive.loading import _plain_llama_config, load_checkpoint, spec_from_config
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert _plain_llama_config(raw) is not None
+    loaded = load_checkpoint(str(tmp_path), load_tokenizer=False)
+    assert loaded.spec == spec_from_config(AutoConfig.from_pretrained(str(tmp_path)), tmp_path)
+    for change in ({"model_type": "qwen2"}, {"attention_bias": True},
+                   {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}):
+        assert _plain_llama_config({**raw, **change}) is None
+    assert _plain_llama_config({k: v for k, v in raw.items() if k != "rms_norm_eps"}) is None
+    rt = Runtime.from_pretrained(str(tmp_path))
+    ids = torch.tensor([random_prompt(10)])
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1]
+    res = rt.generate(ids[0].tolist(), max_new_tokens=1, mode="full")
+    assert res.token_ids[0] == int(ref.argmax())
