@@ -32,7 +32,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text and print it (optionally write the full trace)")
     p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="full", help="full | early_exit")
+    p.add_argument("--mode", default="full", help="full | early_exit | speculative | auto")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -43,6 +43,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--kv-policy", default=None, help="propagate | defer")
     p.add_argument("--exit-layers", default=None, help="comma-separated layer counts where tokens may exit")
+    p.add_argument("--path", default=None, help="mode full: light | standard | full")
+    p.add_argument("--drafter", default=None, help="mode speculative: self | lookup | draft_model")
+    p.add_argument("--policy", default=None, help="mode auto: quality | latency | budget | load")
+    p.add_argument("--epsilon", type=float, default=None, help="mode auto: allowed disagreement with full depth")
+    p.add_argument("--latency-ms", type=float, default=None, help="mode auto, policy latency: ms/token target")
+    p.add_argument("--budget", type=float, default=None, help="mode auto, policy budget: compute fraction")
+    p.add_argument("--queue-depth", type=int, default=None, help="mode auto, policy load: requests waiting")
+    p.add_argument("--audit-rate", type=float, default=None, help="mode auto: share of lossy requests audited")
     p.add_argument("--json", default=None, metavar="FILE", help="write the result with every token trace")
     p.add_argument("--stats", action="store_true", help="print the stats after the text")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -54,7 +62,9 @@ def _generate(args) -> int:
     from .runtime import Runtime
 
     rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    options = {name: getattr(args, name) for name in ("threshold", "measure", "min_layer", "kv_policy", "top_k", "top_p")
+    options = {name: getattr(args, name) for name in ("threshold", "measure", "min_layer", "kv_policy", "top_k", "top_p",
+                                                      "path", "drafter", "policy", "epsilon", "latency_ms", "budget",
+                                                      "queue_depth", "audit_rate")
                if getattr(args, name) is not None}
     if args.exit_layers:
         try:

@@ -308,7 +308,7 @@ class Runtime:
             if unknown:
                 raise InvalidRequestError(f"unknown option(s) {sorted(unknown)} for mode='auto'; valid: "
                                           f"{', '.join([*AUTO_KNOBS, *SAMPLING_KNOBS, 'stop_at_eos'])}")
-            plan = self.scheduler.plan(prompt_ids, {k: v for k, v in options.items() if k in AUTO_KNOBS})
+            plan = self.scheduler.plan(prompt_ids, {k: v for k, v in options.items() if k in AUTO_KNOBS}, max_new_tokens)
             options = {**{k: v for k, v in options.items() if k not in AUTO_KNOBS}, **plan.options}
             mode = plan.mode
         sampling = SamplingConfig(temperature=temperature, seed=seed, top_k=options.get("top_k", 0),

@@ -151,7 +151,7 @@ class Scheduler:
         for name, depth in sorted(rt.paths.items(), key=lambda kv: kv[1]):
             if name == "full":
                 continue
-            cost = depth / L + 0.1  # the layers run, plus the K/V filling and head of a shallow exit
+            cost = self._path_compute(depth, len(prompt_ids))
             if gate_decision is not None and name in gate_decision.probabilities:
                 p = gate_decision.probabilities[name]
                 report = rt.gate.report.get("paths", {}).get(name, {})
@@ -170,14 +170,28 @@ class Scheduler:
                 c.agreement, c.basis = audited, f"audited: {run.audited_agree}/{run.audited_tokens} tokens agree"
         return out
 
+    def _path_compute(self, depth: int, prompt_len: int) -> float:
+        """Compute fraction of a fixed path from the MAC ledger, at a typical position of the request:
+        the layers run, the exit head (with its adapter) and the skipped layers' K/V filling."""
+        costs, L = self.rt.costs, self.rt.spec.num_layers
+        pos = prompt_len + 32
+        macs = costs.layers_macs(0, depth, pos) + costs.head_macs + (L - depth) * costs.kv_fill_macs
+        if self.rt.heads.has_adapter(depth):
+            macs += costs.adapter_macs
+        return macs / costs.full_token_macs(pos)
+
     # ---- decisions -------------------------------------------------------------------------------
-    def plan(self, prompt_ids: list[int], knobs: dict[str, Any]) -> Plan:
+    def plan(self, prompt_ids: list[int], knobs: dict[str, Any], max_new_tokens: int = 64) -> Plan:
         start = time.perf_counter()
         knobs = validate_knobs(knobs)
         gate = None
         if self.rt.gate is not None:
             gate = self.rt.gate.decide(self.rt, prompt_ids, knobs["gate_confidence"])
         cands = self.candidates(prompt_ids, gate)
+        if gate is not None:  # the gate's own pass is paid whatever is chosen: spread over the request
+            share = gate.feature_macs / (max_new_tokens * self.rt.costs.full_token_macs(len(prompt_ids) + 32))
+            for c in cands:
+                c.compute += share
         policy, target = knobs["policy"], 1.0 - knobs["epsilon"]
         by_speed = sorted(cands, key=lambda c: c.ms_per_token)
         faithful = sorted(cands, key=lambda c: (-c.agreement, c.ms_per_token))
