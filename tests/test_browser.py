@@ -84,6 +84,14 @@ def test_page_streams_a_prompt_and_draws_the_views(app_url):
             assert box > 300  # fixed height: never the zero-height autosize
             cells = page.eval_on_selector_all("#air-heatmap .heatmaplayer image", "els => els.length")
             assert cells >= 1
+            # mode auto: the Scheduler tab shows the policy's decision, its reason and the gate panel.
+            page.click("#air-mode label:has-text('auto')")
+            page.click("#air-generate")
+            page.click("button[role=tab]:has-text('Scheduler')")
+            page.wait_for_function("document.querySelector('#air-plan').innerText.includes('Policy')", timeout=90000)
+            plan = page.inner_text("#air-plan")
+            assert "quality" in plan and "Why:" in plan and "speculative" in plan
+            page.wait_for_selector("#air-gate-plot .js-plotly-plot", timeout=30000)
             assert not errors, errors
             print(f"first token in the page after {first_token_s:.2f} s; {n} tokens")
         finally:
