@@ -135,11 +135,24 @@ class Frame:
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     masks: dict = field(default_factory=dict)
+    # Batched rows, left-padded: row r's real tokens start at slot pads[r]. Positions (RoPE) are
+    # slot - pad per row, and no real query may see a pad slot (cos/sin are then (B, 1, T, hd)).
+    pads: torch.Tensor | None = None  # (B,) long
 
     def mask(self, model: "LeanModel", key_start: int, window: int | None) -> torch.Tensor:
         key = (key_start, window)
         if key not in self.masks:
-            self.masks[key] = model._attention_mask(self.pos, self.T, key_start, window)
+            allowed = model._attention_mask(self.pos, self.T, key_start, window)  # (T, S)
+            if self.pads is not None:
+                k_slot = torch.arange(key_start, self.pos + self.T, device=allowed.device)  # (S,)
+                q_slot = torch.arange(self.pos, self.pos + self.T, device=allowed.device)  # (T,)
+                real_key = k_slot[None, :] >= self.pads[:, None]  # (B, S)
+                allowed = allowed[None] & real_key[:, None, :]  # (B, T, S)
+                # A pad query sees only itself: finite garbage that no real query ever reads (a query
+                # with every key masked would give NaN, and NaN * 0 is still NaN in the next layer).
+                allowed |= (q_slot[:, None] == k_slot[None, :])[None] & ~real_key[:, None, :]
+                allowed = allowed[:, None]  # (B, 1, T, S): broadcast over heads
+            self.masks[key] = allowed
         return self.masks[key]
 
 
@@ -221,12 +234,30 @@ class LeanModel:
         cos, sin = self.cos[pos:pos + T], self.sin_signed[pos:pos + T]  # (T, 1, hd)
         return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
 
-    def frame(self, pos: int, T: int) -> "Frame":
-        """What every layer of one pass over positions [pos, pos+T) shares: RoPE rows and masks."""
+    def frame(self, pos: int, T: int, pads: torch.Tensor | None = None) -> "Frame":
+        """What every layer of one pass over slots [pos, pos+T) shares: RoPE rows and masks. With
+        ``pads`` (left-padded rows), row r's positions are the slots minus pads[r]."""
         cos = sin = None
+        if pads is None:
+            if self.spec.positional == "rope":
+                cos, sin = self.cos[pos:pos + T, 0], self.sin[pos:pos + T]  # (T, hd)
+            return Frame(pos, T, cos, sin)
         if self.spec.positional == "rope":
-            cos, sin = self.cos[pos:pos + T, 0], self.sin[pos:pos + T]  # (T, hd)
-        return Frame(pos, T, cos, sin)
+            positions = self.row_positions(pos, T, pads)  # (B, T)
+            cos, sin = self.cos[positions, 0][:, None], self.sin[positions][:, None]  # (B, 1, T, hd)
+        return Frame(pos, T, cos, sin, pads=pads)
+
+    def row_positions(self, pos: int, T: int, pads: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions of slots [pos, pos+T) in left-padded rows (0 on pad slots)."""
+        slots = torch.arange(pos, pos + T, device=self.device)
+        return (slots[None, :] - pads[:, None]).clamp_min(0)
+
+    def embed_rows(self, token_ids: torch.Tensor, pos: int, pads: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids at slots [pos, pos+T) of left-padded rows -> hidden states (B, T, d)."""
+        h = F.embedding(token_ids, self.w.embed)
+        if self.w.pos_embed is not None:
+            h = h + F.embedding(self.row_positions(pos, token_ids.shape[1], pads), self.w.pos_embed)
+        return h
 
     def _qkv(self, lw: LayerWeights, mm: dict[str, torch.Tensor], x: torch.Tensor, frame: "Frame", B: int):
         """Normed hidden (B*T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""
@@ -273,7 +304,9 @@ class LeanModel:
         key_start = 0 if window is None else max(0, pos - window + 1)
         keys, values = cache.keys_values(index, key_start, pos + T)  # (B, Hkv, S, hd)
         mask, causal = None, False
-        if T > 1:
+        if frame.pads is not None:  # batched rows: pads are masked even for a single new token
+            mask = frame.mask(self, key_start, window)
+        elif T > 1:
             if key_start == 0 and pos == 0 and (window is None or window >= T):
                 causal = True
             else:
@@ -295,9 +328,10 @@ class LeanModel:
             inner = self._act(_project(x, mm["up_w"], lw.up_b))
         return _project(inner, mm["down_w"], lw.down_b, residual=h).view(B, T, d)
 
-    def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache) -> torch.Tensor:
-        """Layers [start, end) on hidden states (B, T, d) of positions [pos, pos+T)."""
-        frame = self.frame(pos, h.shape[1])
+    def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache,
+                   pads: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers [start, end) on hidden states (B, T, d) of positions [pos, pos+T) (slots, with ``pads``)."""
+        frame = self.frame(pos, h.shape[1], pads)
         for index in range(start, end):
             h = self.layer(index, h, pos, cache, frame)
         return h

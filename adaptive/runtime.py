@@ -365,6 +365,73 @@ class Runtime:
             pass
         return stream.result
 
+    def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int = 64,
+                       stop_at_eos: bool = True) -> list[GenerationResult]:
+        """Greedy full-depth decoding of several prompts as one batch: one pass per step for all rows.
+
+        Prompts are left-padded to the longest; each row's RoPE positions start at its first real token
+        and a mask keeps every real query off the pad slots, so each row computes what it would alone
+        (tests pin it to one-by-one ``mode="full"``). Rows that stop at EOS ride along idle until all have
+        stopped. The pad slots and idle rows are real work: ``stats["batch"]`` reports them, and each
+        row's ``compute_fraction`` includes its share of the pass (padding included).
+        """
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError("generate_batch needs a non-empty list of prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for ids in encoded:
+            self._check_lengths(len(ids), max_new_tokens)
+        model, costs, L = self.model, self.costs, self.spec.num_layers
+        B, P = len(encoded), max(len(ids) for ids in encoded)
+        pads = torch.tensor([P - len(ids) for ids in encoded], device=model.device)
+        eos = set(self.spec.eos_token_ids) if stop_at_eos else set()
+        # any valid id fills the pad slots: they are masked for every real query
+        rows = torch.tensor([[0] * (P - len(ids)) + ids for ids in encoded], device=model.device)  # (B, P)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        start = time.perf_counter()
+        with torch.inference_mode():
+            cache = model.new_cache(B, P + max_new_tokens)
+            h = model.run_layers(model.embed_rows(rows, 0, pads), 0, L, 0, cache, pads)
+            logits = model.head(h[:, -1])  # (B, V)
+            slot, steps = P, 0
+            while True:
+                picks = logits.argmax(-1).tolist()
+                for r in range(B):
+                    if not done[r]:
+                        tokens[r].append(picks[r])
+                        done[r] = picks[r] in eos or len(tokens[r]) >= max_new_tokens
+                if all(done):
+                    break
+                x = model.embed_rows(torch.tensor(picks, device=model.device)[:, None], slot, pads)  # (B, 1, d)
+                logits = model.head(model.run_layers(x, 0, L, slot, cache, pads)[:, -1])
+                slot, steps = slot + 1, steps + 1
+        total_s = time.perf_counter() - start
+        # Work actually done: every row at every slot of the prefill and of each step (pads, idle rows).
+        spent = B * (sum(costs.full_token_macs(p) - costs.head_macs for p in range(P)) + costs.head_macs) + \
+            B * sum(costs.full_token_macs(p) for p in range(P, P + steps))
+        useful = sum(sum(costs.full_token_macs(p) for p in range(len(ids) - 1, len(ids) - 1 + len(out)))
+                     for ids, out in zip(encoded, tokens))
+        results = []
+        for r, (ids, out) in enumerate(zip(encoded, tokens)):
+            traces = [TokenTrace(token_id=t, position=len(ids) + i, exit_layer=L, text=self.decode([t]),
+                                 macs=costs.full_token_macs(len(ids) - 1 + i), full_macs=costs.full_token_macs(len(ids) - 1 + i))
+                      for i, t in enumerate(out)]
+            full = sum(t.full_macs for t in traces)
+            stats = {"mode": "full", "model": self.name, "num_layers": L, "prompt_tokens": len(ids),
+                     "new_tokens": len(out), "layers_run_mean": float(L),
+                     "compute_fraction": (spent / useful) if useful else 1.0,  # each row's share of the batch's work
+                     "tokens_per_s": len(out) / total_s, "ms_per_token": 1000 * total_s / max(1, len(out)),
+                     "total_ms": 1000 * total_s, "macs": full, "full_macs": full, "max_new_tokens": max_new_tokens,
+                     "temperature": 0.0, "multiscale_path": "full",
+                     "batch": {"size": B, "index": r, "padded_length": P, "pad_slots": int(pads.sum()),
+                               "steps": steps + 1, "batch_macs": spent, "useful_macs": useful,
+                               "batch_tokens_per_s": sum(len(o) for o in tokens) / total_s}}
+            stop = "eos" if out and out[-1] in eos else "max_new_tokens"
+            results.append(GenerationResult(token_ids=out, text=self.decode(out), traces=traces, stats=stats,
+                                            prompt_ids=ids, prompt_text=prompts[r] if isinstance(prompts[r], str) else self.decode(ids),
+                                            stop_reason=stop))
+        return results
+
     def generate_many(self, prompts: list[str | list[int]], max_new_tokens: int = 64, mode: str = "full",
                       order: str = "cheap_first", **options) -> list[GenerationResult]:
         """Several requests in one call, served cheapest-predicted first; results in the input order.

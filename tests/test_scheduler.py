@@ -179,3 +179,20 @@ def test_generate_many_equals_one_by_one_and_serves_cheap_first():
         rt.generate_many([], max_new_tokens=4)
     with pytest.raises(InvalidRequestError):
         rt.generate_many(prompts + [[]], max_new_tokens=4)  # one bad prompt: refused before any work
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "smollm"])
+def test_batched_generation_equals_one_by_one(family):
+    """Rows of different lengths decoded as one batch (left padding, per-row positions and masks) give
+    exactly the tokens each prompt gets alone in mode full; padding never leaks into a row."""
+    rt = Runtime.from_model(make_model(family), share_weights=False)
+    prompts = [random_prompt(n, seed=n) for n in (14, 3, 9, 20)]
+    batch = rt.generate_batch(prompts, max_new_tokens=12, stop_at_eos=False)
+    for prompt, res in zip(prompts, batch):
+        alone = rt.generate(prompt, max_new_tokens=12, mode="full", stop_at_eos=False)
+        assert res.token_ids == alone.token_ids
+    stats = batch[0].stats["batch"]
+    assert stats["size"] == 4 and stats["pad_slots"] == (20 - 14) + (20 - 3) + (20 - 9)
+    assert all(r.stats["compute_fraction"] > 1.0 for r in batch)  # padding is counted as spent work
+    with pytest.raises(InvalidRequestError):
+        rt.generate_batch([], max_new_tokens=4)
