@@ -433,7 +433,7 @@ class Runtime:
         return results
 
     def generate_many(self, prompts: list[str | list[int]], max_new_tokens: int = 64, mode: str = "full",
-                      order: str = "cheap_first", **options) -> list[GenerationResult]:
+                      order: str = "cheap_first", batch_size: int = 1, **options) -> list[GenerationResult]:
         """Several requests in one call, served cheapest-predicted first; results in the input order.
 
         The predicted cost of a request is its prompt length plus ``max_new_tokens`` times the depth the
@@ -441,8 +441,14 @@ class Runtime:
         back behind deep ones. With ``mode="auto"`` and ``policy="load"`` each request sees the number of
         requests still waiting as its queue depth. Rows are decoded one after another with the batch-1
         kernels (each row keeps its own cache, so one row's exits can never touch another's); every
-        result records its queue wait and position in ``stats["batch"]``.
+        result records its queue wait and position in ``stats["batch"]``. With greedy ``mode="full"``
+        and ``batch_size > 1``, consecutive requests of the schedule (so: of similar predicted cost)
+        are decoded together by ``generate_batch``.
         """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size > 1 and (mode != "full" or set(options) - {"stop_at_eos"}):
+            raise InvalidRequestError("batch_size > 1 batches greedy mode='full' only (no other options)")
         if order not in ("cheap_first", "fifo"):
             raise InvalidRequestError(f"order must be 'cheap_first' or 'fifo', got {order!r}")
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -461,6 +467,17 @@ class Runtime:
             else list(range(len(encoded)))
         results: list[GenerationResult | None] = [None] * len(encoded)
         start = time.perf_counter()
+        if batch_size > 1:
+            for first in range(0, len(schedule), batch_size):
+                group = schedule[first:first + batch_size]
+                waited_ms = (time.perf_counter() - start) * 1000
+                outs = self.generate_batch([encoded[i] for i in group], max_new_tokens,
+                                           stop_at_eos=options.get("stop_at_eos", True))
+                for rank, (i, res) in enumerate(zip(group, outs), start=first):
+                    res.stats["batch"].update({"index": i, "served_as": rank, "order": order, "predicted_cost": predicted[i],
+                                               "queue_wait_ms": waited_ms, "latency_ms": waited_ms + res.stats["total_ms"]})
+                    results[i] = res
+            return results
         for rank, i in enumerate(schedule):
             waited_ms = (time.perf_counter() - start) * 1000
             row_options = dict(options)

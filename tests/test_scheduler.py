@@ -196,3 +196,17 @@ def test_batched_generation_equals_one_by_one(family):
     assert all(r.stats["compute_fraction"] > 1.0 for r in batch)  # padding is counted as spent work
     with pytest.raises(InvalidRequestError):
         rt.generate_batch([], max_new_tokens=4)
+
+
+def test_generate_many_batches_groups_of_similar_cost():
+    rt = _runtime()
+    prompts = [random_prompt(n, seed=n) for n in (30, 5, 17, 9, 6)]
+    many = rt.generate_many(prompts, max_new_tokens=8, mode="full", batch_size=2, stop_at_eos=False)
+    for prompt, res in zip(prompts, many):
+        assert res.token_ids == rt.generate(prompt, max_new_tokens=8, mode="full", stop_at_eos=False).token_ids
+    groups = {}
+    for r in many:
+        groups.setdefault(r.stats["batch"]["queue_wait_ms"], []).append(len(r.prompt_ids))
+    assert sorted(sorted(g) for g in groups.values()) == [[5, 6], [9, 17], [30]]  # cheap together, first
+    with pytest.raises(InvalidRequestError):
+        rt.generate_many(prompts, mode="early_exit", batch_size=2)
