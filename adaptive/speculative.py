@@ -99,7 +99,8 @@ class AcceptanceStats:
     def predict(self, depth: int, confidence: float) -> float:
         """P(the verifier accepts a draft token whose draft confidence is ``confidence``)."""
         b = min(int(confidence * _CONFIDENCE_BINS), _CONFIDENCE_BINS - 1)
-        accepted, total = self.bins.get(depth, [[0, 0]] * _CONFIDENCE_BINS)[b]
+        bins = self.bins.get(depth)
+        accepted, total = bins[b] if bins is not None else (0, 0)
         prior = 0.5 * (confidence + self.alpha(depth))  # before data: the draft's own belief, tempered
         return (accepted + 4 * prior) / (total + 4)
 
@@ -130,6 +131,7 @@ class RoundTimings:
         self.ratio: dict[tuple, float] = {}
         self.count: dict[tuple, int] = {}
         self.recent: dict[tuple, list[float]] = {}  # the last ``window`` ratios per key
+        self.quartile: dict[tuple, float] = {}  # their lower quartile
         self.window = window
 
     def get(self, key: tuple) -> float:
@@ -138,8 +140,7 @@ class RoundTimings:
     def low(self, key: tuple) -> float:
         """The lower quartile of recent ratios (1.0 before any): a plain step's cost is judged by what it
         takes when nothing disturbs it, so noise makes speculation look worse, never better."""
-        recent = sorted(self.recent.get(key, []))
-        return recent[len(recent) // 4] if recent else 1.0
+        return self.quartile.get(key, 1.0)
 
     def record(self, key: tuple, measured_ms: float, predicted_ms: float) -> None:
         if predicted_ms <= 0:
@@ -152,6 +153,8 @@ class RoundTimings:
             self.ratio[key] = self.ratio.get(key, r) * (1 - w) + r * w
             self.count[key] = n + 1
             self.recent[key] = (self.recent.get(key, []) + [r])[-self.window:]
+            ordered = sorted(self.recent[key])
+            self.quartile[key] = ordered[len(ordered) // 4]  # asked for per drafted token: kept ready
 
 
 class SpeculationController:
