@@ -171,7 +171,7 @@ def _write_trace(session: Session) -> str:
 
 # ---- drawing: one place that turns a Session into every view ------------------------------------------------
 OUTPUT_NAMES = ("status", "tokens", "text", "heatmap", "ledger", "ledger_plot", "audit", "stats", "token_pick",
-                "download", "spec_tokens", "spec_plot", "spec_rounds", "auto_gate", "auto_plan", "session")
+                "download", "spec_tokens", "spec_plot", "spec_rounds", "auto_gate", "auto_plan", "auto_paths", "session")
 
 
 def _client_safe(stats: dict) -> dict:
@@ -213,6 +213,7 @@ def render(session: Session, heat_value: str, status: str, pending: bool = False
         spec_views.rounds_table_html(res, session.token_text),
         sched_views.gate_figure(res),
         sched_views.plan_html(res),
+        sched_views.path_gate_figure(res, session.lens),
         session,
     )
 
@@ -613,6 +614,9 @@ def build_app() -> gr.Blocks:
                         auto_gate = gr.Plot(sched_views.gate_figure(GenerationResult([], "", [], {})),
                                             label="Prompt gate", show_label=False, elem_id="air-gate-plot")
                         auto_plan = gr.HTML(sched_views.plan_html(GenerationResult([], "", [], {})), elem_id="air-plan")
+                        auto_paths = gr.Plot(sched_views.path_gate_figure(GenerationResult([], "", [], {}), None),
+                                             label="Token-level gate per path", show_label=False,
+                                             elem_id="air-path-gates")
                         with gr.Row():
                             gate_path = gr.Dropdown(["light", "standard"], value="light", label="Gate verdict to explain",
                                                     scale=2)
@@ -645,7 +649,7 @@ def build_app() -> gr.Blocks:
                         analyse_btn = gr.Button("Analyse with model (lens + full-depth audit)")
 
         outputs = [status, tokens, text, heatmap, ledger, ledger_plot, audit, stats, token_pick, download,
-                   spec_tokens, spec_plot, spec_rounds, auto_gate, auto_plan, session]
+                   spec_tokens, spec_plot, spec_rounds, auto_gate, auto_plan, auto_paths, session]
         demo.load(on_page_load, outputs=[banner, threshold, measure, kv_policy, exit_layers, draft_vocab_size],
                   api_name="init")
         load_btn.click(on_load_model, inputs=[model],

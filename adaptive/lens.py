@@ -47,6 +47,8 @@ def lens(runtime, prompt_ids: list[int], token_ids: list[int], measure: str = "m
     ids = torch.tensor([seq], device=model.device)
     first = len(prompt_ids) - 1  # position whose output predicts the first generated token
     cache = model.new_cache(1, len(seq))
+    if measure == "attention":  # reads one decode step's query against the cache; the lens reads max_prob
+        measure = "max_prob"
     scorer = make_measure(measure, patience, runtime.exit_classifier)
     h = model.embed(ids, 0)
     per_layer_logp, per_layer_conf = [], []

@@ -44,6 +44,34 @@ def gate_figure(result: GenerationResult) -> go.Figure:
     return fig
 
 
+def path_gate_figure(result: GenerationResult, lens, paths: dict[str, int] | None = None) -> go.Figure:
+    """Token-level gate per path (paths x tokens): the uncertainty gate's value — the lens confidence of
+    each path's exit head for each generated token — with an x where that path's top-1 would differ
+    from full depth's. Needs the lens (one teacher-forced pass after the run)."""
+    fig = go.Figure()
+    L = (result.stats or {}).get("num_layers")
+    if lens is None or not L or not lens.confidence:
+        fig.add_annotation(text="Generate (any mode) to see each path's confidence per token.", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(height=GATE_HEIGHT, xaxis_visible=False, yaxis_visible=False,
+                          margin=dict(l=10, r=10, t=10, b=10))
+        return fig
+    paths = paths or {"light": max(1, L // 4), "standard": max(1, L // 2), "full": L}
+    names = [p for p in PATH_ORDER if p in paths]
+    z = [lens.confidence[paths[p] - 1] for p in names]  # (paths, N)
+    text = [[("" if lens.final_matches[paths[p] - 1][n] else "x") for n in range(len(lens.token_ids))] for p in names]
+    tokens = [t.text for t in result.traces][:len(lens.token_ids)]
+    fig.add_heatmap(z=z, y=[f"{p} ({paths[p]})" for p in names], x=list(range(len(tokens))), text=text,
+                    texttemplate="%{text}", colorscale="Viridis", zmin=0, zmax=1,
+                    customdata=[[repr(t) for t in tokens]] * len(names),
+                    hovertemplate="token %{x} %{customdata}<br>%{y}: " + lens.measure + " %{z:.3f}<extra></extra>",
+                    colorbar=dict(title=lens.measure))
+    fig.update_layout(height=GATE_HEIGHT, margin=dict(l=90, r=10, t=40, b=30), xaxis_title="generated token",
+                      title=dict(text="Token-level gate per path (x: that path's token would differ from full depth)",
+                                 font_size=13))
+    return fig
+
+
 def plan_html(result: GenerationResult) -> str:
     """The policy, its target, the decision and the reason; every candidate's predictions; audits."""
     plan = _plan(result)

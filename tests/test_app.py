@@ -172,6 +172,8 @@ def test_auto_mode_panel(server):
     assert stats["mode"] == "auto" and stats["auto"]["chosen"] == "path_light" and stats["served_by"] == "full"
     assert "<b>Policy</b> load" in plan and "path_light" in plan and "<b>Audit</b>" in plan
     assert "no prompt gate" in json.dumps(gate_plot)  # the tiny checkpoint ships no gate
+    heat = json.loads(outs[15]["plot"])["data"][0]  # token-level gate per path, from the lens
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 3 and len(heat["z"][0]) == stats["new_tokens"]
     with pytest.raises(AppError, match="latency policy needs"):
         generate(client, model, mode="auto", policy="latency")
     with pytest.raises(AppError, match="no prompt gate"):
