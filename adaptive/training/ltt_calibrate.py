@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,10 @@ def main(args) -> int:
     if args.exit_layers:
         knobs["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
     cfg = rt.early_exit_config(**knobs)
+    if cfg.measure == "attention":
+        print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
+              "support it yet (use max_prob, margin, entropy, cosine, patience or classifier)", file=sys.stderr)
+        return 2
     prompts = _windows(rt, "validation", args.prompts, args.context, args.seed, args.text)
     losses_by_prompt = []
     # Dense over (0, 1): logit measures like margin live near 0, probabilities near 1. Fixed-sequence
