@@ -51,6 +51,7 @@ class Row:
     mean_accepted: float | None = None  # speculative rows: accepted drafted tokens per verifier pass
     acceptance_rate: float | None = None
     slower_than_full: float | None = None  # share of prompts where this row was slower than our full
+    worst_vs_full: float | None = None  # max over prompts of (this row's time / full's time): 1.05 = 5% slower
     easy_ms_per_token: float | None = None  # median wall ms/token over the prompts labelled "easy"
     hard_ms_per_token: float | None = None  # ... and over the rest (medium + hard)
     served_by: dict | None = None  # auto rows: which candidate served how many prompts
@@ -229,6 +230,7 @@ def run(args) -> dict:
             row.hard_ms_per_token = 1000 * sum(hard) / (len(hard) * n) if hard else None
         if row.mode != "full" or row.options:
             row.slower_than_full = sum(a > b for a, b in zip(median_seconds[row.name], median_seconds["full"])) / len(prompts)
+            row.worst_vs_full = max(a / b for a, b in zip(median_seconds[row.name], median_seconds["full"]))
     hf_row = next((r for r in rows if r.mode == "hf"), None)
     full_row = next(r for r in rows if r.name == "full")
     for row in rows:
@@ -256,6 +258,9 @@ def format_table(report: dict) -> str:
                      f"{_fmt(r['compute_fraction'], '>9.3f')}{_fmt(r['agreement'], '>8.3f')}{_fmt(r['exact_prompts'], '>7.2f')}"
                      f"{_fmt(r['mean_accepted'], '>9.2f')}{_fmt(r['slower_than_full'], '>8.2f')}"
                      f"{_fmt(r['easy_ms_per_token'], '>9.2f')}{_fmt(r['hard_ms_per_token'], '>9.2f')}")
+    worst = [f"{r['name']} {r['worst_vs_full']:.3f}" for r in report["rows"] if r.get("worst_vs_full") is not None]
+    if worst:
+        lines.append("slowest prompt vs full (time ratio): " + ", ".join(worst))
     for r in report["rows"]:
         if r.get("served_by"):
             lines.append(f"  {r['name']} served by {r['served_by']}")

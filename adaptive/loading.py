@@ -293,6 +293,11 @@ class PlainTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab()
 
+    @property
+    def backend_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` itself (the attribute transformers' fast tokenizers expose)."""
+        return self._tok
+
     def __len__(self) -> int:
         return self._tok.get_vocab_size()
 

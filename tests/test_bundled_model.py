@@ -62,3 +62,7 @@ def test_plain_loading_path_equals_the_transformers_path():
         assert ids == hf_tok.encode(text, add_special_tokens=False)
         assert plain.tokenizer.decode(ids) == hf_tok.decode(ids)
     assert plain.tokenizer.get_vocab() == hf_tok.get_vocab()
+    from adaptive.training.evaluate import token_byte_lengths  # bits/byte reads the backend's vocabulary
+
+    V = plain.spec.vocab_size
+    assert (token_byte_lengths(plain.tokenizer, V) == token_byte_lengths(hf_tok, V)).all()
