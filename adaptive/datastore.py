@@ -86,9 +86,7 @@ class NgramStore:
     def load(cls, path: str | Path, vocab_size: int) -> "NgramStore":
         from .exits import read_sidecar
 
-        meta, tensors = read_sidecar(path)
-        if meta.get("format") != DATASTORE_FORMAT:
-            raise CheckpointError(f"{path}: not an n-gram datastore (metadata format={meta.get('format')!r})")
+        meta, tensors = read_sidecar(path, DATASTORE_FORMAT, "an n-gram datastore")
         if meta.get("vocab_size") != str(vocab_size) or meta.get("n") != str(ORDER):
             raise CheckpointError(f"{path}: built for vocab_size={meta.get('vocab_size')}, n={meta.get('n')}; "
                                   f"this model has vocab_size={vocab_size}")

@@ -66,9 +66,7 @@ class ExitClassifier:
     def load(cls, path: str | Path, hidden_size: int, num_layers: int) -> "ExitClassifier":
         from .exits import read_sidecar
 
-        meta, tensors = read_sidecar(path)
-        if meta.get("format") != CLASSIFIER_FORMAT:
-            raise CheckpointError(f"{path}: not an exit-classifier file (format={meta.get('format')!r})")
+        meta, tensors = read_sidecar(path, CLASSIFIER_FORMAT, "an exit-classifier file")
         if meta.get("hidden_size") != str(hidden_size) or meta.get("num_layers") != str(num_layers):
             raise CheckpointError(f"{path}: classifier is for hidden_size={meta.get('hidden_size')}, "
                                   f"num_layers={meta.get('num_layers')}")

@@ -88,23 +88,28 @@ class ShortlistHead:
         return hidden_size * self.size + (adapter_macs if self.heads.has_adapter(layers_run) else 0)
 
 
-def read_sidecar(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of one of our safetensors sidecar files; a broken file is a CheckpointError."""
+def read_sidecar(path: str | Path, expected_format: str | None = None,
+                 what: str = "sidecar") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of one of our safetensors sidecar files; a broken file, or one whose metadata
+    ``format`` is not ``expected_format``, is a CheckpointError naming ``what`` it should have been."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if expected_format is not None and meta.get("format") != expected_format:
+        raise CheckpointError(f"{path}: not {what} (metadata format={meta.get('format')!r})")
+    return meta, tensors
 
 
 def load_adapters(path: str | Path, hidden_size: int, num_layers: int,
                   dtype: torch.dtype = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Read an adapter file, checking its format, shapes and layer range."""
     path = Path(path)
-    meta, tensors = read_sidecar(path)
-    if meta.get("format") != ADAPTER_FORMAT or meta.get("kind") != "residual_affine":
+    meta, tensors = read_sidecar(path, ADAPTER_FORMAT, "an exit-adapter file")
+    if meta.get("kind") != "residual_affine":
         raise CheckpointError(f"{path}: not an exit-adapter file (metadata format={meta.get('format')!r})")
     if meta.get("hidden_size") != str(hidden_size) or meta.get("num_layers") != str(num_layers):
         raise CheckpointError(f"{path}: adapters are for hidden_size={meta.get('hidden_size')}, "

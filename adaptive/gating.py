@@ -118,9 +118,7 @@ class PromptGate:
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, runtime_paths: dict[str, int]) -> "PromptGate":
-        meta, tensors = read_sidecar(path)
-        if meta.get("format") != GATE_FORMAT:
-            raise CheckpointError(f"{path}: not a prompt-gate file (metadata format={meta.get('format')!r})")
+        meta, tensors = read_sidecar(path, GATE_FORMAT, "a prompt-gate file")
         try:
             paths = json.loads(meta["paths"])
             layers, tau = int(meta["feature_layers"]), float(meta["tau"])
