@@ -47,6 +47,7 @@ MEASURE_EVERY = 16  # and then one round in this many, to follow changes in mach
 # Speculate only when the predicted gain clears this: the prediction multiplies several measured
 # quantities, and on a busy CPU a predicted 1.05 is often a real 0.95.
 MIN_PREDICTED_GAIN = 1.1
+FIRST_PAUSE, MAX_PAUSE = 8, 64  # plain steps between exploratory rounds while speculation is off
 
 
 @dataclass
@@ -172,6 +173,7 @@ class SpeculationController:
         self.fixed_length = fixed_length
         self.draft_model_step_ms = draft_model_step_ms
         self.off_for = 0  # plain steps left before speculation is tried again
+        self.pause = FIRST_PAUSE  # the next pause's length (doubles while probes keep failing)
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
         self._memo: dict[tuple, float] = {}
         self.rounds_planned = 0
@@ -260,8 +262,12 @@ class SpeculationController:
             if self.probe_due:  # explore once: without new rounds the estimate could never recover
                 self.probe_due = False
                 return depth
-            self.off_for, self.probe_due = 8, True
+            # Each probe that still finds no gain doubles the pause before the next one: on a prompt
+            # where drafts keep failing, probes would otherwise cost a few percent of the run.
+            self.off_for, self.probe_due = self.pause, True
+            self.pause = min(2 * self.pause, MAX_PAUSE)
             return None
+        self.pause = FIRST_PAUSE
         return depth
 
     def keep_drafting(self, depth: int, drafted: int, survive: float) -> bool:
