@@ -52,7 +52,7 @@ class Row:
     acceptance_rate: float | None = None
     slower_than_full: float | None = None  # share of prompts where this row was slower than our full
     worst_vs_full: float | None = None  # max over prompts of (this row's time / full's time): 1.05 = 5% slower
-    easy_ms_per_token: float | None = None  # median wall ms/token over the prompts labelled "easy"
+    easy_ms_per_token: float | None = None  # wall ms/token over the "easy" prompts (each prompt's median time)
     hard_ms_per_token: float | None = None  # ... and over the rest (medium + hard)
     served_by: dict | None = None  # auto rows: which candidate served how many prompts
     repeat_tokens_per_s: list = field(default_factory=list)
@@ -125,6 +125,14 @@ def _auto_row(spec: str, audit_rate: float) -> "Row":
             raise SystemExit(f"error: unknown auto policy {policy!r} in --auto")
         knobs[key] = int(value) if key == "queue_depth" else float(value)
     return Row(f"auto_{spec}", "auto", knobs)
+
+
+def _forced_matches(rt, prompt: list[int], reference: list[int], mode: str, options: dict) -> int:
+    """Untimed: positions where ``mode`` picks full depth's token when fed full depth's tokens (teacher
+    forcing), so every step is judged on the same prefix."""
+    forced = rt.generate(prompt, max_new_tokens=len(reference), mode=mode, stop_at_eos=False, follow=reference,
+                         **options)
+    return sum(a == b for a, b in zip(forced.token_ids, reference))
 
 
 def _hf_generate(hf, prompt: list[int], n: int, **extra) -> list[int]:
@@ -201,10 +209,8 @@ def run(args) -> dict:
         row.free_agreement = sum(matches) / (len(prompts) * n)
         row.agreement = row.free_agreement
         if row.mode == "early_exit" or (row.mode == "full" and row.options):
-            # untimed: the same mode fed full depth's tokens (teacher forcing)
-            forced = [rt.generate(p, max_new_tokens=n, mode=row.mode, stop_at_eos=False, follow=ref, **row.options)
-                      for p, ref in zip(prompts, full_out)]
-            row.agreement = sum(sum(a == b for a, b in zip(f.token_ids, ref)) for f, ref in zip(forced, full_out)) / (len(prompts) * n)
+            row.agreement = sum(_forced_matches(rt, p, ref, row.mode, row.options)
+                                for p, ref in zip(prompts, full_out)) / (len(prompts) * n)
         row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
         if stats[row.name][0] is not None:
             row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])
@@ -216,13 +222,11 @@ def run(args) -> dict:
             row.acceptance_rate = statistics.fmean(s["acceptance_rate"] for s in stats[row.name])
         if row.mode == "auto":
             # teacher-forced agreement of whatever served each prompt, on full depth's prefixes
+            # (speculation is lossless: its free-running matches are the count; it takes no follow=)
             served = [s["auto"] for s in stats[row.name]]
             row.served_by = dict(Counter(a["chosen"] for a in served))
-            forced = [rt.generate(p, max_new_tokens=n, mode=a["mode"], stop_at_eos=False, follow=ref, **a["options"])
-                      if a["mode"] != "speculative" else None for p, ref, a in zip(prompts, full_out, served)]
-            agree = [sum(x == y for x, y in zip(f.token_ids, ref)) if f is not None else
-                     sum(x == y for x, y in zip(out, ref)) for f, out, ref in zip(forced, outputs[row.name], full_out)]
-            row.agreement = sum(agree) / (len(prompts) * n)
+            row.agreement = sum(m if a["mode"] == "speculative" else _forced_matches(rt, p, ref, a["mode"], a["options"])
+                                for p, ref, a, m in zip(prompts, full_out, served, matches)) / (len(prompts) * n)
         if difficulty is not None:
             easy = [median_seconds[row.name][i] for i, d in enumerate(difficulty) if d == "easy"]
             hard = [median_seconds[row.name][i] for i, d in enumerate(difficulty) if d != "easy"]

@@ -45,3 +45,8 @@ class CostModel:
     def full_token_macs(self, position: int) -> int:
         """Full depth for one token: every layer plus one LM head."""
         return self.layers_macs(0, self.num_layers, position) + self.head_macs
+
+    def prefill_macs(self, length: int) -> int:
+        """A prompt of ``length`` tokens at full depth: every layer at every position, one LM head (only the
+        last position's prediction is read)."""
+        return sum(self.layers_macs(0, self.num_layers, p) for p in range(length)) + self.head_macs

@@ -64,7 +64,7 @@ class Decoder:
         L, T = self.model.spec.num_layers, prompt_ids.shape[1]
         h = self.model.run_layers(self.model.embed(prompt_ids, 0), 0, L, 0, self.cache)
         self.pos = T
-        macs = sum(self.costs.full_token_macs(p) - self.costs.head_macs for p in range(T)) + self.costs.head_macs
+        macs = self.costs.prefill_macs(T)
         self.totals.prefill_macs += macs
         return StepOutcome(logits=self.model.head(h[0, -1]), exit_layer=L, macs=macs, full_macs=macs)
 

@@ -176,17 +176,13 @@ class LeanModel:
             positions = torch.arange(spec.max_positions, dtype=torch.float32)
             freqs = positions[:, None] * weights.rope_inv_freq.float()[None, :]  # (T, hd/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-            # (T, 1, hd): broadcasts over heads in the (B, T, heads, hd) layout of the fused projection.
-            self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)[:, None, :]
-            sin = (emb.sin() * weights.rope_scale).to(self.dtype)
-            # rotate_half(x) * sin == roll(x, hd/2) * sin_signed with the first half of sin negated:
-            # one roll instead of two slices, a negation and a cat (per-op overhead dominates at batch 1).
-            half = sin.shape[-1] // 2
-            self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
-            self.sin = sin  # (T, hd)
+            self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)  # (T, hd)
+            self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)  # (T, hd)
             # rotate_half as a signed permutation matrix: x @ P == cat(-x2, x1). One mm on the whole
-            # (heads x hd) block instead of roll's narrow/narrow/cat; exact (one nonzero per column).
-            hd = sin.shape[-1]
+            # (heads x hd) block instead of two slices, a negation and a cat (per-op overhead dominates
+            # at batch 1); exact (one nonzero per column).
+            hd = emb.shape[-1]
+            half = hd // 2
             self._rotate = torch.zeros(hd, hd, dtype=self.dtype, device=self.device)
             idx = torch.arange(half, device=self.device)
             self._rotate[idx + half, idx] = -1.0
@@ -231,8 +227,8 @@ class LeanModel:
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """RoPE on x (..., T, heads, hd) for positions [pos, pos+T)."""
         T = x.shape[-3]
-        cos, sin = self.cos[pos:pos + T], self.sin_signed[pos:pos + T]  # (T, 1, hd)
-        return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
+        cos, sin = self.cos[pos:pos + T, None], self.sin[pos:pos + T, None]  # (T, 1, hd): broadcast over heads
+        return torch.addcmul(x * cos, torch.matmul(x, self._rotate), sin)
 
     def frame(self, pos: int, T: int, pads: torch.Tensor | None = None) -> "Frame":
         """What every layer of one pass over slots [pos, pos+T) shares: RoPE rows and masks. With
@@ -240,11 +236,11 @@ class LeanModel:
         cos = sin = None
         if pads is None:
             if self.spec.positional == "rope":
-                cos, sin = self.cos[pos:pos + T, 0], self.sin[pos:pos + T]  # (T, hd)
+                cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, hd)
             return Frame(pos, T, cos, sin)
         if self.spec.positional == "rope":
             positions = self.row_positions(pos, T, pads)  # (B, T)
-            cos, sin = self.cos[positions, 0][:, None], self.sin[positions][:, None]  # (B, 1, T, hd)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, hd)
         return Frame(pos, T, cos, sin, pads=pads)
 
     def row_positions(self, pos: int, T: int, pads: torch.Tensor) -> torch.Tensor:

@@ -365,6 +365,15 @@ class Runtime:
             pass
         return stream.result
 
+    def _encode_requests(self, prompts, max_new_tokens: int, caller: str) -> list[list[int]]:
+        """Token ids of several prompts, every one validated before any work starts."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError(f"{caller} needs a non-empty list of prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for ids in encoded:
+            self._check_lengths(len(ids), max_new_tokens)
+        return encoded
+
     def generate_batch(self, prompts: list[str | list[int]], max_new_tokens: int = 64,
                        stop_at_eos: bool = True) -> list[GenerationResult]:
         """Greedy full-depth decoding of several prompts as one batch: one pass per step for all rows.
@@ -375,11 +384,7 @@ class Runtime:
         stopped. The pad slots and idle rows are real work: ``stats["batch"]`` reports them, and each
         row's ``compute_fraction`` includes its share of the pass (padding included).
         """
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise InvalidRequestError("generate_batch needs a non-empty list of prompts")
-        encoded = [self.encode(p) for p in prompts]
-        for ids in encoded:
-            self._check_lengths(len(ids), max_new_tokens)
+        encoded = self._encode_requests(prompts, max_new_tokens, "generate_batch")
         model, costs, L = self.model, self.costs, self.spec.num_layers
         B, P = len(encoded), max(len(ids) for ids in encoded)
         pads = torch.tensor([P - len(ids) for ids in encoded], device=model.device)
@@ -407,15 +412,16 @@ class Runtime:
                 slot, steps = slot + 1, steps + 1
         total_s = time.perf_counter() - start
         # Work actually done: every row at every slot of the prefill and of each step (pads, idle rows).
-        spent = B * (sum(costs.full_token_macs(p) - costs.head_macs for p in range(P)) + costs.head_macs) + \
-            B * sum(costs.full_token_macs(p) for p in range(P, P + steps))
+        spent = B * (costs.prefill_macs(P) + sum(costs.full_token_macs(p) for p in range(P, P + steps)))
         useful = sum(sum(costs.full_token_macs(p) for p in range(len(ids) - 1, len(ids) - 1 + len(out)))
                      for ids, out in zip(encoded, tokens))
         results = []
         for r, (ids, out) in enumerate(zip(encoded, tokens)):
-            traces = [TokenTrace(token_id=t, position=len(ids) + i, exit_layer=L, text=self.decode([t]),
-                                 macs=costs.full_token_macs(len(ids) - 1 + i), full_macs=costs.full_token_macs(len(ids) - 1 + i))
-                      for i, t in enumerate(out)]
+            traces = []
+            for i, t in enumerate(out):
+                macs = costs.full_token_macs(len(ids) - 1 + i)  # the row's own position: no padding in it
+                traces.append(TokenTrace(token_id=t, position=len(ids) + i, exit_layer=L, text=self.decode([t]),
+                                         macs=macs, full_macs=macs))
             full = sum(t.full_macs for t in traces)
             stats = {"mode": "full", "model": self.name, "num_layers": L, "prompt_tokens": len(ids),
                      "new_tokens": len(out), "layers_run_mean": float(L),
@@ -451,11 +457,7 @@ class Runtime:
             raise InvalidRequestError("batch_size > 1 batches greedy mode='full' only (no other options)")
         if order not in ("cheap_first", "fifo"):
             raise InvalidRequestError(f"order must be 'cheap_first' or 'fifo', got {order!r}")
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise InvalidRequestError("generate_many needs a non-empty list of prompts")
-        encoded = [self.encode(p) for p in prompts]  # every prompt is validated before any work starts
-        for ids in encoded:
-            self._check_lengths(len(ids), max_new_tokens)
+        encoded = self._encode_requests(prompts, max_new_tokens, "generate_many")
         L = self.spec.num_layers
         predicted = []
         for ids in encoded:

@@ -98,6 +98,15 @@ class Running:
         return self.audited_agree / self.audited_tokens if self.audited_tokens >= MIN_AUDITED_TOKENS else None
 
 
+def _typical_position(prompt_len: int) -> int:
+    """Where a request's per-token costs are priced before it runs: a little past the prompt."""
+    return prompt_len + 32
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     policy = knobs.get("policy", "quality")
     if policy not in POLICIES:
@@ -108,17 +117,15 @@ def validate_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
            "gate_confidence": knobs.get("gate_confidence", 0.9)}
     for name, lo, hi in (("epsilon", 0.0, 1.0), ("audit_rate", 0.0, 1.0), ("gate_confidence", 0.0, 1.0)):
         v = out[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        if not _is_number(v) or not lo <= v <= hi:
             raise InvalidRequestError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
     for name in ("queue_depth", "load_step"):
         v = out[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "queue_depth" else 1):
             raise InvalidRequestError(f"{name} must be an integer >= {0 if name == 'queue_depth' else 1}, got {v!r}")
-    if policy == "latency" and (isinstance(out["latency_ms"], bool) or not isinstance(out["latency_ms"], (int, float))
-                                or out["latency_ms"] <= 0):
+    if policy == "latency" and (not _is_number(out["latency_ms"]) or out["latency_ms"] <= 0):
         raise InvalidRequestError(f"policy='latency' needs latency_ms > 0 (ms per token), got {out['latency_ms']!r}")
-    if policy == "budget" and (isinstance(out["budget"], bool) or not isinstance(out["budget"], (int, float))
-                               or not 0 < out["budget"] <= 1):
+    if policy == "budget" and (not _is_number(out["budget"]) or not 0 < out["budget"] <= 1):
         raise InvalidRequestError(f"policy='budget' needs budget in (0, 1] (compute fraction), got {out['budget']!r}")
     return out
 
@@ -132,7 +139,7 @@ class Scheduler:
 
     # ---- candidates ------------------------------------------------------------------------------
     def candidates(self, prompt_ids: list[int], gate_decision) -> list[Candidate]:
-        rt, L = self.rt, self.rt.spec.num_layers
+        rt = self.rt
         host = rt.host_costs()
         full_ms = host.full_step()
         out = [Candidate("full", "full", {}, 1.0, full_ms, 1.0, "exact"),
@@ -174,7 +181,7 @@ class Scheduler:
         """Compute fraction of a fixed path from the MAC ledger, at a typical position of the request:
         the layers run, the exit head (with its adapter) and the skipped layers' K/V filling."""
         costs, L = self.rt.costs, self.rt.spec.num_layers
-        pos = prompt_len + 32
+        pos = _typical_position(prompt_len)
         macs = costs.layers_macs(0, depth, pos) + costs.head_macs + (L - depth) * costs.kv_fill_macs
         if self.rt.heads.has_adapter(depth):
             macs += costs.adapter_macs
@@ -189,7 +196,7 @@ class Scheduler:
             gate = self.rt.gate.decide(self.rt, prompt_ids, knobs["gate_confidence"])
         cands = self.candidates(prompt_ids, gate)
         if gate is not None:  # the gate's own pass is paid whatever is chosen: spread over the request
-            share = gate.feature_macs / (max_new_tokens * self.rt.costs.full_token_macs(len(prompt_ids) + 32))
+            share = gate.feature_macs / (max_new_tokens * self.rt.costs.full_token_macs(_typical_position(len(prompt_ids))))
             for c in cands:
                 c.compute += share
         policy, target = knobs["policy"], 1.0 - knobs["epsilon"]

@@ -65,7 +65,7 @@ class Draft:
 
     @property
     def stats_key(self) -> int:
-        """Acceptance statistics are kept per path: self depth d >= 1, draft model 0, lookup -1."""
+        """Acceptance statistics are kept per path: self depth d >= 1, draft model 0, lookup -1, datastore -2."""
         return {"self": self.depth, "draft_model": DRAFT_MODEL_KEY, "lookup": LOOKUP_KEY,
                 "datastore": DATASTORE_KEY}[self.drafter]
 
@@ -179,7 +179,7 @@ class SpeculationController:
         self.rounds_planned = 0
         self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
 
-    # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup.
+    # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup, -2 datastore.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
     # each (depth, k) is interpolated once.
     def raw_draft_step_ms(self, depth: int) -> float:

@@ -50,6 +50,11 @@ class Judgement:
     p: float | None  # the verifier's probability of it (None if the round did not record it)
 
 
+def _ratio(part: int, whole: int) -> float:
+    """part / whole, NaN (drawn as a gap, never as 0) when there is nothing to divide by."""
+    return part / whole if whole else math.nan
+
+
 @dataclass
 class PositionRate:
     """Acceptance at one draft slot: a slot is judged only when every earlier draft was accepted."""
@@ -60,7 +65,7 @@ class PositionRate:
 
     @property
     def rate(self) -> float:
-        return self.accepted / self.judged if self.judged else math.nan
+        return _ratio(self.accepted, self.judged)
 
 
 @dataclass
@@ -79,15 +84,15 @@ class SpecSummary:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.judged if self.judged else math.nan
+        return _ratio(self.accepted, self.judged)
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.round_tokens / self.verifier_passes if self.verifier_passes else math.nan
+        return _ratio(self.round_tokens, self.verifier_passes)
 
     @property
     def accepted_per_round(self) -> float:
-        return self.accepted / self.speculative_rounds if self.speculative_rounds else math.nan
+        return _ratio(self.accepted, self.speculative_rounds)
 
 
 def has_rounds(result: GenerationResult) -> bool:
