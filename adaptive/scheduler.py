@@ -268,5 +268,6 @@ class Scheduler:
         h = model.run_layers(model.embed(ids, 0), 0, L, 0, cache)[0, len(result.prompt_ids) - 1:]  # (n, d)
         full_pick = model.head(h).argmax(-1).tolist()
         agree = sum(a == b for a, b in zip(full_pick, result.token_ids))
-        macs = sum(self.rt.costs.full_token_macs(p) for p in range(len(seq)))
+        # every layer at every position, the LM head only where a generated token is predicted
+        macs = self.rt.costs.prefill_macs(len(seq)) + (len(result.token_ids) - 1) * self.rt.costs.head_macs
         return agree, len(result.token_ids), (time.perf_counter() - start) * 1000, macs

@@ -112,6 +112,8 @@ def test_audits_measure_agreement_and_drive_the_fallback():
     audit = res.stats["auto"]["audit"]
     assert res.stats["auto"]["chosen"].startswith("path_") and audit["tokens"] == 16 and audit["agreement"] == 1.0
     assert res.stats["audit_compute_fraction"] > 0
+    costs, n = silent.costs, len(res.token_ids)  # layers over prompt + output, the head on the n predictions
+    assert audit["macs"] == costs.prefill_macs(len(prompt) + n - 1) + (n - 1) * costs.head_macs
 
     rt = _runtime()
     res = rt.generate(prompt, max_new_tokens=16, mode="auto", policy="budget", budget=0.5, audit_rate=1.0)
