@@ -40,6 +40,10 @@ class ExitLossConfig:
             raise ValueError("exits_per_step must be in 1..num_layers-1")
         if not 0 < self.position_frac <= 1:
             raise ValueError("position_frac must be in (0, 1]")
+        if self.exit_total < 0:
+            raise ValueError("exit_total must be >= 0")
+        if not 0 <= self.beta_kl <= 1:
+            raise ValueError("beta_kl must be in [0, 1]")
 
     @property
     def exit_layers(self) -> list[int]:

@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exits-per-step", type=int, default=2)
     p.add_argument("--position-frac", type=float, default=0.25)
     p.add_argument("--layer-drop", type=float, default=0.1)
+    p.add_argument("--exit-total", type=float, default=ExitLossConfig.exit_total,
+                   help="sum of the exit losses' weights relative to the final CE (raise it on a resume "
+                        "to keep the shallow exits up with an improving final layer)")
+    p.add_argument("--beta-kl", type=float, default=ExitLossConfig.beta_kl,
+                   help="share of KL-to-final (vs CE) inside each exit term")
     p.add_argument("--pilot", action="store_true",
                    help="short run, no export, no checkpoint; prints a JSON summary (default 4 min)")
     p.add_argument("--threads", type=int, default=2)
@@ -178,7 +183,8 @@ def main(args: argparse.Namespace) -> int:
     model = build_model(shape, eot)
     n_params = sum(p.numel() for p in model.parameters())
     exit_cfg = ExitLossConfig(num_layers=args.layers, exits_per_step=args.exits_per_step,
-                              position_frac=args.position_frac, layer_drop_max=args.layer_drop)
+                              position_frac=args.position_frac, layer_drop_max=args.layer_drop,
+                              exit_total=args.exit_total, beta_kl=args.beta_kl)
     # No weight decay on norms/biases-like 1-D tensors (standard AdamW practice).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
