@@ -114,7 +114,8 @@ def model_info(runtime: Runtime) -> str:
     return (f"**{html.escape(Path(runtime.name).name or runtime.name)}**: {spec.architecture or spec.family}, "
             f"{spec.num_layers} layers, d={spec.hidden_size}, vocab {spec.vocab_size}, context {spec.max_positions}; "
             f"exit heads: {runtime.heads.source}; default early-exit knobs: threshold {cfg.threshold:g}, "
-            f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}.")
+            f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}"
+            + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "") + ".")
 
 
 def startup_message() -> str:
@@ -338,7 +339,7 @@ def on_load_model(model: str):
     runtime = load_model(model)
     cfg = runtime.early_exit_config()
     draft_vocab = runtime.defaults.get("speculative", {}).get("draft_vocab_size")
-    return (model_info(runtime), gr.Slider(value=cfg.threshold), gr.Dropdown(value=cfg.measure),
+    return (model_info(runtime), gr.Slider(value=cfg.threshold), gr.Dropdown(choices=list(MEASURES), value=cfg.measure),
             gr.Radio(value=cfg.kv_policy), ",".join(str(k) for k in sorted(cfg.exit_points(runtime.spec.num_layers))),
             gr.Number(value=draft_vocab) if isinstance(draft_vocab, int) else gr.skip())
 

@@ -110,6 +110,7 @@ class Certificate:
     tokens_per_prompt: int
     test_agreement: float | None = None  # teacher-forced agreement measured by real decoding on held-out text
     test_tokens: int = 0
+    vocab_exit: float | None = None  # the vocabulary exit's own threshold (fixed while the main one is tested)
     method: str = ("Learn-then-Test, fixed-sequence testing over thresholds from high to low, Hoeffding-Bentkus "
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
@@ -119,7 +120,8 @@ class Certificate:
         return (settings.get("measure") == self.measure and settings.get("threshold") == self.threshold
                 and list(settings.get("exit_layers", [])) == list(self.exit_layers)
                 and settings.get("exit_vocab_size", 0) == self.exit_vocab_size
-                and settings.get("kv_policy") == self.kv_policy)
+                and settings.get("kv_policy") == self.kv_policy
+                and settings.get("vocab_exit") == self.vocab_exit)
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "n": self.n, "threshold": self.threshold,

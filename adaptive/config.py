@@ -15,6 +15,7 @@ from .errors import InvalidRequestError
 MODES = ("full", "early_exit", "speculative", "auto")
 KV_POLICIES = ("propagate", "defer")
 MEASURES = ("max_prob", "margin", "entropy", "cosine", "attention", "patience", "classifier")
+LOGIT_MEASURES = ("max_prob", "margin", "entropy")  # read from the exit head's logits alone
 # Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.
 ABSURD_MAX_NEW_TOKENS = 1_000_000
 
@@ -93,6 +94,12 @@ class EarlyExitConfig:
     and the confidence measure at k reaches ``threshold``. ``exit_layers`` restricts the exit points:
     every check through a logit-based measure costs one LM-head evaluation, which on small models
     weighs as much as several layers, so sparse exit points are often cheaper overall.
+
+    ``vocab_exit`` (a *vocabulary exit*, needs an exit shortlist and a logit measure): a token that runs
+    every layer reads the exit shortlist first and the full-vocabulary LM head runs only when the
+    measure is below ``vocab_exit``. On a small model that head is the largest matmul of a step (8192 x
+    192 MACs, about 3.5 layers' worth). It has its own threshold because at full depth the shortlist can
+    only be wrong when full depth's token lies outside it, far rarer than a shallow layer being wrong.
     """
 
     threshold: float = 0.9
@@ -102,6 +109,7 @@ class EarlyExitConfig:
     exit_layers: tuple[int, ...] | None = None  # None: every layer from min_layer to L-1
     patience: int = 2  # for measure="patience": this many consecutive exits must agree
     exit_vocab_size: int = 0  # > 0: exit heads over the N most frequent tokens + the prompt's (needs a ranking)
+    vocab_exit: float | None = None  # None: off; else the shortlist's threshold at full depth (see above)
     num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
 
     def __post_init__(self):
@@ -115,6 +123,14 @@ class EarlyExitConfig:
             raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold!r}")
         if not isinstance(self.exit_vocab_size, int) or self.exit_vocab_size < 0:
             raise InvalidRequestError(f"exit_vocab_size must be an integer >= 0 (0 = full vocabulary), got {self.exit_vocab_size!r}")
+        if self.vocab_exit is not None and (not isinstance(self.vocab_exit, (int, float))
+                                            or not 0.0 <= self.vocab_exit <= 1.0):
+            raise InvalidRequestError(f"vocab_exit must be None (off) or a threshold in [0, 1], got {self.vocab_exit!r}")
+        if self.vocab_exit is not None and (self.exit_vocab_size == 0 or self.measure not in LOGIT_MEASURES):
+            raise InvalidRequestError(
+                "vocab_exit (the vocabulary exit at full depth) needs an exit shortlist (exit_vocab_size > 0) and "
+                f"a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "
+                f"measure={self.measure!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InvalidRequestError(f"patience must be an integer >= 1, got {self.patience!r}")
         L = self.num_layers

@@ -25,6 +25,7 @@ class StepOutcome:
     layer_top1: dict[int, int] = field(default_factory=dict)
     kv_fill_layers: int = 0
     deferred_positions: int = 0
+    full_head_skipped: bool = False  # full depth, but the token came from the exit shortlist (vocabulary exit)
     macs: int = 0  # spent on this step, overheads included
     full_macs: int = 0  # what full depth spends on the same step
 

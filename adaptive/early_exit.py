@@ -100,17 +100,26 @@ class EarlyExitDecoder(Decoder):
                 break
         h = x[:, -1:]
         k = outcome.exit_layer
-        if k < L:
+        if k == L and cfg.vocab_exit is not None and self.exit_head.ids is not None:
+            # Vocabulary exit: read the shortlist first; the full head runs only if it is not confident.
+            logits = self.exit_head.logits(h, L)
+            head_macs += self.exit_head.macs(L, costs.hidden_size, costs.adapter_macs)
+            conf = float(self.measure.score(logits, h, prev, layer=L).reshape(()))
+            outcome.layer_confidence[L] = conf
+            outcome.layer_top1[L] = self.exit_head.token(int(torch.argmax(logits)))
+            if conf >= cfg.vocab_exit:
+                outcome.full_head_skipped, outcome.confidence = True, conf
+        if k < L or outcome.full_head_skipped:
             if logits is None:  # hidden-state measures decide without the head: evaluate it once now
                 logits = self.exit_head.logits(h, k)
                 head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
             logits = self.exit_head.full_logits(logits)
-            if self.pending is None:
+            if k < L and self.pending is None:  # (a vocabulary exit ran every layer: nothing to fill)
                 model.propagate_kv(h, k, pos, self.cache)
                 outcome.kv_fill_layers = L - k
                 catch_up_macs += (L - k) * costs.kv_fill_macs
                 layer_macs += (L - k) * costs.kv_fill_macs
-            else:
+            elif k < L:
                 self.pending[:, x_start:pos + 1] = x  # hidden states at the input of layer k
         else:
             logits = model.head(h)[0, 0]

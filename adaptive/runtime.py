@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import ABSURD_MAX_NEW_TOKENS, MODES, EarlyExitConfig, SamplingConfig
+from .config import ABSURD_MAX_NEW_TOKENS, LOGIT_MEASURES, MODES, EarlyExitConfig, SamplingConfig
 from .costs import CostModel
 from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
@@ -36,7 +36,8 @@ from .trace import GenerationResult, TokenTrace
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
-EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size")
+EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size",
+                    "vocab_exit")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
                      "datastore")
@@ -184,6 +185,11 @@ class Runtime:
     def early_exit_config(self, **knobs) -> EarlyExitConfig:
         merged = {**self.defaults.get("early_exit", {}), **knobs}
         merged = {k: v for k, v in merged.items() if k in EARLY_EXIT_KNOBS}
+        if "vocab_exit" not in knobs and merged.get("vocab_exit") is not None and (
+                merged.get("measure", "max_prob") not in LOGIT_MEASURES or not merged.get("exit_vocab_size")):
+            # The model's default vocabulary exit does not fit the measure / shortlist this request chose:
+            # drop it rather than fail on a knob the caller never set.
+            merged.pop("vocab_exit")
         if isinstance(merged.get("exit_layers"), list):
             merged["exit_layers"] = tuple(merged["exit_layers"])
         return EarlyExitConfig(num_layers=self.spec.num_layers, **merged)
@@ -284,7 +290,7 @@ class Runtime:
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
                     "exit_heads": self.heads.source,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
-                    "exit_vocab_size": cfg.exit_vocab_size}
+                    "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit}
         # which Learn-then-Test certificate, if any, covers exactly these settings
         in_force = self.certificate is not None and self.certificate.covers(settings)
         settings["certificate"] = self.certificate.summary() if in_force else None
@@ -517,7 +523,7 @@ class Runtime:
                     confidence=outcome.confidence, text=self.decode([token]),
                     layer_confidence=outcome.layer_confidence, layer_top1=outcome.layer_top1,
                     kv_fill_layers=outcome.kv_fill_layers, deferred_positions=outcome.deferred_positions,
-                    macs=outcome.macs, full_macs=outcome.full_macs, elapsed_ms=(now - last) * 1000)
+                    full_head_skipped=outcome.full_head_skipped, macs=outcome.macs, full_macs=outcome.full_macs, elapsed_ms=(now - last) * 1000)
                 last = now
                 traces.append(trace)
                 yield trace
@@ -591,6 +597,7 @@ class Runtime:
             "layers_run_mean": sum(t.exit_layer for t in traces) / n,
             "compute_fraction": macs / full, **breakdown,
             "exit_layer_histogram": {str(k): v for k, v in sorted(Counter(t.exit_layer for t in traces).items())},
+            "vocab_exits": sum(t.full_head_skipped for t in traces),  # full depth, full head skipped
             "tokens_per_s": n / total_s, "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
             "ms_per_token": 1000 * total_s / n, "prefill_ms": 1000 * prefill_s, "total_ms": 1000 * total_s,
             "macs": macs, "full_macs": full, "prefill_macs": totals.prefill_macs, **settings,

@@ -35,6 +35,8 @@ class TokenTrace:
     layer_top1: dict[int, int] = field(default_factory=dict)  # the exit head's argmax at each checked layer
     kv_fill_layers: int = 0  # skipped layers whose K/V was filled for this token (propagate)
     deferred_positions: int = 0  # earlier positions run through deeper layers alongside this token (defer)
+    # Vocabulary exit: every layer ran, but the exit shortlist was confident, so the full LM head was skipped.
+    full_head_skipped: bool = False
     macs: int = 0  # multiply-accumulates actually spent on this token, overheads included
     full_macs: int = 0  # what full depth would have spent on it
     elapsed_ms: float = 0.0  # wall time from the previous token (or the start of decoding)

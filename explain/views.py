@@ -269,6 +269,7 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
         rows += [
             ("· of which K/V fill of skipped layers", _fmt(s.get("kv_fill_fraction")), "0.000"),
             ("· of which exit heads (incl. final head)", _fmt(s.get("head_fraction")), _fmt(b.get("head_fraction"))),
+            ("vocabulary exits (full depth, full LM head skipped)", _fmt(s.get("vocab_exits"), "d"), "0"),
         ]
     rows += [
         ("tokens / s (wall clock, prefill included)", _fmt(s.get("tokens_per_s"), ".1f"), _fmt(b.get("tokens_per_s"), ".1f")),
@@ -288,7 +289,7 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
     else:
         lines.append("\nNo full-depth run of this prompt yet: speedup unknown (use *Analyse with model*).")
     knob_names = (("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab", "exit_heads") if speculative
-                  else ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads"))
+                  else ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads", "vocab_exit"))
     knobs = [f"{k}={html.escape(str(s[k]))}" for k in knob_names if k in s]
     if knobs:
         lines.append("\nKnobs: " + ", ".join(knobs))

@@ -100,3 +100,31 @@ def test_calibrate_cli_writes_a_certificate_the_runtime_reports(tmp_path, tiny_c
     assert res.stats["certificate"]["threshold"] == cert["threshold"]
     other = rt.generate("def main():", max_new_tokens=4, mode="early_exit", threshold=min(1.0, cert["threshold"] + 0.01))
     assert other.stats["certificate"] is None
+
+
+def test_ltt_counts_the_vocabulary_exit_as_an_exit_point_with_its_own_threshold(tiny_checkpoint):
+    """The LTT loss table gets one more row for the vocabulary exit: it passes exactly where the
+    shortlist's confidence at full depth reaches vocab_exit, whatever threshold is being tested, and it
+    is wrong exactly where the shortlist's argmax is not full depth's token."""
+    import numpy as np
+
+    from adaptive import Runtime
+    from adaptive.training.ltt_calibrate import exit_table, prompt_losses
+
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    prompt = rt.encode("def main():\n    return 0\n")
+    reference = rt.generate(prompt, max_new_tokens=10, stop_at_eos=False).token_ids
+    exit_ids = rt._shortlist(16, prompt)
+    base = dict(measure="max_prob", exit_layers=(2,), exit_vocab_size=16)
+    confs, agree = exit_table(rt, prompt, reference, rt.early_exit_config(**base), exit_ids)
+    assert confs.shape == (1, 10)
+    on_confs, on_agree = exit_table(rt, prompt, reference, rt.early_exit_config(**base, vocab_exit=0.0), exit_ids)
+    assert on_confs.shape == (2, 10) and (on_confs[1] == 2.0).all()  # vocab_exit 0: always taken
+    assert (on_confs[0] == confs[0]).all()
+    # nobody exits at layer 2 (threshold above every confidence): the loss is the shortlist's misses
+    [loss] = prompt_losses(on_confs, on_agree, [1.0 + 1e-9])
+    assert loss == pytest.approx(1.0 - on_agree[1].mean())
+    assert on_agree[1].mean() < 1.0 or bool(np.isin(reference, exit_ids.numpy()).all())
+    [off] = prompt_losses(confs, agree, [1.0 + 1e-9])
+    assert off == 0.0

@@ -195,3 +195,54 @@ def test_attention_gate_matches_hugging_face_attention_weights(family):
         attn = out.attentions[k - 1][0, :, -1, :].double()  # (H, S): the fed token's attention in layer k
         entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
         assert conf == pytest.approx(float(1 - entropy / math.log(attn.shape[-1])), abs=1e-4)
+
+
+
+def test_vocabulary_exit_skips_the_full_head_only_when_the_shortlist_is_confident():
+    """vocab_exit: a token that runs every layer reads the shortlist first. When it is confident, the
+    token is the shortlist's argmax (equal to full depth's whenever that token is in the shortlist) and
+    the full head's MACs are not spent; when it is not, the full head runs and the check is charged too."""
+    rt = Runtime.from_model(make_model("llama"))
+    rt.draft_ranking = list(range(0, 97, 2))
+    L, c = rt.spec.num_layers, rt.costs
+    prompt = random_prompt(6, seed=13)
+    allowed = set(range(0, 40, 2)) | set(prompt)
+    full = rt.generate(prompt, max_new_tokens=15).token_ids
+    never_shallow = dict(mode="early_exit", threshold=1.0, exit_layers=(2,), exit_vocab_size=20, follow=full)
+    check = c.hidden_size * len(allowed)
+    res = rt.generate(prompt, max_new_tokens=15, vocab_exit=0.0, **never_shallow)
+    assert not res.traces[0].full_head_skipped  # the prefill's token
+    for t, ref in zip(res.traces[1:], full[1:]):
+        assert t.exit_layer == L and t.full_head_skipped and t.token_id in allowed and t.kv_fill_layers == 0
+        if ref in allowed:  # same head rows, same final state: the shortlist's argmax is full depth's
+            assert t.token_id == ref
+        assert t.macs == c.layers_macs(0, L, t.position - 1) + 2 * check  # layer-2 check + the shortlist at L
+        assert t.macs < t.full_macs
+    refused = rt.generate(prompt, max_new_tokens=15, vocab_exit=1.0, **never_shallow)
+    assert refused.token_ids == full
+    for t in refused.traces[1:]:
+        assert not t.full_head_skipped and t.macs == t.full_macs + 2 * check
+
+
+@pytest.mark.parametrize("knobs", [dict(exit_vocab_size=0), dict(exit_vocab_size=20, measure="cosine"),
+                                   dict(exit_vocab_size=20, vocab_exit=1.5)])
+def test_vocabulary_exit_needs_a_shortlist_a_logit_measure_and_a_threshold_in_range(knobs):
+    from adaptive.errors import InvalidRequestError
+
+    rt = Runtime.from_model(make_model("llama"))
+    rt.draft_ranking = list(range(0, 97, 2))
+    with pytest.raises(InvalidRequestError, match="vocab_exit"):
+        rt.generate(random_prompt(6), max_new_tokens=3, mode="early_exit", threshold=0.5,
+                    **{"vocab_exit": 0.5, **knobs})
+
+
+def test_a_default_vocabulary_exit_gives_way_to_a_request_that_cannot_use_it():
+    rt = Runtime.from_model(make_model("llama"))
+    rt.draft_ranking = list(range(0, 97, 2))
+    rt.defaults = {"early_exit": {"measure": "margin", "exit_vocab_size": 20, "vocab_exit": 0.5, "threshold": 0.9}}
+    assert rt.early_exit_config().vocab_exit == 0.5
+    assert rt.early_exit_config(measure="cosine").vocab_exit is None
+    res = rt.generate(random_prompt(6), max_new_tokens=3, mode="early_exit", measure="cosine")
+    assert res.stats["vocab_exit"] is None and res.stats["vocab_exits"] == 0
+    taken = rt.generate(random_prompt(6), max_new_tokens=6, mode="early_exit", threshold=1.0, vocab_exit=0.0)
+    assert taken.stats["vocab_exits"] == 5  # every decode step (the first token is the prefill's)

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -206,3 +207,57 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     assert report["gate"]["prompts"] == 8 and (model_dir / "prompt_gate.safetensors").is_file()
     assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()
+
+
+def test_simulated_vocabulary_exit_skips_the_full_head_and_emits_the_shortlist_token():
+    table, costs = _synthetic()
+    L = 4
+    table.conf["max_prob"][L] = 0.7
+    table.vocab_top1 = np.arange(5)[None].copy()
+    table.vocab_top1[0, 3] = 77  # the shortlist misses the reference token on step 3
+    never_exit = np.array([0.99])  # no shallow exit: only the vocabulary exit decides
+    fam = C.Family("max_prob", (2,), 64, "propagate")
+    taken = C.simulate(table, costs, replace(fam, vocab_exit=0.5), never_exit)
+    # steps 1..4 run all 40 layer MACs + the layer-2 check (2) + the shortlist at full depth (2), no full head
+    assert taken.compute[0] == pytest.approx((60 + 4 * 44) / 300) and taken.agreement[0] == pytest.approx(0.8)
+    refused = C.simulate(table, costs, replace(fam, vocab_exit=0.75), never_exit)
+    # the check fails, the full head runs as well: 40 + 2 + 2 + 20
+    assert refused.compute[0] == pytest.approx((60 + 4 * 64) / 300) and refused.agreement[0] == 1.0
+    assert taken.layers_mean[0] == refused.layers_mean[0] == L
+    # a shallow exit takes precedence: at 0.85 layer 3 exits every step, the vocabulary exit never runs
+    shallow = C.simulate(table, costs, replace(fam, exit_layers=(3,), vocab_exit=0.5), np.array([0.85]))
+    assert shallow.compute[0] == pytest.approx((60 + 4 * (30 + 2 + 1)) / 300)
+
+
+def test_simulation_matches_real_decoding_with_a_vocabulary_exit(tiny_rt):
+    rt = tiny_rt
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    L = rt.spec.num_layers
+    cases = C.sample_prompts(rt, "validation", 2, 20, 30, seed=0)
+    C.add_references(rt, cases, 12, progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (64,), progress=False)
+    for measure in ("max_prob", "margin"):
+        conf = tables[0].conf[measure]
+        # about half the tokens reach full depth, and about half of those take the vocabulary exit
+        fam = C.Family(measure, (1,), 64, "defer", vocab_exit=float(np.median(conf[L])))
+        thr = float(np.median(conf[1]))
+        sim = C.simulate(tables[0], costs, fam, np.array([thr]))
+        agree, compute, layers = C.decode_forced(rt, cases, fam.knobs(thr))
+        assert agree == pytest.approx(sim.agreement[0]) and layers == pytest.approx(sim.layers_mean[0])
+        assert compute == pytest.approx(sim.compute[0], rel=1e-9)
+        without = C.simulate(tables[0], costs, replace(fam, vocab_exit=None), np.array([thr]))
+        assert sim.compute[0] < without.compute[0]  # the skipped full heads show in the compute
+
+
+def test_search_tries_vocabulary_exits_on_shortlist_families():
+    table, costs = _synthetic()
+    L = 4
+    table.conf = {m: c.copy() for m, c in table.conf.items()}
+    table.conf["max_prob"][L] = 0.7
+    table.vocab_top1 = np.arange(5)[None].copy()
+    found, _ = C.search([table], costs, target=0.99, measures=("max_prob",), kv_policies=("propagate",),
+                        progress=False)
+    best = found[0][1]
+    # exits at 2 (24 MACs per step) stay cheapest; the vocabulary exit appears among the candidates
+    assert best.family.exit_layers == (2,)
+    assert any(res.family.vocab_exit is not None for _, res, _ in found)

@@ -30,16 +30,15 @@ import itertools
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import LOGIT_MEASURES
 from ..draft_vocab import shortlist
 from ..exits import make_measure
-
-LOGIT_MEASURES = ("max_prob", "margin", "entropy")
 DEFAULT_VOCAB_SIZES = (0, 512, 1024, 2048)
 
 
@@ -106,10 +105,13 @@ class SimTable:
     """Everything a setting's outcome depends on, for one exit-vocabulary size; P prompts x N steps."""
 
     exit_vocab_size: int  # 0: the full vocabulary
-    conf: dict[str, np.ndarray]  # measure -> (L+1, P, N) confidence after k layers (rows 1..L-1 used)
+    # measure -> (L+1, P, N) confidence after k layers (rows 1..L-1; row L too for logit measures over a
+    # shortlist: the vocabulary exit's check at full depth)
+    conf: dict[str, np.ndarray]
     top1: np.ndarray  # (L+1, P, N) token emitted when exiting after k layers; row L = the reference
     check_macs: np.ndarray  # (L+1, P) one exit-head check after k layers (shortlist rows x d + adapter)
     classifier_macs: int = 0  # one learned-classifier check (measure "classifier"; no head until the exit)
+    vocab_top1: np.ndarray | None = None  # (P, N) the shortlist's argmax at full depth (vocabulary exit)
 
 
 @dataclass
@@ -150,6 +152,7 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
             top1 = np.zeros((L + 1, P, N), dtype=np.int64)
             top1[L] = ref
             check = np.zeros((L + 1, P))
+            vocab_top1 = np.zeros((P, N), dtype=np.int64) if size else None
             for p, (c, hs) in enumerate(zip(cases, states)):
                 ids = shortlist(rt.draft_ranking, size, c.prompt_ids) if size else None
                 w = model.w.lm_head.float() if ids is None else model.w.lm_head.index_select(0, ids).float()
@@ -164,10 +167,16 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                     arg = logits.argmax(-1)
                     top1[k, p] = (arg if ids is None else ids[arg]).numpy()
                     check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
+                if size:  # the vocabulary exit: the shortlist read at full depth, before the full head
+                    logits = torch.nn.functional.linear(model.final_norm(hs[L]), w)  # (N, rows)
+                    for m in LOGIT_MEASURES:
+                        conf[m][L, p] = make_measure(m).score(logits, hs[L], hs[L - 1]).numpy()
+                    vocab_top1[p] = ids[logits.argmax(-1)].numpy()
+                    check[L, p] = d * rows
                 if size == 0:
                     final_match += float((model.head(hs[L]).argmax(-1).numpy() == ref[p]).mean()) / P
             tables.append(SimTable(size, conf, top1, check,
-                                   rt.exit_classifier.macs if rt.exit_classifier is not None else 0))
+                                   rt.exit_classifier.macs if rt.exit_classifier is not None else 0, vocab_top1))
     return tables, sim_costs, final_match
 
 
@@ -181,10 +190,13 @@ class Family:
     exit_vocab_size: int
     kv_policy: str
     patience: int = 2
+    vocab_exit: float | None = None  # the vocabulary exit's threshold (None: off)
 
     def knobs(self, threshold: float) -> dict:
         k = {"threshold": float(threshold), "measure": self.measure, "exit_layers": list(self.exit_layers),
              "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1}
+        if self.vocab_exit is not None:
+            k["vocab_exit"] = float(self.vocab_exit)
         if self.measure == "patience":
             k["patience"] = self.patience
         return k
@@ -217,10 +229,15 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     Mirrors EarlyExitDecoder.step: a token exits after the first exit point k (in order) whose
     confidence reaches the threshold; each check through a logit measure costs one (shortlisted) head;
     an exit fills the skipped layers' K/V (propagate) or leaves them for the next deep token (defer);
-    a token that never exits runs the full head. The first new token comes from the prefill, at full depth.
+    a token that never exits runs the full head, unless the family has a vocabulary exit whose own
+    threshold the shortlist's confidence at full depth reaches (then the shortlist's argmax is emitted
+    and the full head skipped; the check is charged either way). The first new token comes from the
+    prefill, at full depth.
     """
     L = costs.layer_cum.shape[0] - 1
     E = np.array(family.exit_layers)
+    if family.vocab_exit is not None and (table.vocab_top1 is None or family.measure not in LOGIT_MEASURES):
+        raise ValueError("a vocabulary exit needs a shortlist table and a logit measure")
     P, N = costs.full.shape
     if family.measure == "patience":  # run of consecutive exit points whose top-1 agrees
         tops = table.top1[E]
@@ -234,11 +251,16 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     passed = conf[:, None] >= thr[None, :, None, None]  # (|E|, M, P, N)
     any_pass = passed.any(0)
     first = np.where(any_pass, passed.argmax(0), len(E))  # (M, P, N) index into E, len(E): none
+    first[..., 0] = len(E)  # the prefill's token: full depth, full head
     exit_k = np.append(E, L)[first]
-    exit_k[..., 0] = L  # the prefill's token
     pi = np.arange(P)[None, :, None]
     ni = np.arange(N)[None, None, :]
     emitted = table.top1[exit_k, pi, ni]
+    vocab = np.zeros(first.shape, dtype=bool)  # (M, P, N): tokens that took the vocabulary exit
+    if family.vocab_exit is not None:
+        vocab = (first == len(E)) & (table.conf[family.measure][L] >= family.vocab_exit)[None]
+        vocab[..., 0] = False  # the prefill's token
+        emitted = np.where(vocab, table.vocab_top1[None], emitted)
     agree = (emitted == table.top1[L][None]).mean(axis=(1, 2))
     # Exit-head checks: cumulative over the exit points passed through, per prompt (shortlists differ).
     check = table.check_macs[E]  # (|E|, P)
@@ -248,7 +270,10 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
             heads = heads + np.where(first < len(E), first + 1, len(E)) * table.classifier_macs
     else:
         cum = np.concatenate([np.cumsum(check, axis=0), check.sum(0, keepdims=True)])  # (|E|+1, P)
-        heads = cum[first, pi] + np.where(exit_k < L, 0, costs.head_full)
+        at_full = costs.head_full + np.where(vocab, -costs.head_full, 0)  # the full head unless skipped...
+        if family.vocab_exit is not None:  # ...after the shortlist's check, made by every token that got there
+            at_full = at_full + table.check_macs[L][pi]
+        heads = cum[first, pi] + np.where(exit_k < L, 0, at_full)
     if family.kv_policy == "propagate":
         layers = costs.layer_cum[exit_k, pi, ni] + (L - exit_k) * costs.kv_fill
     else:  # defer: layer l runs for every position up to the last step that itself ran layer l
@@ -269,12 +294,13 @@ def exit_layer_sets(num_layers: int, max_size: int = 7) -> list[tuple[int, ...]]
 
 def search(tables: list[SimTable], costs: SimCosts, target: float,
            measures=(*LOGIT_MEASURES, "cosine", "classifier", "patience"),
-           patiences=(2, 3), kv_policies=("propagate", "defer"),
+           patiences=(2, 3), kv_policies=("propagate", "defer"), vocab_families: int = 40, vocab_levels: int = 12,
            progress: bool = True) -> tuple[list[tuple[float, SimResult, int]], int]:
     """Every family's cheapest threshold that reaches ``target`` in simulation: (compute, result, index),
-    cheapest first; and the number of settings simulated. ``defer`` is simulated only for the families
-    that are best under ``propagate`` (its catch-up costs whole layers, so it can only tie on compute,
-    never win)."""
+    cheapest first; and the number of settings simulated. Vocabulary exits (``vocab_levels`` thresholds
+    of their own) are tried on the ``vocab_families`` best shortlist families. ``defer`` is simulated only
+    for the families that are best under ``propagate`` (its catch-up costs whole layers, so it can only
+    tie on compute, never win)."""
     from tqdm import tqdm
 
     L = costs.layer_cum.shape[0] - 1
@@ -301,11 +327,25 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
         if i is not None:
             found.append((float(res.compute[i]), res, i))
     found.sort(key=lambda x: x[0])
+    by_size = {t.exit_vocab_size: t for t in tables}
+    # Vocabulary exits, with their own threshold, for the best shortlist families: a token that goes the
+    # whole depth may then skip the full head. Its grid: quantiles of the full-depth shortlist confidence.
+    vocab_jobs = [res for _, res, _ in found
+                  if by_size[res.family.exit_vocab_size].vocab_top1 is not None
+                  and res.family.measure in LOGIT_MEASURES][:vocab_families]
+    for res in vocab_jobs:
+        f, table = res.family, by_size[res.family.exit_vocab_size]
+        levels = np.quantile(table.conf[f.measure][L], np.linspace(0.05, 0.95, vocab_levels))
+        for v in np.unique(np.clip(levels, 0.0, 1.0)):
+            r = simulate(table, costs, replace(f, vocab_exit=float(v)), res.thresholds)
+            simulated += len(res.thresholds)
+            i = r.cheapest(target)
+            if i is not None:
+                found.append((float(r.compute[i]), r, i))
+    found.sort(key=lambda x: x[0])
     if "defer" in kv_policies:
-        by_size = {t.exit_vocab_size: t for t in tables}
         for _, res, _ in found[:5]:
-            f = res.family
-            fam = Family(f.measure, f.exit_layers, f.exit_vocab_size, "defer", f.patience)
+            fam = replace(res.family, kv_policy="defer")
             r = simulate(by_size[fam.exit_vocab_size], costs, fam, res.thresholds)
             simulated += len(res.thresholds)
             i = r.cheapest(target)
@@ -459,8 +499,8 @@ def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
     k = best.knobs
     for _, res, _ in found:
         f = res.family
-        if (f.measure, list(f.exit_layers), f.exit_vocab_size, f.kv_policy) == \
-                (k["measure"], k["exit_layers"], k["exit_vocab_size"], k["kv_policy"]):
+        if (f.measure, list(f.exit_layers), f.exit_vocab_size, f.kv_policy, f.vocab_exit) == \
+                (k["measure"], k["exit_layers"], k["exit_vocab_size"], k["kv_policy"], k.get("vocab_exit")):
             grid = [float(t) for t in res.thresholds if t <= 1.0]
             i = min(range(len(grid)), key=lambda j: abs(grid[j] - k["threshold"]))
             return sorted(set(grid[max(0, i - count):i + count + 1]) | {k["threshold"]})

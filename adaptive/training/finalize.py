@@ -152,6 +152,7 @@ def main(args) -> int:
                 tokens=args.ltt_tokens, context=96, test_prompts=args.ltt_test_prompts, measure=chosen.get("measure"),
                 exit_layers=",".join(str(k) for k in chosen["exit_layers"]) if chosen.get("exit_layers") else None,
                 exit_vocab_size=chosen.get("exit_vocab_size"), kv_policy=chosen.get("kv_policy"), seed=0,
+                vocab_exit=str(chosen["vocab_exit"]) if chosen.get("vocab_exit") is not None else "off",
                 write_defaults=False, threads=args.threads))
             cert_path = model_dir / "calibration_certificate.json"
             report["certificate"] = json.loads(cert_path.read_text()) if status == 0 and cert_path.is_file() else None

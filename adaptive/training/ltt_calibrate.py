@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layers", default=None, help="comma-separated; default: the model's default")
     p.add_argument("--exit-vocab-size", type=int, default=None)
     p.add_argument("--kv-policy", default=None)
+    p.add_argument("--vocab-exit", default=None,
+                   help="the vocabulary exit's own (fixed) threshold, or 'off'; default: the model's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-defaults", action="store_true", help="make the certified setting the default")
     p.add_argument("--threads", type=int, default=None)
@@ -87,7 +89,8 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
     ref = torch.tensor(reference)
     weight = rt.model.w.lm_head if exit_ids is None else rt.model.w.lm_head.index_select(0, exit_ids)
     confs, agree = [], []
-    for k in range(1, rt.spec.num_layers):
+    L = rt.spec.num_layers
+    for k in range(1, L):
         h, prev = states[k], states[k - 1]
         logits = torch.nn.functional.linear(rt.model.final_norm(rt.heads.adapt(h, k)), weight)  # (N, n)
         conf = measure.score(logits if measure.needs_logits else None, h, prev, layer=k)
@@ -96,6 +99,13 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
             tokens = top if exit_ids is None else exit_ids[top]
             confs.append(conf.float().numpy())
             agree.append((tokens == ref).numpy())
+    if cfg.vocab_exit is not None and exit_ids is not None:
+        # The vocabulary exit at full depth has its own fixed threshold: as an extra exit point, its
+        # confidence is 2.0 (always passes) where it reaches vocab_exit and -1.0 (never) elsewhere.
+        logits = torch.nn.functional.linear(rt.model.final_norm(states[L]), weight)
+        passed = measure.score(logits, states[L], states[L - 1], layer=L) >= cfg.vocab_exit
+        confs.append(np.where(passed.numpy(), 2.0, -1.0))
+        agree.append((exit_ids[logits.argmax(-1)] == ref).numpy())
     return np.stack(confs), np.stack(agree)
 
 
@@ -120,6 +130,8 @@ def main(args) -> int:
                                 ("kv_policy", args.kv_policy)) if v is not None}
     if args.exit_layers:
         knobs["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
+    if args.vocab_exit is not None:
+        knobs["vocab_exit"] = None if args.vocab_exit == "off" else float(args.vocab_exit)
     cfg = rt.early_exit_config(**knobs)
     if cfg.measure == "attention":
         print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
@@ -148,7 +160,7 @@ def main(args) -> int:
     # Held-out check with the real decoder (the policy's own K/V), teacher-forced on TEST windows.
     agree = total = 0
     settings = dict(measure=cfg.measure, threshold=result.threshold, exit_layers=tuple(exit_layers),
-                    exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy)
+                    exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy, vocab_exit=cfg.vocab_exit)
     for prompt in tqdm(_windows(rt, "test", args.test_prompts, args.context, args.seed + 1, args.text),
                        desc="test check"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
@@ -160,7 +172,7 @@ def main(args) -> int:
                        threshold=result.threshold, exit_layers=exit_layers, exit_vocab_size=cfg.exit_vocab_size,
                        kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
                        observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
-                       test_agreement=agree / total, test_tokens=total)
+                       test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit)
     path = Path(rt.directory) / CERTIFICATE_FILE
     cert.save(path)
     print(f"wrote {path}: threshold {result.threshold}, test agreement {agree / total:.4f} on {total} tokens")

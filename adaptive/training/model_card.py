@@ -243,23 +243,26 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"the lowest compute fraction whose agreement is at least {cal['target']:.2f} + a margin of "
                 f"{cal.get('margin', 0):.3f} (the cheapest of many passing settings is an optimistic pick), among "
                 f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
-                "KV policy) of which the cheapest families were confirmed by real decoding "
+                "KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
                 "(see `adaptive/training/calibrate_exits.py`).", "",
                 f"On the validation prompts: agreement **{cal['agreement']:.4f}** at compute fraction "
                 f"**{cal['compute_fraction']:.3f}** ({cal['layers_run_mean']:.2f} layers on average)"
                 + ("." if cal["meets_target"] else
                    f" — **the target of {cal['target']:.2f} was not reached by any confirmed setting; this is the most "
                    "faithful one found.**"), "",
-                "| measure | exit layers | vocab | KV | threshold | simulated agreement | simulated compute | agreement | compute |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+                "| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
+                "agreement | compute |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for m in cal["finalists"]:
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
             out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
-                       f"{kk['threshold']:.4g} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
+                       f"{kk['threshold']:.4g} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
                        f"{m['compute_fraction']:.3f} |")
         out += ["", "Simulated numbers come from one full-depth pass (exact for `defer`, approximate K/V for "
-                "`propagate`); the last two columns are real teacher-forced decoding.", ""]
+                "`propagate`); the last two columns are real teacher-forced decoding. *Vocab exit*: a token that runs "
+                "every layer reads the exit shortlist first and skips the full 8192-row LM head when the measure "
+                "reaches this separate threshold (its check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
     dec = report.get("decoding")
     if dec:
         rows = dec["rows"]
@@ -292,7 +295,9 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
     if cert:
         out += ["## Learn-then-Test certificate", "",
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
-                f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`: threshold **{cert['threshold']}** keeps the "
+                f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`"
+                + (f", vocabulary exit at {cert['vocab_exit']:.4g}" if cert.get("vocab_exit") is not None else "")
+                + ": threshold **{cert['threshold']}** keeps the "
                 f"expected teacher-forced disagreement with full depth at most ε = {cert['epsilon']} with probability "
                 f"at least 1 − δ = {1 - cert['delta']:.2f}, certified on n = {cert['n']} i.i.d. validation windows "
                 f"({cert['tokens_per_prompt']} tokens each; observed risk {cert['observed_risk']:.4f}, p = "
