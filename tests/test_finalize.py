@@ -261,3 +261,12 @@ def test_search_tries_vocabulary_exits_on_shortlist_families():
     # exits at 2 (24 MACs per step) stay cheapest; the vocabulary exit appears among the candidates
     assert best.family.exit_layers == (2,)
     assert any(res.family.vocab_exit is not None for _, res, _ in found)
+
+
+def test_a_family_without_vocabulary_exit_does_not_inherit_the_models_default(tiny_rt):
+    rt = tiny_rt
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    rt.defaults = {"early_exit": {"measure": "max_prob", "exit_vocab_size": 64, "vocab_exit": 0.0}}
+    knobs = C.Family("max_prob", (2,), 64, "propagate").knobs(0.5)
+    assert rt.early_exit_config(**knobs).vocab_exit is None
+    assert rt.early_exit_config(**C.Family("max_prob", (2,), 64, "propagate", vocab_exit=0.3).knobs(0.5)).vocab_exit == 0.3

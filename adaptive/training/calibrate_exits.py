@@ -194,9 +194,9 @@ class Family:
 
     def knobs(self, threshold: float) -> dict:
         k = {"threshold": float(threshold), "measure": self.measure, "exit_layers": list(self.exit_layers),
-             "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1}
-        if self.vocab_exit is not None:
-            k["vocab_exit"] = float(self.vocab_exit)
+             "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1,
+             # stated even when off: a request must not inherit the model's default vocabulary exit
+             "vocab_exit": None if self.vocab_exit is None else float(self.vocab_exit)}
         if self.measure == "patience":
             k["patience"] = self.patience
         return k
