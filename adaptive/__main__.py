@@ -43,6 +43,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--kv-policy", default=None, help="propagate | defer")
     p.add_argument("--exit-layers", default=None, help="comma-separated layer counts where tokens may exit")
+    p.add_argument("--vocab-exit", default=None,
+                   help="the vocabulary exit's threshold (skip the full LM head at full depth), or 'off'")
     p.add_argument("--path", default=None, help="mode full: light | standard | full")
     p.add_argument("--drafter", default=None, help="mode speculative: self | lookup | draft_model")
     p.add_argument("--policy", default=None, help="mode auto: quality | latency | budget | load")
@@ -71,6 +73,11 @@ def _generate(args) -> int:
             options["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
         except ValueError:
             raise SystemExit(f"error: --exit-layers must be comma-separated integers, got {args.exit_layers!r}")
+    if args.vocab_exit is not None:
+        try:
+            options["vocab_exit"] = None if args.vocab_exit == "off" else float(args.vocab_exit)
+        except ValueError:
+            raise SystemExit(f"error: --vocab-exit must be a number in [0, 1] or 'off', got {args.vocab_exit!r}")
     stream = rt.stream(args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
                        temperature=args.temperature, seed=args.seed, **options)
     for trace in stream:
