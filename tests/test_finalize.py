@@ -270,3 +270,32 @@ def test_a_family_without_vocabulary_exit_does_not_inherit_the_models_default(ti
     knobs = C.Family("max_prob", (2,), 64, "propagate").knobs(0.5)
     assert rt.early_exit_config(**knobs).vocab_exit is None
     assert rt.early_exit_config(**C.Family("max_prob", (2,), 64, "propagate", vocab_exit=0.3).knobs(0.5)).vocab_exit == 0.3
+
+
+def test_a_missed_finalist_is_retried_at_a_stricter_sibling_setting():
+    """A vocabulary-exit finalist that falls short in real decoding is retried at the cheapest setting of
+    the same family (other threshold, other or no vocabulary exit) the simulation expects to make up for it."""
+    fam = C.Family("margin", (4, 6), 512, "propagate")
+    thr = np.array([0.2, 0.4, 0.6])
+
+    def result(vocab_exit, agreement, compute):
+        return C.SimResult(replace(fam, vocab_exit=vocab_exit), thr, np.array(agreement), np.array(compute),
+                           np.full(3, 7.0))
+
+    loose = result(0.1, [0.991, 0.992, 0.993], [0.60, 0.62, 0.64])
+    strict = result(0.5, [0.994, 0.996, 0.998], [0.65, 0.68, 0.70])
+    plain = result(None, [0.993, 0.997, 0.999], [0.70, 0.74, 0.78])
+    found = sorted([(0.60, loose, 0), (0.65, strict, 0), (0.70, plain, 0)], key=lambda x: x[0])
+    tried = []
+
+    def decode(knobs):  # the real decoder loses 0.004 on the loose vocabulary exit, nothing elsewhere
+        tried.append((knobs["vocab_exit"], knobs["threshold"]))
+        sim = {0.1: loose, 0.5: strict, None: plain}[knobs["vocab_exit"]]
+        a = float(sim.agreement[list(thr).index(knobs["threshold"])]) - (0.004 if knobs["vocab_exit"] == 0.1 else 0)
+        return a, 0.0, 7.0
+
+    measured = C.confirm_finalists(found, decode, goal=0.993, families=1, progress=False)
+    # 0.991 - 0.004 = 0.987 real: 0.006 short, so the simulation must promise >= 0.997: the loose exit never
+    # does; strict at 0.6 (compute 0.70) does and is cheaper than no vocabulary exit at 0.4 (0.74)
+    assert tried == [(0.1, 0.2), (0.5, 0.6)]
+    assert measured[-1].agreement >= 0.993

@@ -409,10 +409,8 @@ class Calibration:
 
 def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "validation", num_prompts: int = 24,
               min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
-              draft_vocab_size: int = 2048, families: int = 6, per_measure: int = 2, max_tries: int = 3,
+              draft_vocab_size: int = 2048, families: int = 8, per_measure: int = 2, max_tries: int = 3,
               confirm_minutes: float = 8.0, prune_slack: float = 0.01, progress: bool = True) -> Calibration:
-    from tqdm import tqdm
-
     times = {}
     t0 = time.time()
     max_context = min(max_context, rt.spec.max_positions - new_tokens)  # prompt + continuation fit the context
@@ -429,46 +427,9 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     times["simulation"] = time.time() - t0
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
-    # Finalists: the cheapest family per (measure, ...), at most ``per_measure`` per measure.
-    picked, per = [], {}
-    for entry in found:
-        m = entry[1].family.measure
-        if per.get(m, 0) < per_measure:
-            picked.append(entry)
-            per[m] = per.get(m, 0) + 1
-        if len(picked) == families:
-            break
     t0 = time.time()
-    measured: list[Measured] = []
-    bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
-    best_ok = float("inf")  # compute of the cheapest confirmed setting so far
-    for _, res, i in picked:
-        for _ in range(max_tries):
-            if measured and (time.time() - t0) / 60 > confirm_minutes:
-                break
-            # Real compute tracks the simulated one closely (exits differ only through propagate's
-            # approximate K/V), so a setting simulated as dearer than a confirmed one cannot win.
-            if res.compute[i] > best_ok + prune_slack:
-                break
-            knobs = res.family.knobs(res.thresholds[i])
-            start = time.time()
-            agree, compute, layers = decode_forced(rt, cases, knobs)
-            measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
-                                     time.time() - start))
-            if agree >= goal:
-                best_ok = min(best_ok, compute)
-                break
-            # Missed: ask the simulation for the shortfall on top of what it promised, at a stricter threshold.
-            want = min(1.0, res.agreement[i] + (goal - agree))
-            stricter = [j for j in range(len(res.thresholds)) if res.thresholds[j] > res.thresholds[i]
-                        and res.agreement[j] >= want]
-            if not stricter:
-                stricter = [j for j in range(len(res.thresholds)) if res.thresholds[j] > res.thresholds[i]]
-            if not stricter:
-                break
-            i = min(stricter, key=lambda j: res.compute[j])
-        bar.update(1)
-    bar.close()
+    measured = confirm_finalists(found, lambda knobs: decode_forced(rt, cases, knobs), goal, families, per_measure,
+                                 max_tries, confirm_minutes, prune_slack, progress)
     times["confirmation"] = time.time() - t0
     if not measured:
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
@@ -484,6 +445,65 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
                        settings_simulated=simulated, readout_reference_match=final_match,
                        acceptance_priors=priors, draft_vocab_size=draft_vocab_size,
                        neighbour_thresholds=_neighbours(found, best), finalists=measured, seconds=times)
+
+
+def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: float, families: int = 8,
+                      per_measure: int = 2, max_tries: int = 3, confirm_minutes: float = 8.0,
+                      prune_slack: float = 0.01, progress: bool = True) -> list[Measured]:
+    """Real decoding of the cheapest simulated settings; ``decode(knobs)`` -> (agreement, compute, layers).
+
+    A finalist that misses ``goal`` is retried (up to ``max_tries`` runs) at the cheapest stricter setting
+    of its family that the simulation expects to make up the shortfall."""
+    from tqdm import tqdm
+
+    # Finalists: the cheapest families, at most ``per_measure`` per (measure, with / without a vocabulary
+    # exit), so the vocabulary-exit variants of a family cannot crowd out the plain ones.
+    picked, per = [], {}
+    for entry in found:
+        f = entry[1].family
+        kind = (f.measure, f.vocab_exit is not None)
+        if per.get(kind, 0) < per_measure:
+            picked.append(entry)
+            per[kind] = per.get(kind, 0) + 1
+        if len(picked) == families:
+            break
+    # Each family's simulated variants that differ only in the vocabulary exit (off included).
+    siblings: dict[Family, list[SimResult]] = {}
+    for _, res, _ in found:
+        siblings.setdefault(replace(res.family, vocab_exit=None), []).append(res)
+    t0 = time.time()
+    measured: list[Measured] = []
+    bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
+    best_ok = float("inf")  # compute of the cheapest confirmed setting so far
+    for _, res, i in picked:
+        for _ in range(max_tries):
+            if measured and (time.time() - t0) / 60 > confirm_minutes:
+                break
+            # Real compute tracks the simulated one closely (exits differ only through propagate's
+            # approximate K/V), so a setting simulated as dearer than a confirmed one cannot win.
+            if res.compute[i] > best_ok + prune_slack:
+                break
+            knobs = res.family.knobs(res.thresholds[i])
+            start = time.time()
+            agree, compute, layers = decode(knobs)
+            measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
+                                     time.time() - start))
+            if agree >= goal:
+                best_ok = min(best_ok, compute)
+                break
+            # Missed: ask the simulation for the shortfall on top of what it promised, from a stricter
+            # setting of the same family: a higher threshold, a stricter vocabulary exit or none at all.
+            want = min(1.0, res.agreement[i] + (goal - agree))
+            stricter = [(r, j) for r in siblings.get(replace(res.family, vocab_exit=None), [res])
+                        for j in range(len(r.thresholds)) if r.compute[j] > res.compute[i] and r.agreement[j] >= want]
+            if not stricter:
+                stricter = [(res, j) for j in range(len(res.thresholds)) if res.thresholds[j] > res.thresholds[i]]
+            if not stricter:
+                break
+            res, i = min(stricter, key=lambda o: o[0].compute[o[1]])
+        bar.update(1)
+    bar.close()
+    return measured
 
 
 def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dict[str, float]:
