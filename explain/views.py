@@ -93,6 +93,8 @@ def token_tooltip(result: GenerationResult, index: int, lens=None, token_text: T
             lines.append(f"top-{TOP_K_SHOWN} at {name} layer {k}: {tops}")
     else:
         lines.append("top-k per layer: needs the lens (a model pass)")
+    if t.full_head_skipped:
+        lines.append("vocabulary exit: every layer ran, the exit shortlist was confident, the full LM head was skipped")
     if t.kv_fill_layers:
         lines.append(f"K/V filled for {t.kv_fill_layers} skipped layers")
     if t.deferred_positions:
@@ -107,6 +109,7 @@ def _legend(num_layers: int) -> str:
     chips = "".join(f'<span style="background:{c};color:{_ink(c)};padding:0 6px;border-radius:3px;'
                     f'margin-right:2px;font-size:12px">{k + 1}</span>' for k, c in enumerate(colours))
     return (f'<div class="air-legend" style="margin-bottom:6px;font-size:12px">exit layer: {chips}'
+            f'<span style="margin-left:8px;text-decoration:underline dotted">dotted</span>: full LM head skipped'
             f'<span style="margin-left:8px;opacity:.75">(hover a token for details)</span></div>')
 
 
@@ -126,6 +129,8 @@ def token_view_html(result: GenerationResult, lens=None, token_text: TokenText |
         colour = colours[min(max(t.exit_layer, 1), L) - 1]
         text = html.escape(t.text.replace("\n", "↵\n") if t.text != "" else "∅")
         style = f"background:{colour};color:{_ink(colour)};border-radius:2px"
+        if t.full_head_skipped:  # a vocabulary exit
+            style += ";text-decoration:underline dotted"
         if i in diverged:
             style += ";outline:2px solid #e0245e;outline-offset:-1px"
         title = "" if live else f' title="{html.escape(token_tooltip(result, i, lens, token_text), quote=True)}"'

@@ -292,3 +292,18 @@ def test_speculative_panel_redraws_from_json():
     assert sv.speculative_token_html(back, SPEC_TEXT) == sv.speculative_token_html(res, SPEC_TEXT)
     assert sv.rounds_table_html(back) == sv.rounds_table_html(res)
     assert sv.speculative_figure(back).to_dict() == sv.speculative_figure(res).to_dict()
+
+
+def test_vocabulary_exits_are_marked_in_the_token_view():
+    from adaptive import Runtime
+    from conftest import make_model, random_prompt
+    from explain.views import token_tooltip, token_view_html
+
+    rt = Runtime.from_model(make_model("llama"))
+    rt.draft_ranking = list(range(0, 97, 2))
+    res = rt.generate(random_prompt(6), max_new_tokens=4, mode="early_exit", threshold=1.0, exit_vocab_size=20,
+                      vocab_exit=0.0)
+    assert [t.full_head_skipped for t in res.traces] == [False, True, True, True]
+    page = token_view_html(res)
+    assert page.count("underline dotted") == 1 + 3  # the legend + three tokens
+    assert "full LM head was skipped" in token_tooltip(res, 1) and "skipped" not in token_tooltip(res, 0)
