@@ -523,7 +523,8 @@ class Runtime:
                     confidence=outcome.confidence, text=self.decode([token]),
                     layer_confidence=outcome.layer_confidence, layer_top1=outcome.layer_top1,
                     kv_fill_layers=outcome.kv_fill_layers, deferred_positions=outcome.deferred_positions,
-                    full_head_skipped=outcome.full_head_skipped, macs=outcome.macs, full_macs=outcome.full_macs, elapsed_ms=(now - last) * 1000)
+                    full_head_skipped=outcome.full_head_skipped, macs=outcome.macs, full_macs=outcome.full_macs,
+                    elapsed_ms=(now - last) * 1000)
                 last = now
                 traces.append(trace)
                 yield trace
