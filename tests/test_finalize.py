@@ -187,6 +187,12 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
     assert "| 12,345 |" in card and "10.0 min" in card and "```python\ndef f(x):" in card
     assert "| early_exit@0.9 | 0.9 | 4.00 | 0.600 | 1.0000 | 1.00 | 120.0 | 1.20 |" in card
     assert "had not finished" not in card
+    cert = {"measure": "max_prob", "exit_layers": [2], "exit_vocab_size": 64, "kv_policy": "propagate", "threshold": 0.875,
+            "vocab_exit": 0.25, "epsilon": 0.01, "delta": 0.1, "n": 300, "tokens_per_prompt": 8, "observed_risk": 0.004,
+            "p_value": 0.05, "test_tokens": 80, "test_agreement": 1.0}
+    card = model_card.write_card(model_dir, {**_report(), "certificate": cert}, log).read_text()
+    assert "`propagate`, vocabulary exit at 0.25: threshold **0.875** keeps the expected" in card
+    assert "{cert" not in card
 
 
 def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):

@@ -297,7 +297,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
                 f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`"
                 + (f", vocabulary exit at {cert['vocab_exit']:.4g}" if cert.get("vocab_exit") is not None else "")
-                + ": threshold **{cert['threshold']}** keeps the "
+                + f": threshold **{cert['threshold']}** keeps the "
                 f"expected teacher-forced disagreement with full depth at most ε = {cert['epsilon']} with probability "
                 f"at least 1 − δ = {1 - cert['delta']:.2f}, certified on n = {cert['n']} i.i.d. validation windows "
                 f"({cert['tokens_per_prompt']} tokens each; observed risk {cert['observed_risk']:.4f}, p = "
