@@ -66,6 +66,19 @@ class EarlyExitDecoder(Decoder):
         macs = sum(self.costs.layer_macs(layer, p) for p in range(x_start, x_start + x.shape[1]))
         return out, x_start, macs, caught_up
 
+    def _check(self, h: torch.Tensor, prev: torch.Tensor, k: int,
+               outcome: StepOutcome) -> tuple[torch.Tensor | None, float, int]:
+        """The measure on h (1, 1, d) after k layers: (exit-head logits or None, confidence, MACs spent).
+        Records the confidence (and the exit head's top-1, when read) in ``outcome``."""
+        logits, macs = None, self.measure.check_macs
+        if self.measure.needs_logits:
+            logits = self.exit_head.logits(h, k)
+            macs += self.exit_head.macs(k, self.costs.hidden_size, self.costs.adapter_macs)
+            outcome.layer_top1[k] = self.exit_head.token(int(torch.argmax(logits)))
+        conf = float(self.measure.score(logits, h, prev, layer=k).reshape(()))
+        outcome.layer_confidence[k] = conf
+        return logits, conf, macs
+
     def step(self, token_id: int) -> StepOutcome:
         model, costs, cfg = self.model, self.costs, self.config
         L, pos = model.spec.num_layers, self.pos
@@ -87,14 +100,8 @@ class EarlyExitDecoder(Decoder):
             if k not in self.exit_points:
                 continue
             h = x[:, -1:]  # (1, 1, d): the current token
-            logits = None
-            if self.measure.needs_logits:
-                logits = self.exit_head.logits(h, k)
-                head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
-                outcome.layer_top1[k] = self.exit_head.token(int(torch.argmax(logits)))
-            conf = float(self.measure.score(logits, h, prev, layer=k).reshape(()))
-            head_macs += self.measure.check_macs
-            outcome.layer_confidence[k] = conf
+            logits, conf, macs = self._check(h, prev, k, outcome)
+            head_macs += macs
             if conf >= cfg.threshold:
                 outcome.exit_layer, outcome.confidence = k, conf
                 break
@@ -102,11 +109,8 @@ class EarlyExitDecoder(Decoder):
         k = outcome.exit_layer
         if k == L and cfg.vocab_exit is not None and self.exit_head.ids is not None:
             # Vocabulary exit: read the shortlist first; the full head runs only if it is not confident.
-            logits = self.exit_head.logits(h, L)
-            head_macs += self.exit_head.macs(L, costs.hidden_size, costs.adapter_macs)
-            conf = float(self.measure.score(logits, h, prev, layer=L).reshape(()))
-            outcome.layer_confidence[L] = conf
-            outcome.layer_top1[L] = self.exit_head.token(int(torch.argmax(logits)))
+            logits, conf, macs = self._check(h, prev, L, outcome)
+            head_macs += macs
             if conf >= cfg.vocab_exit:
                 outcome.full_head_skipped, outcome.confidence = True, conf
         if k < L or outcome.full_head_skipped:
