@@ -16,6 +16,11 @@ MODES = ("full", "early_exit", "speculative", "auto")
 KV_POLICIES = ("propagate", "defer")
 MEASURES = ("max_prob", "margin", "entropy", "cosine", "attention", "patience", "classifier")
 LOGIT_MEASURES = ("max_prob", "margin", "entropy")  # read from the exit head's logits alone
+
+
+def vocab_exit_fits(measure: str, exit_vocab_size: int) -> bool:
+    """A vocabulary exit reads an exit shortlist through a logit measure (see EarlyExitConfig)."""
+    return bool(exit_vocab_size) and measure in LOGIT_MEASURES
 # Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.
 ABSURD_MAX_NEW_TOKENS = 1_000_000
 
@@ -126,7 +131,7 @@ class EarlyExitConfig:
         if self.vocab_exit is not None and (not isinstance(self.vocab_exit, (int, float))
                                             or not 0.0 <= self.vocab_exit <= 1.0):
             raise InvalidRequestError(f"vocab_exit must be None (off) or a threshold in [0, 1], got {self.vocab_exit!r}")
-        if self.vocab_exit is not None and (self.exit_vocab_size == 0 or self.measure not in LOGIT_MEASURES):
+        if self.vocab_exit is not None and not vocab_exit_fits(self.measure, self.exit_vocab_size):
             raise InvalidRequestError(
                 "vocab_exit (the vocabulary exit at full depth) needs an exit shortlist (exit_vocab_size > 0) and "
                 f"a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import ABSURD_MAX_NEW_TOKENS, LOGIT_MEASURES, MODES, EarlyExitConfig, SamplingConfig
+from .config import ABSURD_MAX_NEW_TOKENS, MODES, EarlyExitConfig, SamplingConfig, vocab_exit_fits
 from .costs import CostModel
 from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
@@ -185,8 +185,10 @@ class Runtime:
     def early_exit_config(self, **knobs) -> EarlyExitConfig:
         merged = {**self.defaults.get("early_exit", {}), **knobs}
         merged = {k: v for k, v in merged.items() if k in EARLY_EXIT_KNOBS}
-        if "vocab_exit" not in knobs and merged.get("vocab_exit") is not None and (
-                merged.get("measure", "max_prob") not in LOGIT_MEASURES or not merged.get("exit_vocab_size")):
+        measure = merged.get("measure", EarlyExitConfig.measure)
+        shortlist_size = merged.get("exit_vocab_size", EarlyExitConfig.exit_vocab_size)
+        if "vocab_exit" not in knobs and merged.get("vocab_exit") is not None and \
+                not vocab_exit_fits(measure, shortlist_size):
             # The model's default vocabulary exit does not fit the measure / shortlist this request chose:
             # drop it rather than fail on a knob the caller never set.
             merged.pop("vocab_exit")
