@@ -270,7 +270,7 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
             heads = heads + np.where(first < len(E), first + 1, len(E)) * table.classifier_macs
     else:
         cum = np.concatenate([np.cumsum(check, axis=0), check.sum(0, keepdims=True)])  # (|E|+1, P)
-        at_full = costs.head_full + np.where(vocab, -costs.head_full, 0)  # the full head unless skipped...
+        at_full = np.where(vocab, 0, costs.head_full)  # the full head, unless a vocabulary exit skipped it...
         if family.vocab_exit is not None:  # ...after the shortlist's check, made by every token that got there
             at_full = at_full + table.check_macs[L][pi]
         heads = cum[first, pi] + np.where(exit_k < L, 0, at_full)
