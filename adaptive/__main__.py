@@ -61,6 +61,7 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     import json
 
+    from .config import parse_vocab_exit
     from .runtime import Runtime
 
     rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -75,7 +76,7 @@ def _generate(args) -> int:
             raise SystemExit(f"error: --exit-layers must be comma-separated integers, got {args.exit_layers!r}")
     if args.vocab_exit is not None:
         try:
-            options["vocab_exit"] = None if args.vocab_exit == "off" else float(args.vocab_exit)
+            options["vocab_exit"] = parse_vocab_exit(args.vocab_exit)
         except ValueError:
             raise SystemExit(f"error: --vocab-exit must be a number in [0, 1] or 'off', got {args.vocab_exit!r}")
     stream = rt.stream(args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,

@@ -18,6 +18,12 @@ MEASURES = ("max_prob", "margin", "entropy", "cosine", "attention", "patience", 
 LOGIT_MEASURES = ("max_prob", "margin", "entropy")  # read from the exit head's logits alone
 
 
+def parse_vocab_exit(text: str) -> float | None:
+    """A command line's vocabulary-exit value: 'off' -> None, else a number (EarlyExitConfig checks its
+    range). Anything else is a ValueError."""
+    return None if text == "off" else float(text)
+
+
 def vocab_exit_fits(measure: str, exit_vocab_size: int) -> bool:
     """A vocabulary exit reads an exit shortlist through a logit measure (see EarlyExitConfig)."""
     return bool(exit_vocab_size) and measure in LOGIT_MEASURES

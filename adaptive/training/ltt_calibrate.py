@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..calibration import CERTIFICATE_FILE, Certificate, calibration_set_hash, learn_then_test
+from ..config import parse_vocab_exit
 from ..exits import make_measure
 from ..runtime import DEFAULTS_FILE, Runtime
 
@@ -131,7 +132,10 @@ def main(args) -> int:
     if args.exit_layers:
         knobs["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
     if args.vocab_exit is not None:
-        knobs["vocab_exit"] = None if args.vocab_exit == "off" else float(args.vocab_exit)
+        try:
+            knobs["vocab_exit"] = parse_vocab_exit(args.vocab_exit)
+        except ValueError:
+            raise SystemExit(f"error: --vocab-exit must be a number in [0, 1] or 'off', got {args.vocab_exit!r}")
     cfg = rt.early_exit_config(**knobs)
     if cfg.measure == "attention":
         print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
