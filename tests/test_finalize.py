@@ -193,6 +193,14 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
     card = model_card.write_card(model_dir, {**_report(), "certificate": cert}, log).read_text()
     assert "`propagate`, vocabulary exit at 0.25: threshold **0.875** keeps the expected" in card
     assert "{cert" not in card
+    assert "propagate in the loop" not in card
+    # a resume that switched on propagate-in-the-loop training is named with the token it started at
+    log.write_text(json.dumps({"kind": "start", "tokens": 0, "args": {"threads": 1}}) + "\n" +
+                   json.dumps({"kind": "start", "tokens": 500, "args": {"threads": 2, "propagate_exits": [4, 6],
+                                                                         "propagate_threshold": [0.5, 0.9]}}) + "\n" +
+                   json.dumps({"kind": "final", "seconds": 600.0, "tokens": 1000}) + "\n")
+    card = model_card.write_card(model_dir, _report(), log).read_text()
+    assert "| propagate in the loop | from token 500 on, exits after layers [4, 6], thresholds drawn from [0.5, 0.9]" in card
 
 
 def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):

@@ -138,8 +138,13 @@ def _training_log(log_path: Path) -> dict:
     starts = [r for r in records if r.get("kind") == "start"]
     last = records[-1] if records else {}
     final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
+    # The first (re)start that trained under the propagate policy, and from which token on.
+    prop = next((r for r in starts if r.get("args", {}).get("propagate_exits")), None)
     return {"final": final, "last_seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
-            "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None})}
+            "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None}),
+            "propagate": prop and {"from_tokens": prop.get("tokens", 0),
+                                   "exit_layers": prop["args"]["propagate_exits"],
+                                   "threshold_range": prop["args"].get("propagate_threshold")}}
 
 
 def _hardware() -> str:
@@ -207,7 +212,12 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             f"| hardware | {_hardware()}; torch threads {', '.join(map(str, log.get('threads', []))) or '?'} |",
             f"| validation loss (final layer) | {_fmt(info.get('val_nats'))} nats/token, {_fmt(info.get('val_bpb'))} bits/byte "
             f"on {info.get('val_tokens', '?')} tokens (training's own evaluation) |",
-            f"| objective | `{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |", "",
+            f"| objective | `{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |",
+            *([f"| propagate in the loop | from token {log['propagate']['from_tokens']:,} on, exits after layers "
+               f"{log['propagate']['exit_layers']}, thresholds drawn from {log['propagate']['threshold_range']}: "
+               "positions whose exit head is confident lend the deeper layers K/V computed from their exit "
+               "state, as the runtime's `propagate` policy does (see `adaptive/training/stack.py`) |"]
+              if log.get("propagate") else []), "",
             "Training finished" if final else
             "**Training had not finished when this card was written; the numbers are of an intermediate checkpoint.**",
             ""]

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
@@ -76,3 +78,84 @@ def forward_layers(model: LlamaForCausalLM, ids: torch.Tensor, keep: set[int] | 
         if i + 1 in keep:
             kept[i + 1] = h
     return h, kept
+
+
+# ----------------------------------------------------------------------------- propagate in the loop
+@dataclass
+class PropagatePlan:
+    """Train under the runtime's ``propagate`` KV policy (CALM state propagation).
+
+    At decode time a token that exits after layer e never runs layers e..L-1; the runtime fills their
+    K/V from the exit hidden state h_e instead of the true h_l. Later tokens then attend to those
+    approximate K/V, and that approximation (not the exit decision) is where a propagate run loses
+    agreement against exact K/V. Training the same way teaches the deep layers to read such K/V and
+    the shallow layers to produce states that serve as K/V sources.
+
+    Which positions exit follows the runtime: after each layer in ``exit_layers`` the shared head's
+    max probability (no gradient) is compared with ``threshold``. The exited positions still run
+    every layer here (their own final-layer loss keeps training the deep path); only the K/V that
+    *other* positions read from them come from h_e.
+    """
+    exit_layers: tuple[int, ...]
+    threshold: float
+
+
+@dataclass
+class PropagateStats:
+    exited: dict[int, float]  # share of positions that exited at each exit layer
+
+
+def layer_with_kv_source(layer, h: torch.Tensor, kv_source: torch.Tensor,
+                         pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One Llama decoder layer whose queries read h [B, T, D] and whose keys/values read kv_source
+    [B, T, D] (same norm, same projections). With kv_source is h it equals ``layer(h, ...)``."""
+    attn = layer.self_attn
+    B, T, _ = h.shape
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)
+    xs = x if kv_source is h else layer.input_layernorm(kv_source)
+    q = attn.q_proj(x).view(B, T, -1, hd).transpose(1, 2)          # [B, H, T, hd]
+    k = attn.k_proj(xs).view(B, T, -1, hd).transpose(1, 2)         # [B, Hkv, T, hd]
+    v = attn.v_proj(xs).view(B, T, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *pe)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                       enable_gqa=attn.num_key_value_groups > 1)  # [B, H, T, hd]
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def forward_layers_propagate(model: LlamaForCausalLM, ids: torch.Tensor, plan: PropagatePlan,
+                             keep: set[int] | None = None, drop: set[int] | None = None,
+                             ) -> tuple[torch.Tensor, dict[int, torch.Tensor], PropagateStats, torch.Tensor]:
+    """``forward_layers`` under the propagate policy of ``plan``.
+
+    Returns (final hidden [B, T, D], kept {l: [B, T, D]}, stats, exit_layer [B, T]) where exit_layer
+    is the layer each position exited after (L for positions that ran to the end).
+    """
+    inner = model.model
+    keep, drop = keep or set(), drop or set()
+    B, T = ids.shape
+    L = len(inner.layers)
+    h = inner.embed_tokens(ids)                                   # [B, T, D]
+    pos = torch.arange(T, device=ids.device).unsqueeze(0)         # [1, T]
+    pe = inner.rotary_emb(h, position_ids=pos)
+    exit_layer = torch.full((B, T), L, dtype=torch.long, device=ids.device)
+    source = None  # [B, T, D]: the K/V source of exited positions (their h at the exit), else unused
+    kept, shares = {}, {}
+    for i, layer in enumerate(inner.layers):
+        if i in plan.exit_layers:
+            with torch.no_grad():
+                conf = torch.softmax(head(model, h).float(), dim=-1).amax(-1)  # [B, T]
+            new = (conf > plan.threshold) & (exit_layer == L)
+            shares[i] = new.float().mean().item()
+            exit_layer = torch.where(new, i, exit_layer)
+            source = torch.where(new[..., None], h, h if source is None else source)
+        if i not in drop:
+            if source is None:
+                h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+            else:
+                kv_source = torch.where((exit_layer < L)[..., None], source, h)
+                h = layer_with_kv_source(layer, h, kv_source, pe)
+        if i + 1 in keep:
+            kept[i + 1] = h
+    return h, kept, PropagateStats(shares), exit_layer

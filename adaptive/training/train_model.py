@@ -8,7 +8,12 @@ Pipeline: corpus (stdlib *.py) -> byte-level BPE 8192 (cached in data/tokenizer)
 
 Resuming: a checkpoint in --run-dir is picked up automatically (``--no-resume`` starts fresh). Data
 windows, layer drop and exit choice of step s are drawn from a generator seeded by (seed, s), so the
-step counter is the whole data position. Budgets (--max-tokens / --max-minutes) are totals over all
+step counter is the whole data position.
+
+``--propagate-exits 4,6`` trains under the runtime's ``propagate`` KV policy (``stack.PropagatePlan``):
+positions whose exit head is confident lend the deeper layers K/V computed from their exit state, so
+the model learns to decode well with the approximate K/V that early exit leaves behind. Each eval then
+logs the teacher-forced early-exit agreement under propagate (``propagate_agreement``). Budgets (--max-tokens / --max-minutes) are totals over all
 resumes; larger ones on resume extend the schedule (see ``schedule.py``).
 """
 
@@ -31,7 +36,7 @@ from tqdm import tqdm
 from . import tokenizer as tok_mod
 from .losses import ExitLossConfig, early_exit_loss
 from .schedule import Budget, LRSchedule
-from .stack import ModelShape, build_model, forward_layers, head
+from .stack import ModelShape, PropagatePlan, build_model, forward_layers, forward_layers_propagate, head
 from .token_cache import TokenSplit, load_splits
 
 LN2 = math.log(2)
@@ -66,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to keep the shallow exits up with an improving final layer)")
     p.add_argument("--beta-kl", type=float, default=ExitLossConfig.beta_kl,
                    help="share of KL-to-final (vs CE) inside each exit term")
+    p.add_argument("--propagate-exits", default=None, type=_layer_list,
+                   help="train under the runtime's propagate KV policy with exits after these layers, "
+                        "e.g. 4,6 (see stack.PropagatePlan); off by default")
+    p.add_argument("--propagate-threshold", default=(0.5, 0.9), type=_threshold_range,
+                   help="LO:HI; each step draws its exit threshold uniformly from this range")
     p.add_argument("--pilot", action="store_true",
                    help="short run, no export, no checkpoint; prints a JSON summary (default 4 min)")
     p.add_argument("--threads", type=int, default=2)
@@ -74,6 +84,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "2-3x faster on CPUs with AMX/AVX512-BF16")
     p.add_argument("--full-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the whole validation split at the end (default on unless --pilot)")
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 4,6, got {text!r}") from None
+    if not layers or layers[0] < 1:
+        raise argparse.ArgumentTypeError(f"exit layers must be >= 1, got {text!r}")
+    return layers
+
+
+def _threshold_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI like 0.5:0.9, got {text!r}") from None
+    if not 0 < lo <= hi < 1:
+        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI < 1, got {text!r}")
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -110,6 +140,35 @@ def evaluate(model, split: TokenSplit, seq_len: int, n_windows: int | None, batc
             "per_layer_nats": {str(l): round(v, 4) for l, v in sorted(nats.items())},
             "per_layer_bpb": {str(l): round(v * split.tokens_per_byte / LN2, 4)
                               for l, v in sorted(nats.items())}}
+
+
+@torch.no_grad()
+def propagate_agreement(model, split: TokenSplit, seq_len: int, n_windows: int, plan: PropagatePlan,
+                        batch: int = 8) -> dict:
+    """Teacher-forced early exit under propagate, read through the shared head (no adapters): each
+    position predicts from its exit layer and sees propagated K/V of earlier exited positions. Returns
+    its top-1 agreement with exact full depth and the mean share of layers run. This is the runtime's
+    calibration quantity without the adapters, cheap enough to log at every eval."""
+    was_training = model.training
+    model.eval()
+    toks = split.tokens
+    starts = np.linspace(0, len(toks) - seq_len - 2, n_windows).astype(np.int64)
+    L = model.config.num_hidden_layers
+    keep = set(plan.exit_layers)
+    agree = layers = count = 0
+    for i in range(0, len(starts), batch):
+        x = torch.from_numpy(np.stack([toks[s:s + seq_len] for s in starts[i:i + batch]]).astype(np.int64))
+        exact = head(model, forward_layers(model, x)[0]).argmax(-1)                 # [b, T]
+        h, kept, _, exit_layer = forward_layers_propagate(model, x, plan, keep=keep)
+        pred = head(model, h).argmax(-1)
+        for l in plan.exit_layers:
+            pred = torch.where(exit_layer == l, head(model, kept[l]).argmax(-1), pred)
+        agree += (pred == exact).sum().item()
+        layers += exit_layer.sum().item()
+        count += exact.numel()
+    model.train(was_training)
+    return {"threshold": plan.threshold, "exits": list(plan.exit_layers),
+            "agreement": round(agree / count, 5), "layers_frac": round(layers / count / L, 4)}
 
 
 # ----------------------------------------------------------------------------- checkpoints/export
@@ -156,6 +215,14 @@ def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, g: torch.Generato
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g).numpy()
     win = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return win[:, :-1], win[:, 1:]                                # inputs, targets: [B, T] each
+
+
+def _propagate_diagnostics(args, model, val: TokenSplit) -> dict:
+    if not args.propagate_exits:
+        return {}
+    return {"propagate": [propagate_agreement(model, val, args.seq_len, args.eval_windows,
+                                              PropagatePlan(args.propagate_exits, t))
+                          for t in (0.6, 0.8)]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -225,6 +292,9 @@ def main(args: argparse.Namespace) -> int:
         info = {"step": step, "tokens": tokens, "train_minutes": round(seconds / 60, 2),
                 "params": n_params, "corpus": "Python stdlib (see adaptive/training/corpus.py)",
                 "objective": asdict(exit_cfg), **(ev or {})}
+        if args.propagate_exits:
+            info["propagate_kv"] = {"exit_layers": list(args.propagate_exits),
+                                    "threshold_range": list(args.propagate_threshold)}
         export_hf(model, tok_dir, Path(args.out), args.context, info)
 
     model.train()
@@ -250,8 +320,17 @@ def main(args: argparse.Namespace) -> int:
             drop = {i for i in range(L) if r[i].item() < exit_cfg.layer_drop_rate(i)}
             perm = torch.randperm(L - 1, generator=g)[:exit_cfg.exits_per_step] + 1
             exits = set(perm.tolist()) if exit_cfg.ramp(progress) > 0 else set()
+        plan = None
+        if args.propagate_exits and not args.no_exits:
+            lo, hi = args.propagate_threshold
+            plan = PropagatePlan(args.propagate_exits, lo + (hi - lo) * torch.rand(1, generator=g).item())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            h, kept = forward_layers(model, x, keep=exits, drop=drop)
+            if plan is None:
+                h, kept = forward_layers(model, x, keep=exits, drop=drop)
+                exited = {}
+            else:
+                h, kept, pstats, _ = forward_layers_propagate(model, x, plan, keep=exits, drop=drop)
+                exited = {str(k): round(v, 3) for k, v in pstats.exited.items()}
             parts = early_exit_loss(exit_cfg, lambda z: head(model, z), head(model, h), y, kept, progress, g)
         opt.zero_grad(set_to_none=True)
         parts.total.backward()
@@ -275,9 +354,10 @@ def main(args: argparse.Namespace) -> int:
                             "exit_ce": {str(k): round(v, 4) for k, v in parts.exit_ce.items()},
                             "exit_kl": {str(k): round(v, 4) for k, v in parts.exit_kl.items()},
                             "lr": lr, "gnorm": round(gnorm, 3), "tok_s": round(ema_tps, 1),
-                            "dropped": sorted(drop)})
+                            "dropped": sorted(drop), **({"exited": exited} if exited else {})})
         if seconds - last_ckpt >= args.checkpoint_minutes * 60:
             ev = evaluate(model, val, args.seq_len, args.eval_windows)
+            ev.update(_propagate_diagnostics(args, model, val))
             _log(log_path, {"kind": "eval", "step": step, "tokens": tokens, "seconds": round(seconds, 1), **ev})
             bar.write(f"step {step} tokens {tokens}: val {ev['val_nats']:.4f} nats/tok, "
                       f"{ev['val_bpb']:.4f} bits/byte; per layer bpb {ev['per_layer_bpb']}")
@@ -288,6 +368,7 @@ def main(args: argparse.Namespace) -> int:
     bar.close()
 
     ev = evaluate(model, val, args.seq_len, args.eval_windows)
+    ev.update(_propagate_diagnostics(args, model, val))
     summary = {"kind": "final", "step": step, "tokens": tokens, "seconds": round(seconds, 1),
                "tok_s_mean": round(tokens / max(seconds, 1e-9), 1), "width": args.width,
                "params": n_params, **ev}
