@@ -4,7 +4,9 @@ Every row decodes the same prompts, batch 1, greedy, with EOS disabled so each r
 ``--max-new-tokens`` tokens. Rows are interleaved inside each repeat (so drift in machine load hits all
 rows alike) and the reported speed is the median over repeats of (tokens / wall seconds) summed over
 the prompt set. Agreement is measured against our own full-depth output of the same prompt: the share
-of positions where the tokens match, and the share of prompts whose outputs match exactly.
+of positions where the tokens match, and the share of prompts whose outputs match exactly. Early-exit
+rows are judged by teacher forcing (full depth's tokens fed back), and their mean layers and compute
+fraction come from that same forced run, so both numbers describe the same tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Row:
     ratio_to_hf: float | None = None
     ratio_to_full: float | None = None
     layers_run_mean: float | None = None
-    compute_fraction: float | None = None
+    compute_fraction: float | None = None  # teacher-forced (same tokens as agreement) where agreement is
+    free_compute_fraction: float | None = None  # on the row's own free-running output
     agreement: float | None = None  # teacher-forced: share of steps choosing full depth's token on its prefix
     free_agreement: float | None = None  # free-running: share of positions equal to full's output
     exact_prompts: float | None = None  # free-running: share of prompts whose whole output equals full's
@@ -127,12 +130,17 @@ def _auto_row(spec: str, audit_rate: float) -> "Row":
     return Row(f"auto_{spec}", "auto", knobs)
 
 
-def _forced_matches(rt, prompt: list[int], reference: list[int], mode: str, options: dict) -> int:
-    """Untimed: positions where ``mode`` picks full depth's token when fed full depth's tokens (teacher
-    forcing), so every step is judged on the same prefix."""
+def _forced_run(rt, prompt: list[int], reference: list[int], mode: str, options: dict) -> tuple[int, dict]:
+    """Untimed teacher forcing: (positions where ``mode`` picks full depth's token when fed full depth's
+    tokens, so every step is judged on the same prefix; that run's stats)."""
     forced = rt.generate(prompt, max_new_tokens=len(reference), mode=mode, stop_at_eos=False, follow=reference,
                          **options)
-    return sum(a == b for a, b in zip(forced.token_ids, reference))
+    return sum(a == b for a, b in zip(forced.token_ids, reference)), forced.stats
+
+
+def _compute_fraction(stats: list[dict]) -> float:
+    # compute_fraction * full_macs: an auto row's own request cost includes its gate pass
+    return sum(s["compute_fraction"] * s["full_macs"] for s in stats) / sum(s["full_macs"] for s in stats)
 
 
 def _hf_generate(hf, prompt: list[int], n: int, **extra) -> list[int]:
@@ -208,15 +216,19 @@ def run(args) -> dict:
         matches = [sum(a == b for a, b in zip(out, ref)) for out, ref in zip(outputs[row.name], full_out)]
         row.free_agreement = sum(matches) / (len(prompts) * n)
         row.agreement = row.free_agreement
-        if row.mode == "early_exit" or (row.mode == "full" and row.options):
-            row.agreement = sum(_forced_matches(rt, p, ref, row.mode, row.options)
-                                for p, ref in zip(prompts, full_out)) / (len(prompts) * n)
         row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
+        measured = stats[row.name]
         if stats[row.name][0] is not None:
-            row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in stats[row.name])
-            # compute_fraction * full_macs: an auto row's own request cost includes its gate pass
-            row.compute_fraction = sum(s["compute_fraction"] * s["full_macs"] for s in stats[row.name]) / \
-                sum(s["full_macs"] for s in stats[row.name])
+            row.free_compute_fraction = _compute_fraction(measured)
+        if row.mode == "early_exit" or (row.mode == "full" and row.options):
+            # Agreement and compute are reported on the same tokens: full depth's, fed back (teacher
+            # forcing). The free-running compute, on the row's own output, is kept as free_compute_fraction.
+            forced = [_forced_run(rt, p, ref, row.mode, row.options) for p, ref in zip(prompts, full_out)]
+            row.agreement = sum(m for m, _ in forced) / (len(prompts) * n)
+            measured = [st for _, st in forced]
+        if measured[0] is not None:
+            row.layers_run_mean = statistics.fmean(s["layers_run_mean"] for s in measured)
+            row.compute_fraction = _compute_fraction(measured)
         if row.mode == "speculative":
             row.mean_accepted = statistics.fmean(s["mean_accepted_per_round"] for s in stats[row.name])
             row.acceptance_rate = statistics.fmean(s["acceptance_rate"] for s in stats[row.name])
@@ -225,7 +237,7 @@ def run(args) -> dict:
             # (speculation is lossless: its free-running matches are the count; it takes no follow=)
             served = [s["auto"] for s in stats[row.name]]
             row.served_by = dict(Counter(a["chosen"] for a in served))
-            row.agreement = sum(m if a["mode"] == "speculative" else _forced_matches(rt, p, ref, a["mode"], a["options"])
+            row.agreement = sum(m if a["mode"] == "speculative" else _forced_run(rt, p, ref, a["mode"], a["options"])[0]
                                 for p, ref, a, m in zip(prompts, full_out, served, matches)) / (len(prompts) * n)
         if difficulty is not None:
             easy = [median_seconds[row.name][i] for i, d in enumerate(difficulty) if d == "easy"]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from adaptive import GenerationResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +42,29 @@ def test_bench_on_random_llama(tmp_path):
     for name in ("hf_generate", "hf_assistant_early_exit@2", "hf_prompt_lookup@10", "speculative_self", "speculative_lookup"):
         assert rows[name]["exact_prompts"] == 1.0  # lossless greedy methods reproduce full depth
     assert rows["speculative_self"]["mean_accepted"] is not None
+
+
+def test_bench_reports_early_exit_compute_on_the_teacher_forced_tokens(tmp_path, tiny_checkpoint):
+    import argparse
+    from adaptive import Runtime
+    from adaptive.bench import run
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    prompts = [rt.encode(p) for p in ("def main():", "x = 1\n")]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([rt.decode(p) for p in prompts]))
+    args = argparse.Namespace(model=str(tiny_checkpoint), random_llama=False, max_new_tokens=16, repeats=1,
+                              prompts=str(path), num_prompts=None, thresholds="0.005", measure="max_prob",
+                              kv_policy=None, threads=1, no_hf=True, no_early_exit=False, speculative="",
+                              hf_assistant=False, json=None)
+    rows = {r["name"]: r for r in run(args)["rows"]}
+    row = rows["early_exit@0.005"]
+    stats = []
+    for p in prompts:
+        ref = rt.generate(p, max_new_tokens=16, stop_at_eos=False).token_ids
+        stats.append(rt.generate(p, max_new_tokens=16, mode="early_exit", stop_at_eos=False, follow=ref,
+                                 threshold=0.005, measure="max_prob").stats)
+    forced = sum(s["compute_fraction"] * s["full_macs"] for s in stats) / sum(s["full_macs"] for s in stats)
+    assert row["compute_fraction"] == pytest.approx(forced)
+    # at this threshold (the tiny model's max_prob sits near 1/vocab) exits depend on the tokens, so the
+    # free-running compute differs and the check above could fail
+    assert row["free_compute_fraction"] != pytest.approx(forced)
