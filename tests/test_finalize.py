@@ -201,6 +201,12 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
                    json.dumps({"kind": "final", "seconds": 600.0, "tokens": 1000}) + "\n")
     card = model_card.write_card(model_dir, _report(), log).read_text()
     assert "| propagate in the loop | from token 500 on, exits after layers [4, 6], thresholds drawn from [0.5, 0.9]" in card
+    assert "resumed 1 times" in card
+    # a run started after the export's final record belongs to the next model, not this card
+    with log.open("a") as f:
+        f.write(json.dumps({"kind": "start", "tokens": 1000, "args": {"threads": 2, "propagate_exits": [3]}}) + "\n")
+    card = model_card.write_card(model_dir, _report(), log).read_text()
+    assert "resumed 1 times" in card and "exits after layers [4, 6]" in card
 
 
 def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):

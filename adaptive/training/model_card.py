@@ -135,6 +135,9 @@ def _training_log(log_path: Path) -> dict:
     if not log_path.is_file():
         return {}
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    ends = [i for i, r in enumerate(records) if r.get("kind") == "final"]
+    if ends:  # a run resumed after the shipped export finished is not part of that model
+        records = records[:ends[-1] + 1]
     starts = [r for r in records if r.get("kind") == "start"]
     last = records[-1] if records else {}
     final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
@@ -282,8 +285,9 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"new tokens each, greedy, batch 1, EOS ignored, {dec['torch_threads']} torch thread(s); rows interleaved in "
                 f"one process, speed = median of {dec['repeats']} repeats (`adaptive.bench`). Other knobs: the calibrated "
                 f"defaults. Compute fraction counts every MAC (layers, K/V fill, every exit-head check, adapters) relative to "
-                f"full depth. Agreement is teacher-forced (each step on full depth's prefix); exact = share of prompts whose "
-                f"free-running output equals full depth's.", "",
+                f"full depth. Agreement is teacher-forced (each step on full depth's prefix), and mean layers and compute "
+                f"fraction are measured in that same forced run, so they describe the same tokens; exact = share of prompts "
+                f"whose free-running output equals full depth's.", "",
                 "| row | threshold | mean layers | compute fraction | agreement | exact outputs | tokens/s | × full |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
