@@ -65,18 +65,7 @@ def forward_layers(model: LlamaForCausalLM, ids: torch.Tensor, keep: set[int] | 
 
     A dropped layer is skipped for the whole batch: its residual passes through unchanged.
     """
-    inner = model.model
-    keep, drop = keep or set(), drop or set()
-    B, T = ids.shape
-    h = inner.embed_tokens(ids)                                   # [B, T, D]
-    pos = torch.arange(T, device=ids.device).unsqueeze(0)         # [1, T]
-    pe = inner.rotary_emb(h, position_ids=pos)                    # (cos, sin), each [1, T, head_dim]
-    kept = {}
-    for i, layer in enumerate(inner.layers):
-        if i not in drop:
-            h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
-        if i + 1 in keep:
-            kept[i + 1] = h
+    h, kept, _, _ = forward_layers_propagate(model, ids, NO_EXITS, keep=keep, drop=drop)
     return h, kept
 
 
@@ -98,6 +87,9 @@ class PropagatePlan:
     """
     exit_layers: tuple[int, ...]
     threshold: float
+
+
+NO_EXITS = PropagatePlan((), 1.0)  # no position ever exits: the plain forward
 
 
 @dataclass
@@ -127,7 +119,8 @@ def layer_with_kv_source(layer, h: torch.Tensor, kv_source: torch.Tensor,
 def forward_layers_propagate(model: LlamaForCausalLM, ids: torch.Tensor, plan: PropagatePlan,
                              keep: set[int] | None = None, drop: set[int] | None = None,
                              ) -> tuple[torch.Tensor, dict[int, torch.Tensor], PropagateStats, torch.Tensor]:
-    """``forward_layers`` under the propagate policy of ``plan``.
+    """``forward_layers`` under the propagate policy of ``plan`` (with ``NO_EXITS`` it is the plain forward:
+    no K/V source is ever set, so every layer runs as Hugging Face's own).
 
     Returns (final hidden [B, T, D], kept {l: [B, T, D]}, stats, exit_layer [B, T]) where exit_layer
     is the layer each position exited after (L for positions that ran to the end).
@@ -138,7 +131,7 @@ def forward_layers_propagate(model: LlamaForCausalLM, ids: torch.Tensor, plan: P
     L = len(inner.layers)
     h = inner.embed_tokens(ids)                                   # [B, T, D]
     pos = torch.arange(T, device=ids.device).unsqueeze(0)         # [1, T]
-    pe = inner.rotary_emb(h, position_ids=pos)
+    pe = inner.rotary_emb(h, position_ids=pos)                    # (cos, sin), each [1, T, head_dim]
     exit_layer = torch.full((B, T), L, dtype=torch.long, device=ids.device)
     source = None  # [B, T, D]: the K/V source of exited positions (their h at the exit), else unused
     kept, shares = {}, {}
