@@ -107,6 +107,14 @@ def _threshold_range(text: str) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def window_starts(num_tokens: int, seq_len: int, n_windows: int | None) -> np.ndarray:
+    """Starts of the validation windows: ``n_windows`` evenly spaced ones (fixed, so runs compare), or
+    None for every disjoint window of the split. Each window reads seq_len + 1 tokens (inputs, targets)."""
+    if n_windows is None:
+        return np.arange((num_tokens - 1) // seq_len) * seq_len
+    return np.linspace(0, num_tokens - seq_len - 2, n_windows).astype(np.int64)
+
+
 @torch.no_grad()
 def evaluate(model, split: TokenSplit, seq_len: int, n_windows: int | None, batch: int = 8,
              per_layer: bool = True) -> dict:
@@ -115,9 +123,7 @@ def evaluate(model, split: TokenSplit, seq_len: int, n_windows: int | None, batc
     was_training = model.training
     model.eval()
     toks = split.tokens
-    n_all = (len(toks) - 1) // seq_len
-    starts = (np.arange(n_all) * seq_len if n_windows is None
-              else np.linspace(0, len(toks) - seq_len - 2, n_windows).astype(np.int64))
+    starts = window_starts(len(toks), seq_len, n_windows)
     L = model.config.num_hidden_layers
     keep = set(range(1, L)) if per_layer else set()
     sums = {l: 0.0 for l in list(keep) + [L]}
@@ -152,7 +158,7 @@ def propagate_agreement(model, split: TokenSplit, seq_len: int, n_windows: int, 
     was_training = model.training
     model.eval()
     toks = split.tokens
-    starts = np.linspace(0, len(toks) - seq_len - 2, n_windows).astype(np.int64)
+    starts = window_starts(len(toks), seq_len, n_windows)
     L = model.config.num_hidden_layers
     keep = set(plan.exit_layers)
     agree = layers = count = 0
