@@ -217,8 +217,8 @@ def run(args) -> dict:
         row.free_agreement = sum(matches) / (len(prompts) * n)
         row.agreement = row.free_agreement
         row.exact_prompts = sum(o == r for o, r in zip(outputs[row.name], full_out)) / len(prompts)
-        measured = stats[row.name]
-        if stats[row.name][0] is not None:
+        measured = stats[row.name]  # None per prompt for Hugging Face rows
+        if measured[0] is not None:
             row.free_compute_fraction = _compute_fraction(measured)
         if row.mode == "early_exit" or (row.mode == "full" and row.options):
             # Agreement and compute are reported on the same tokens: full depth's, fed back (teacher

@@ -140,7 +140,7 @@ def _training_log(log_path: Path) -> dict:
         records = records[:ends[-1] + 1]
     starts = [r for r in records if r.get("kind") == "start"]
     last = records[-1] if records else {}
-    final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
+    final = last if ends else None
     # The first (re)start that trained under the propagate policy, and from which token on.
     prop = next((r for r in starts if r.get("args", {}).get("propagate_exits")), None)
     return {"final": final, "last_seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
