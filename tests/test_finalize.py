@@ -317,5 +317,29 @@ def test_a_missed_finalist_is_retried_at_a_stricter_sibling_setting():
     measured = C.confirm_finalists(found, decode, goal=0.993, families=1, progress=False)
     # 0.991 - 0.004 = 0.987 real: 0.006 short, so the simulation must promise >= 0.997: the loose exit never
     # does; strict at 0.6 (compute 0.70) does and is cheaper than no vocabulary exit at 0.4 (0.74)
-    assert tried == [(0.1, 0.2), (0.5, 0.6)]
-    assert measured[-1].agreement >= 0.993
+    # then bisects strict's thresholds between the miss (0.2) and the pass (0.6): 0.4 passes too (0.996)
+    assert tried == [(0.1, 0.2), (0.5, 0.6), (0.5, 0.4)]
+    assert all(m.agreement >= 0.993 for m in measured[1:])
+
+
+def test_a_retry_that_overshoots_is_bisected_down_to_the_cheapest_passing_threshold():
+    """Under propagate the simulation can promise far more than real decoding gives, so the retry jumps
+    to a strict threshold; bisection by real decoding then finds the cheapest threshold that passes."""
+    fam = C.Family("max_prob", (3, 6), 0, "propagate")
+    thr = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    sim = C.SimResult(fam, np.array(thr), np.array([0.994, 0.995, 0.996, 0.997, 0.998, 0.999, 0.9995, 1.0, 1.0]),
+                      np.linspace(0.60, 0.92, 9), np.full(9, 6.0))
+    real = [0.980, 0.984, 0.987, 0.991, 0.9935, 0.995, 0.996, 0.997, 0.997]
+    tried = []
+
+    def decode(knobs):
+        j = min(range(9), key=lambda k: abs(thr[k] - knobs["threshold"]))
+        tried.append(thr[j])
+        return real[j], float(sim.compute[j]), 6.0
+
+    measured = C.confirm_finalists([(0.60, sim, 0)], decode, goal=0.993, families=1, progress=False)
+    # 0.1 misses by 0.013, so the retry wants a simulated 1.0: 0.8 (passes, compute 0.84). Bisecting
+    # 0.2..0.7 by real decoding: 0.5 passes, 0.3 and then 0.4 miss.
+    assert tried == [0.1, 0.8, 0.5, 0.3, 0.4]
+    passing = [m for m in measured if m.agreement >= 0.993]
+    assert min(m.compute_fraction for m in passing) == float(sim.compute[4])

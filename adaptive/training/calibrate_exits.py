@@ -16,7 +16,8 @@ Candidates: measure x exit-layer set x threshold x exit vocabulary size x KV pol
    not the real ones, which shifts later hidden states a little).
 3. Confirmation: the cheapest settings of the best few families (measure, exits, vocabulary, policy)
    are decoded for real with ``rt.generate(..., follow=reference)``; a family that misses the target
-   is retried at a stricter threshold. The cheapest confirmed setting at target + margin wins (else the
+   is retried at a stricter threshold, and when that passes, the thresholds between the miss and the pass
+   are bisected by real decoding. The cheapest confirmed setting at target + margin wins (else the
    cheapest at target). If none reaches the target, the confirmed setting with the highest agreement is
    kept and ``meets_target`` is false.
 
@@ -410,7 +411,8 @@ class Calibration:
 def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "validation", num_prompts: int = 24,
               min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
               draft_vocab_size: int = 2048, families: int = 8, per_measure: int = 2, max_tries: int = 3,
-              confirm_minutes: float = 8.0, prune_slack: float = 0.01, progress: bool = True) -> Calibration:
+              confirm_minutes: float = 8.0, prune_slack: float = 0.01, refine_steps: int = 3,
+              progress: bool = True) -> Calibration:
     times = {}
     t0 = time.time()
     max_context = min(max_context, rt.spec.max_positions - new_tokens)  # prompt + continuation fit the context
@@ -428,8 +430,9 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
     t0 = time.time()
-    measured = confirm_finalists(found, lambda knobs: decode_forced(rt, cases, knobs), goal, families, per_measure,
-                                 max_tries, confirm_minutes, prune_slack, progress)
+    measured = confirm_finalists(found, lambda knobs: decode_forced(rt, cases, knobs), goal, families=families,
+                                 per_measure=per_measure, max_tries=max_tries, confirm_minutes=confirm_minutes,
+                                 prune_slack=prune_slack, refine_steps=refine_steps, progress=progress)
     times["confirmation"] = time.time() - t0
     if not measured:
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
@@ -449,11 +452,12 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
 
 def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: float, families: int = 8,
                       per_measure: int = 2, max_tries: int = 3, confirm_minutes: float = 8.0,
-                      prune_slack: float = 0.01, progress: bool = True) -> list[Measured]:
+                      prune_slack: float = 0.01, refine_steps: int = 3, progress: bool = True) -> list[Measured]:
     """Real decoding of the cheapest simulated settings; ``decode(knobs)`` -> (agreement, compute, layers).
 
     A finalist that misses ``goal`` is retried (up to ``max_tries`` runs) at the cheapest stricter setting
-    of its family that the simulation expects to make up the shortfall."""
+    of its family that the simulation expects to make up the shortfall; when that passes, up to
+    ``refine_steps`` more runs bisect the thresholds between the miss and the pass."""
     from tqdm import tqdm
 
     # Finalists: the cheapest families, at most ``per_measure`` per (measure, with / without a vocabulary
@@ -475,25 +479,37 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
     measured: list[Measured] = []
     bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
     best_ok = float("inf")  # compute of the cheapest confirmed setting so far
+
+    def out_of_time() -> bool:
+        return bool(measured) and (time.time() - t0) / 60 > confirm_minutes
+
+    def run(res: SimResult, i: int) -> Measured:
+        knobs = res.family.knobs(res.thresholds[i])
+        start = time.time()
+        agree, compute, layers = decode(knobs)
+        measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
+                                 time.time() - start))
+        return measured[-1]
+
     for _, res, i in picked:
+        missed_at = None  # the highest threshold of this family that fell short in real decoding
         for _ in range(max_tries):
-            if measured and (time.time() - t0) / 60 > confirm_minutes:
+            if out_of_time():
                 break
             # Real compute tracks the simulated one closely (exits differ only through propagate's
             # approximate K/V), so a setting simulated as dearer than a confirmed one cannot win.
             if res.compute[i] > best_ok + prune_slack:
                 break
-            knobs = res.family.knobs(res.thresholds[i])
-            start = time.time()
-            agree, compute, layers = decode(knobs)
-            measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
-                                     time.time() - start))
-            if agree >= goal:
-                best_ok = min(best_ok, compute)
+            m = run(res, i)
+            if m.agreement >= goal:
+                best_ok = min(best_ok, m.compute_fraction)
+                if missed_at is not None:  # the jump may have overshot: look between the miss and the pass
+                    best_ok = min(best_ok, _bisect(res, i, missed_at, run, goal, refine_steps, out_of_time))
                 break
+            missed_at = float(res.thresholds[i])
             # Missed: ask the simulation for the shortfall on top of what it promised, from a stricter
             # setting of the same family: a higher threshold, a stricter vocabulary exit or none at all.
-            want = min(1.0, res.agreement[i] + (goal - agree))
+            want = min(1.0, res.agreement[i] + (goal - m.agreement))
             stricter = [(r, j) for r in siblings.get(replace(res.family, vocab_exit=None), [res])
                         for j in range(len(r.thresholds)) if r.compute[j] > res.compute[i] and r.agreement[j] >= want]
             if not stricter:
@@ -504,6 +520,28 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
         bar.update(1)
     bar.close()
     return measured
+
+
+def _bisect(res: SimResult, passed: int, missed_at: float, run, goal: float, steps: int, out_of_time) -> float:
+    """Bisect ``res``'s thresholds strictly between ``missed_at`` (fell short) and index ``passed``
+    (reached ``goal``) by real decoding, at most ``steps`` runs. The retry rule jumps by the simulated
+    shortfall, which under ``propagate`` can land far stricter (and dearer) than needed; agreement
+    rises with the threshold, so halving the gap finds a cheaper passing threshold if there is one.
+    Returns the compute of the cheapest passing run it made (inf if none passed)."""
+    thr = res.thresholds
+    best = float("inf")
+    between = [j for j in range(len(thr)) if missed_at < thr[j] < thr[passed]]
+    for _ in range(steps):
+        if not between or out_of_time():
+            break
+        mid = between[len(between) // 2]
+        m = run(res, mid)
+        if m.agreement >= goal:
+            best = min(best, m.compute_fraction)
+            between = [j for j in between if thr[j] < thr[mid]]
+        else:
+            between = [j for j in between if thr[j] > thr[mid]]
+    return best
 
 
 def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dict[str, float]:
