@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from adaptive import AdaptiveError, GenerationResult, Runtime, TraceFormatError
-from adaptive.config import KV_POLICIES, MEASURES
+from adaptive.config import KV_POLICIES, MEASURES, parse_exit_layers
 from adaptive.speculative import DRAFTERS
 from adaptive import runtime as runtime_module
 from adaptive.scheduler import POLICIES
@@ -220,13 +220,11 @@ def render(session: Session, heat_value: str, status: str, pending: bool = False
 
 
 def _parse_exit_layers(text: str) -> tuple[int, ...] | None:
-    text = (text or "").strip()
-    if not text:
-        return None
     try:
-        return tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
-    except ValueError:
-        raise _error(f"Exit layers must be comma-separated layer numbers like 2,4,6; got {text!r}") from None
+        return parse_exit_layers(text)
+    except ValueError as e:
+        message = str(e)
+        raise _error(message[:1].upper() + message[1:]) from None  # not capitalize(): it lowercases the echo
 
 
 def _whole(name: str, value, low: int, high: int) -> int:

@@ -61,7 +61,7 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     import json
 
-    from .config import parse_vocab_exit
+    from .config import parse_exit_layers, parse_vocab_exit
     from .runtime import Runtime
 
     rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -69,11 +69,11 @@ def _generate(args) -> int:
                                                       "path", "drafter", "policy", "epsilon", "latency_ms", "budget",
                                                       "queue_depth", "audit_rate")
                if getattr(args, name) is not None}
-    if args.exit_layers:
-        try:
-            options["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
-        except ValueError:
-            raise SystemExit(f"error: --exit-layers must be comma-separated integers, got {args.exit_layers!r}")
+    try:
+        if (layers := parse_exit_layers(args.exit_layers)) is not None:
+            options["exit_layers"] = layers
+    except ValueError as e:
+        raise SystemExit(f"error: --exit-layers: {e}") from None
     if args.vocab_exit is not None:
         try:
             options["vocab_exit"] = parse_vocab_exit(args.vocab_exit)

@@ -24,6 +24,19 @@ def parse_vocab_exit(text: str) -> float | None:
     return None if text == "off" else float(text)
 
 
+def parse_exit_layers(text: str | None) -> tuple[int, ...] | None:
+    """Exit layers as a person types them: '4,6', '4 6' or '4, 6' -> (4, 6); blank -> None (the model's
+    default). Anything but whole numbers is a ValueError whose message can be shown as is; the range is
+    EarlyExitConfig's to check, as only it knows the model's depth."""
+    parts = (text or "").replace(",", " ").split()
+    if not parts:
+        return None
+    try:
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"exit layers must be whole layer numbers like 4,6; got {text!r}") from None
+
+
 def vocab_exit_fits(measure: str, exit_vocab_size: int) -> bool:
     """A vocabulary exit reads an exit shortlist through a logit measure (see EarlyExitConfig)."""
     return bool(exit_vocab_size) and measure in LOGIT_MEASURES

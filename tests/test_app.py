@@ -205,7 +205,7 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server, tmp_path):
         generate(client, model, max_new_tokens=200)  # the tiny model's context is 128
     with pytest.raises(AppError, match="does not exist"):
         generate(client, "/no/such/model/dir")
-    with pytest.raises(AppError, match="Exit layers must be comma-separated"):
+    with pytest.raises(AppError, match="Exit layers must be whole layer numbers"):
         generate(client, model, exit_layers="two")
     with pytest.raises(AppError, match="needs a draft model"):
         generate(client, model, mode="speculative", drafter="draft_model")

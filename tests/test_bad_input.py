@@ -118,3 +118,18 @@ def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_exit_layers_are_parsed_one_way_everywhere(tiny_checkpoint):
+    """The CLI's generate and calibrate, the app and train-model read exit layers through one parser:
+    commas and/or spaces, blank = the model's default, anything else a one-line error."""
+    from adaptive.__main__ import main
+    from adaptive.config import parse_exit_layers
+
+    assert parse_exit_layers("4,6") == parse_exit_layers("4 6") == parse_exit_layers(" 4, 6 ") == (4, 6)
+    assert parse_exit_layers("") is None and parse_exit_layers(None) is None and parse_exit_layers(" , ") is None
+    with pytest.raises(ValueError, match="whole layer numbers"):
+        parse_exit_layers("4,six")
+    for command in (["generate", "--prompt", "x", "--mode", "early_exit"], ["calibrate"]):
+        with pytest.raises(SystemExit, match="--exit-layers: exit layers must be whole layer numbers"):
+            main([*command, "--model", str(tiny_checkpoint), "--exit-layers", "4,six"])

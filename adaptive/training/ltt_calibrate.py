@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..calibration import CERTIFICATE_FILE, Certificate, calibration_set_hash, learn_then_test
-from ..config import parse_vocab_exit
+from ..config import parse_exit_layers, parse_vocab_exit
 from ..exits import make_measure
 from ..runtime import DEFAULTS_FILE, Runtime
 
@@ -129,8 +129,11 @@ def main(args) -> int:
     rt = Runtime.from_pretrained(args.model)
     knobs = {k: v for k, v in (("measure", args.measure), ("exit_vocab_size", args.exit_vocab_size),
                                 ("kv_policy", args.kv_policy)) if v is not None}
-    if args.exit_layers:
-        knobs["exit_layers"] = tuple(int(k) for k in args.exit_layers.split(","))
+    try:
+        if (layers := parse_exit_layers(args.exit_layers)) is not None:
+            knobs["exit_layers"] = layers
+    except ValueError as e:
+        raise SystemExit(f"error: --exit-layers: {e}") from None
     if args.vocab_exit is not None:
         try:
             knobs["vocab_exit"] = parse_vocab_exit(args.vocab_exit)

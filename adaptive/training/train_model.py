@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import parse_exit_layers
 from . import tokenizer as tok_mod
 from .losses import ExitLossConfig, early_exit_loss
 from .schedule import Budget, LRSchedule
@@ -88,9 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _layer_list(text: str) -> tuple[int, ...]:
     try:
-        layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layers like 4,6, got {text!r}") from None
+        layers = tuple(sorted(set(parse_exit_layers(text) or ())))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not layers or layers[0] < 1:
         raise argparse.ArgumentTypeError(f"exit layers must be >= 1, got {text!r}")
     return layers
