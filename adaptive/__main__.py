@@ -61,7 +61,7 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     import json
 
-    from .config import parse_exit_layers, parse_vocab_exit
+    from .config import exit_knobs_from_flags
     from .runtime import Runtime
 
     rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -70,15 +70,9 @@ def _generate(args) -> int:
                                                       "queue_depth", "audit_rate")
                if getattr(args, name) is not None}
     try:
-        if (layers := parse_exit_layers(args.exit_layers)) is not None:
-            options["exit_layers"] = layers
+        options.update(exit_knobs_from_flags(args.exit_layers, args.vocab_exit))
     except ValueError as e:
-        raise SystemExit(f"error: --exit-layers: {e}") from None
-    if args.vocab_exit is not None:
-        try:
-            options["vocab_exit"] = parse_vocab_exit(args.vocab_exit)
-        except ValueError:
-            raise SystemExit(f"error: --vocab-exit must be a number in [0, 1] or 'off', got {args.vocab_exit!r}")
+        raise SystemExit(f"error: {e}") from None
     stream = rt.stream(args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
                        temperature=args.temperature, seed=args.seed, **options)
     for trace in stream:

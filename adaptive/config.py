@@ -37,6 +37,23 @@ def parse_exit_layers(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"exit layers must be whole layer numbers like 4,6; got {text!r}") from None
 
 
+def exit_knobs_from_flags(exit_layers: str | None, vocab_exit: str | None) -> dict:
+    """The ``--exit-layers`` and ``--vocab-exit`` flags of a command as early-exit knobs (absent flags
+    give no knob). A malformed flag is a ValueError that names it."""
+    knobs = {}
+    try:
+        if (layers := parse_exit_layers(exit_layers)) is not None:
+            knobs["exit_layers"] = layers
+    except ValueError as e:
+        raise ValueError(f"--exit-layers: {e}") from None
+    if vocab_exit is not None:
+        try:
+            knobs["vocab_exit"] = parse_vocab_exit(vocab_exit)
+        except ValueError:
+            raise ValueError(f"--vocab-exit must be a number in [0, 1] or 'off', got {vocab_exit!r}") from None
+    return knobs
+
+
 def vocab_exit_fits(measure: str, exit_vocab_size: int) -> bool:
     """A vocabulary exit reads an exit shortlist through a logit measure (see EarlyExitConfig)."""
     return bool(exit_vocab_size) and measure in LOGIT_MEASURES

@@ -133,3 +133,5 @@ def test_exit_layers_are_parsed_one_way_everywhere(tiny_checkpoint):
     for command in (["generate", "--prompt", "x", "--mode", "early_exit"], ["calibrate"]):
         with pytest.raises(SystemExit, match="--exit-layers: exit layers must be whole layer numbers"):
             main([*command, "--model", str(tiny_checkpoint), "--exit-layers", "4,six"])
+        with pytest.raises(SystemExit, match="--vocab-exit must be a number in \\[0, 1\\] or 'off'"):
+            main([*command, "--model", str(tiny_checkpoint), "--vocab-exit", "high"])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..calibration import CERTIFICATE_FILE, Certificate, calibration_set_hash, learn_then_test
-from ..config import parse_exit_layers, parse_vocab_exit
+from ..config import exit_knobs_from_flags
 from ..exits import make_measure
 from ..runtime import DEFAULTS_FILE, Runtime
 
@@ -130,15 +130,9 @@ def main(args) -> int:
     knobs = {k: v for k, v in (("measure", args.measure), ("exit_vocab_size", args.exit_vocab_size),
                                 ("kv_policy", args.kv_policy)) if v is not None}
     try:
-        if (layers := parse_exit_layers(args.exit_layers)) is not None:
-            knobs["exit_layers"] = layers
+        knobs.update(exit_knobs_from_flags(args.exit_layers, args.vocab_exit))
     except ValueError as e:
-        raise SystemExit(f"error: --exit-layers: {e}") from None
-    if args.vocab_exit is not None:
-        try:
-            knobs["vocab_exit"] = parse_vocab_exit(args.vocab_exit)
-        except ValueError:
-            raise SystemExit(f"error: --vocab-exit must be a number in [0, 1] or 'off', got {args.vocab_exit!r}")
+        raise SystemExit(f"error: {e}") from None
     cfg = rt.early_exit_config(**knobs)
     if cfg.measure == "attention":
         print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
