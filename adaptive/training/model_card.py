@@ -257,7 +257,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"{cal.get('margin', 0):.3f} (the cheapest of many passing settings is an optimistic pick), among "
                 f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
                 "KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
-                "(see `adaptive/training/calibrate_exits.py`).", "",
+                "(a miss is retried at a stricter setting, and the thresholds between a miss and a pass are "
+                "bisected; see `adaptive/training/calibrate_exits.py`).", "",
                 f"On the validation prompts: agreement **{cal['agreement']:.4f}** at compute fraction "
                 f"**{cal['compute_fraction']:.3f}** ({cal['layers_run_mean']:.2f} layers on average)"
                 + ("." if cal["meets_target"] else
