@@ -280,8 +280,13 @@ class LeanModel:
             allowed &= k_pos > q_pos - window
         return allowed
 
-    def layer(self, index: int, h: torch.Tensor, pos: int, cache: KVCache, frame: "Frame | None" = None) -> torch.Tensor:
+    def layer(self, index: int, h: torch.Tensor, pos: int, cache: KVCache, frame: "Frame | None" = None,
+              kv_source: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder layer on hidden states (B, T, d) of positions [pos, pos+T); writes its K/V.
+
+        ``kv_source`` (B, T, d), when given, is what the written K/V are computed from instead of h: a
+        position whose row is an earlier layer's state gets the K/V ``propagate_kv`` would have filled
+        for it. Calibration uses it to replay propagate decoding of a whole sequence in one pass.
 
         Written for batch-1 decoding, where each torch call costs microseconds of dispatch: 2-D
         activations, matmuls straight into the stored (in, out) weight layout, residual adds fused into
@@ -294,6 +299,9 @@ class LeanModel:
         h = h.view(B * T, d)  # (B*T, d)
 
         q, k, v = self._qkv(lw, mm, self.norm(h, lw.attn_norm_w, lw.attn_norm_b), frame, B)
+        if kv_source is not None:
+            _, k, v = self._qkv(lw, mm, self.norm(kv_source.reshape(B * T, d), lw.attn_norm_w, lw.attn_norm_b),
+                                frame, B)
         cache.write(index, pos, k, v)
 
         window = spec.sliding_windows[index]

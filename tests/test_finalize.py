@@ -120,6 +120,33 @@ def test_simulation_matches_real_decoding_for_defer(tiny_rt):
         assert compute == pytest.approx(sim.compute[0], rel=1e-9)
 
 
+def test_replayed_propagate_equals_real_decoding(tiny_rt):
+    """The one-pass replay of propagate decoding gives the decoder's tokens, exits and compute, where the
+    plain simulation (exact K/V) does not: the replay is a faithful stand-in for decode_forced."""
+    rt = tiny_rt
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    L = rt.spec.num_layers
+    cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
+    C.add_references(rt, cases, 16, progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (0, 64), progress=False)
+    differs = False
+    for fam in [C.Family("max_prob", (1, 3), 0, "propagate"), C.Family("margin", (2,), 64, "propagate"),
+                C.Family("entropy", (1, 2), 64, "propagate", vocab_exit=0.0)]:
+        table = tables[0] if fam.exit_vocab_size == 0 else tables[1]
+        conf = table.conf[fam.measure][list(fam.exit_layers)]
+        thr = float(np.median(conf))  # about half the tokens exit somewhere
+        if fam.vocab_exit is not None:
+            fam = replace(fam, vocab_exit=float(np.median(table.conf[fam.measure][L])))
+        replayed = C.replay_outcome(rt, cases, costs, fam, thr)
+        real = C.decode_forced(rt, cases, fam.knobs(thr))
+        assert replayed == pytest.approx(real, rel=1e-9), fam
+        sim = C.simulate(table, costs, fam, np.array([thr]))
+        differs |= (float(sim.agreement[0]), float(sim.compute[0])) != pytest.approx(real[:2], rel=1e-9)
+    assert differs  # the random tiny model's K/V approximation changes something the simulation misses
+    with pytest.raises(ValueError, match="logit measure"):
+        C.replay_propagate(rt, cases, C.Family("cosine", (1,), 0, "propagate"), 0.5)
+
+
 def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tiny_checkpoint):
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_checkpoint, model_dir)
@@ -131,6 +158,8 @@ def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tin
     if ok:
         assert cal.meets_target and cal.compute_fraction == min(m.compute_fraction for m in ok)
     assert cal.chosen["threshold"] in cal.neighbour_thresholds
+    # whatever found it (replay or decoding), the chosen setting was decoded for real
+    assert any(m.method == "decoded" and m.knobs == cal.chosen for m in cal.finalists)
     C.write_defaults(model_dir, cal)
     defaults = json.loads((model_dir / "adaptive_defaults.json").read_text())
     assert defaults["other"] == {"x": 1} and defaults["speculative"]["drafter"] == "self"
@@ -343,3 +372,35 @@ def test_a_retry_that_overshoots_is_bisected_down_to_the_cheapest_passing_thresh
     assert tried == [0.1, 0.8, 0.5, 0.3, 0.4]
     passing = [m for m in measured if m.agreement >= 0.993]
     assert min(m.compute_fraction for m in passing) == float(sim.compute[4])
+
+
+def test_replay_search_bisects_each_family_to_its_cheapest_passing_threshold():
+    """Replays are cheap, so each propagate family's grid is bisected from the simulation's cheapest pass
+    up; families that cannot beat a replayed pass on simulated compute are skipped; other policies and
+    hidden-state measures are left to real decoding."""
+    thr = np.linspace(0.1, 0.9, 9)
+    compute = np.linspace(0.60, 0.92, 9)
+
+    def result(fam, sim_agreement):
+        return C.SimResult(fam, thr, np.array(sim_agreement), compute, np.full(9, 6.0))
+
+    a = result(C.Family("max_prob", (3, 6), 0, "propagate"), [0.994] + [1.0] * 8)
+    b = result(C.Family("margin", (4,), 0, "propagate"), [0.99] * 6 + [1.0] * 3)
+    defer = result(C.Family("max_prob", (3, 6), 0, "defer"), [0.994] + [1.0] * 8)
+    cosine = result(C.Family("cosine", (3,), 0, "propagate"), [0.994] + [1.0] * 8)
+    found = [(0.60, a, 0), (0.60, defer, 0), (0.60, cosine, 0), (0.84, b, 6)]
+    real = {"max_prob": [0.980, 0.984, 0.987, 0.991, 0.9935, 0.995, 0.996, 0.997, 0.997]}
+    tried = []
+
+    def replay(fam, t):
+        j = int(np.argmin(abs(thr - t)))
+        tried.append((fam.measure, round(float(thr[j]), 1)))
+        return real[fam.measure][j], float(compute[j]), 6.0
+
+    measured, runs = C.replay_search(found, replay, goal=0.993, progress=False)
+    # family a: 0.1 misses, 0.9 passes; bisect [0.1, 0.9]: 0.5 passes, 0.3 misses, 0.4 misses
+    assert tried == [("max_prob", 0.1), ("max_prob", 0.9), ("max_prob", 0.5), ("max_prob", 0.3),
+                     ("max_prob", 0.4)] and runs == 5
+    # b's cheapest simulated pass (compute 0.84) is dearer than a's replayed pass (0.76) + 0.01: skipped
+    assert [m.knobs["threshold"] for m in measured] == [pytest.approx(0.5)]
+    assert measured[0].method == "replayed" and measured[0].compute_fraction == pytest.approx(compute[4])

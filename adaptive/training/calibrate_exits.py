@@ -17,7 +17,10 @@ Candidates: measure x exit-layer set x threshold x exit vocabulary size x KV pol
 3. Confirmation: the cheapest settings of the best few families (measure, exits, vocabulary, policy)
    are decoded for real with ``rt.generate(..., follow=reference)``; a family that misses the target
    is retried at a stricter threshold, and when that passes, the thresholds between the miss and the pass
-   are bisected by real decoding. The cheapest confirmed setting at target + margin wins (else the
+   are bisected by real decoding. Before that, the cheapest ``propagate`` families (logit measures) are
+   searched by exact replay (``replay_propagate``: one layer-by-layer pass per prompt gives what
+   token-by-token decoding gives, so each family's cheapest passing threshold is found by bisection);
+   a replayed winner is decoded for real as well. The cheapest confirmed setting at target + margin wins (else the
    cheapest at target). If none reaches the target, the confirmed setting with the highest agreement is
    kept and ``meets_target`` is false.
 
@@ -113,6 +116,9 @@ class SimTable:
     check_macs: np.ndarray  # (L+1, P) one exit-head check after k layers (shortlist rows x d + adapter)
     classifier_macs: int = 0  # one learned-classifier check (measure "classifier"; no head until the exit)
     vocab_top1: np.ndarray | None = None  # (P, N) the shortlist's argmax at full depth (vocabulary exit)
+    # (P, N) what agreement is counted against; None: top1[L]. A replayed propagate table sets it, since
+    # its full-depth tokens may differ from the reference (they read approximate K/V).
+    reference: np.ndarray | None = None
 
 
 @dataclass
@@ -179,6 +185,77 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
             tables.append(SimTable(size, conf, top1, check,
                                    rt.exit_classifier.macs if rt.exit_classifier is not None else 0, vocab_top1))
     return tables, sim_costs, final_match
+
+
+@torch.inference_mode()
+def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: float) -> SimTable:
+    """The SimTable of one ``propagate`` setting (logit measures), built from hidden states that read
+    exactly the K/V real decoding would have: each case is replayed in one layer-by-layer pass over
+    prompt + reference. A position's exit is decided when its states reach the exit point, from states
+    that only depend on earlier positions' K/V at lower layers, which are already final by then; from
+    that layer on its K/V are computed from the exit state (``LeanModel.layer(kv_source=...)``), as
+    ``propagate_kv`` fills them. So ``simulate`` on this table at ``threshold`` gives the agreement,
+    exits and compute of teacher-forced decoding (``decode_forced``) without the token-by-token loop.
+    Rows of other thresholds are meaningless: every threshold needs its own replay."""
+    if family.measure not in LOGIT_MEASURES or family.kv_policy != "propagate":
+        raise ValueError("replay covers propagate settings with a logit measure")
+    model, heads, costs = rt.model, rt.heads, rt.costs
+    L, d, V = model.spec.num_layers, model.spec.hidden_size, model.spec.vocab_size
+    P, N = len(cases), len(cases[0].reference)
+    measure, size, exits = make_measure(family.measure), family.exit_vocab_size, set(family.exit_layers)
+    conf = np.zeros((L + 1, P, N))
+    top1 = np.zeros((L + 1, P, N), dtype=np.int64)
+    check = np.zeros((L + 1, P))
+    vocab_top1 = np.zeros((P, N), dtype=np.int64) if size else None
+    for p, c in enumerate(cases):
+        ids = shortlist(rt.draft_ranking, size, c.prompt_ids) if size else None
+        w = model.w.lm_head.float() if ids is None else model.w.lm_head.index_select(0, ids).float()
+        rows = V if ids is None else int(ids.numel())
+        seq = c.prompt_ids + c.reference
+        first = len(c.prompt_ids) - 1  # the position whose prediction is reference[0] (the prefill's token)
+        steps = slice(first, first + N)
+        may_exit = torch.zeros(len(seq), dtype=torch.bool)
+        may_exit[first + 1:first + N] = True  # decode steps; the prefill's token takes full depth
+        exited = torch.zeros(len(seq), dtype=torch.bool)
+        cache = model.new_cache(1, len(seq))
+        h = model.embed(torch.tensor([seq], device=model.device), 0)  # (1, S, d)
+        source = h  # (1, S, d): the K/V source of each exited position (its exit state)
+        for layer in range(L):
+            prev = h
+            kv_source = torch.where(exited[None, :, None], source, h) if bool(exited.any()) else None
+            h = model.layer(layer, h, 0, cache, kv_source=kv_source)
+            k = layer + 1
+            if k == L:
+                break
+            hs = h[0, steps].float()  # (N, d)
+            logits = torch.nn.functional.linear(model.final_norm(heads.adapt(hs, k)), w)  # (N, rows)
+            score = measure.score(logits, hs, prev[0, steps].float())
+            conf[k, p] = score.numpy()
+            arg = logits.argmax(-1)
+            top1[k, p] = (arg if ids is None else ids[arg]).numpy()
+            check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
+            if k in exits:
+                now = torch.zeros(len(seq), dtype=torch.bool)
+                now[steps] = torch.as_tensor(conf[k, p] >= threshold)
+                now &= may_exit & ~exited
+                source = torch.where(now[None, :, None], h, source)
+                exited |= now
+        hs = h[0, steps].float()
+        top1[L, p] = model.head(hs).argmax(-1).numpy()
+        if size:  # the vocabulary exit's check at full depth
+            logits = torch.nn.functional.linear(model.final_norm(hs), w)
+            conf[L, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
+            vocab_top1[p] = ids[logits.argmax(-1)].numpy()
+            check[L, p] = d * rows
+    return SimTable(size, {family.measure: conf}, top1, check, 0, vocab_top1,
+                    reference=np.array([c.reference for c in cases]))
+
+
+def replay_outcome(rt, cases: list[PromptCase], costs: SimCosts, family: "Family",
+                   threshold: float) -> tuple[float, float, float]:
+    """(agreement, compute fraction, mean layers run) of a propagate setting, replayed (see above)."""
+    res = simulate(replay_propagate(rt, cases, family, threshold), costs, family, np.array([threshold]))
+    return float(res.agreement[0]), float(res.compute[0]), float(res.layers_mean[0])
 
 
 # ---- settings and their simulated outcome -----------------------------------------------------------
@@ -262,7 +339,8 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
         vocab = (first == len(E)) & (table.conf[family.measure][L] >= family.vocab_exit)[None]
         vocab[..., 0] = False  # the prefill's token
         emitted = np.where(vocab, table.vocab_top1[None], emitted)
-    agree = (emitted == table.top1[L][None]).mean(axis=(1, 2))
+    truth = table.top1[L] if table.reference is None else table.reference
+    agree = (emitted == truth[None]).mean(axis=(1, 2))
     # Exit-head checks: cumulative over the exit points passed through, per prompt (shortlists differ).
     check = table.check_macs[E]  # (|E|, P)
     if family.measure in ("cosine", "classifier"):  # hidden-state measures: one head, at the exit
@@ -362,10 +440,11 @@ class Measured:
     knobs: dict
     sim_agreement: float
     sim_compute: float
-    agreement: float = 0.0  # teacher-forced, real decoding
+    agreement: float = 0.0  # teacher-forced, real decoding (or its exact replay)
     compute_fraction: float = 0.0
     layers_run_mean: float = 0.0
     seconds: float = 0.0
+    method: str = "decoded"  # "decoded": decode_forced; "replayed": replay_outcome (same numbers, one pass)
 
 
 def decode_forced(rt, cases: list[PromptCase], knobs: dict) -> tuple[float, float, float]:
@@ -403,6 +482,7 @@ class Calibration:
     neighbour_thresholds: list[float]  # thresholds around the chosen one, for the model card's table
     finalists: list[Measured] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    settings_replayed: int = 0  # propagate settings replayed exactly (replay_search)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -412,7 +492,7 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
               min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
               draft_vocab_size: int = 2048, families: int = 8, per_measure: int = 2, max_tries: int = 3,
               confirm_minutes: float = 8.0, prune_slack: float = 0.01, refine_steps: int = 3,
-              progress: bool = True) -> Calibration:
+              replay_families: int = 40, replay_minutes: float = 6.0, progress: bool = True) -> Calibration:
     times = {}
     t0 = time.time()
     max_context = min(max_context, rt.spec.max_positions - new_tokens)  # prompt + continuation fit the context
@@ -430,24 +510,43 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
     t0 = time.time()
+    replayed, replays = replay_search(found, lambda fam, thr: replay_outcome(rt, cases, costs, fam, thr), goal,
+                                      families=replay_families, minutes=replay_minutes, prune_slack=prune_slack,
+                                      progress=progress) if replay_families else ([], 0)
+    times["replay"] = time.time() - t0
+    t0 = time.time()
     measured = confirm_finalists(found, lambda knobs: decode_forced(rt, cases, knobs), goal, families=families,
                                  per_measure=per_measure, max_tries=max_tries, confirm_minutes=confirm_minutes,
                                  prune_slack=prune_slack, refine_steps=refine_steps, progress=progress)
-    times["confirmation"] = time.time() - t0
+    measured += replayed
     if not measured:
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
-    ok = [m for m in measured if m.agreement >= goal] or [m for m in measured if m.agreement >= target]
-    if ok:
-        best = min(ok, key=lambda m: m.compute_fraction)
-    else:  # nothing reached the target: the most faithful setting, the cheaper on ties
-        best = max(measured, key=lambda m: (m.agreement, -m.compute_fraction))
+    best = _best(measured, goal, target)
+    while best.method == "replayed":  # the winner is decoded for real too: the replay's promise, checked
+        start = time.time()
+        agree, compute, layers = decode_forced(rt, cases, best.knobs)
+        measured.append(replace(best, agreement=agree, compute_fraction=compute, layers_run_mean=layers,
+                                seconds=time.time() - start, method="decoded"))
+        decoded = {json.dumps(m.knobs, sort_keys=True) for m in measured if m.method == "decoded"}
+        best = _best([m for m in measured if m.method == "decoded"
+                      or json.dumps(m.knobs, sort_keys=True) not in decoded], goal, target)
+    times["confirmation"] = time.time() - t0
     return Calibration(target=target, margin=margin, chosen=best.knobs, agreement=best.agreement,
                        compute_fraction=best.compute_fraction, layers_run_mean=best.layers_run_mean,
                        meets_target=best.agreement >= target, split=split,
                        num_prompts=num_prompts, context=[min_context, max_context], new_tokens=new_tokens, seed=seed,
                        settings_simulated=simulated, readout_reference_match=final_match,
                        acceptance_priors=priors, draft_vocab_size=draft_vocab_size,
-                       neighbour_thresholds=_neighbours(found, best), finalists=measured, seconds=times)
+                       neighbour_thresholds=_neighbours(found, best), finalists=measured, seconds=times,
+                       settings_replayed=replays)
+
+
+def _best(measured: list[Measured], goal: float, target: float) -> Measured:
+    """The cheapest setting at ``goal``, else the cheapest at ``target``, else the most faithful one."""
+    ok = [m for m in measured if m.agreement >= goal] or [m for m in measured if m.agreement >= target]
+    if ok:
+        return min(ok, key=lambda m: m.compute_fraction)
+    return max(measured, key=lambda m: (m.agreement, -m.compute_fraction))
 
 
 def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: float, families: int = 8,
@@ -542,6 +641,61 @@ def _bisect(res: SimResult, passed: int, missed_at: float, run, goal: float, ste
         else:
             between = [j for j in between if thr[j] > thr[mid]]
     return best
+
+
+def replay_search(found: list[tuple[float, SimResult, int]], replay, goal: float, families: int = 40,
+                  minutes: float = 6.0, prune_slack: float = 0.01, progress: bool = True) -> tuple[list[Measured], int]:
+    """Each of the ``families`` cheapest simulated propagate families (logit measures): the cheapest
+    threshold of its grid whose replayed agreement reaches ``goal``, by bisection from the simulation's
+    cheapest passing threshold upwards (agreement rises with the threshold). ``replay(family, threshold)``
+    -> (agreement, compute, layers). Returns one Measured per family (its cheapest pass, or its strictest
+    miss) and the number of replays run. Replays are what real decoding gives, so this finds the frontier
+    that ``propagate`` really has, which the exact-K/V simulation overestimates."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    picked, seen = [], set()
+    for entry in found:
+        f = entry[1].family
+        if f.kv_policy == "propagate" and f.measure in LOGIT_MEASURES and f not in seen:
+            seen.add(f)
+            picked.append(entry)
+        if len(picked) == families:
+            break
+    out, runs, best_ok = [], 0, float("inf")
+    for _, res, i in tqdm(picked, desc="replay families", disable=not progress):
+        if (time.time() - t0) / 60 > minutes:
+            break
+        # Replayed compute tracks the simulated one closely (the exits differ only through the K/V), so
+        # a family whose cheapest simulated pass is dearer than a replayed pass cannot win.
+        if res.compute[i] > best_ok + prune_slack:
+            continue
+        tried: dict[int, Measured] = {}
+
+        def run(j: int) -> Measured:
+            start = time.time()
+            agree, compute, layers = replay(res.family, float(res.thresholds[j]))
+            tried[j] = Measured(res.family.knobs(res.thresholds[j]), float(res.agreement[j]), float(res.compute[j]),
+                                agree, compute, layers, time.time() - start, method="replayed")
+            return tried[j]
+
+        lo, hi = i, len(res.thresholds) - 1  # the answer lies in [lo, hi] if anywhere
+        if run(lo).agreement < goal:
+            if run(hi).agreement >= goal:
+                while hi - lo > 1:  # invariant: lo misses, hi passes
+                    mid = (lo + hi) // 2
+                    if run(mid).agreement >= goal:
+                        hi = mid
+                    else:
+                        lo = mid
+        runs += len(tried)
+        passing = [m for m in tried.values() if m.agreement >= goal]
+        pick = min(passing, key=lambda m: m.compute_fraction) if passing else max(
+            tried.values(), key=lambda m: (m.agreement, -m.compute_fraction))
+        if passing:
+            best_ok = min(best_ok, pick.compute_fraction)
+        out.append(pick)
+    return out, runs
 
 
 def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dict[str, float]:

@@ -258,23 +258,29 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
                 "KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
                 "(a miss is retried at a stricter setting, and the thresholds between a miss and a pass are "
-                "bisected; see `adaptive/training/calibrate_exits.py`).", "",
+                "bisected; see `adaptive/training/calibrate_exits.py`)"
+                + (f"; before that, {cal['settings_replayed']} `propagate` settings were *replayed*: one pass per "
+                   "prompt that reproduces teacher-forced decoding exactly, approximate K/V included, which "
+                   "finds each family's cheapest passing threshold by bisection; the winner is decoded as well"
+                   if cal.get("settings_replayed") else "") + ".", "",
                 f"On the validation prompts: agreement **{cal['agreement']:.4f}** at compute fraction "
                 f"**{cal['compute_fraction']:.3f}** ({cal['layers_run_mean']:.2f} layers on average)"
                 + ("." if cal["meets_target"] else
                    f" — **the target of {cal['target']:.2f} was not reached by any confirmed setting; this is the most "
                    "faithful one found.**"), "",
                 "| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
-                "agreement | compute |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                "agreement | compute | measured by |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for m in cal["finalists"]:
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
             out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
                        f"{kk['threshold']:.4g} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
-                       f"{m['compute_fraction']:.3f} |")
+                       f"{m['compute_fraction']:.3f} | {m.get('method', 'decoded')} |")
         out += ["", "Simulated numbers come from one full-depth pass (exact for `defer`, approximate K/V for "
-                "`propagate`); the last two columns are real teacher-forced decoding. *Vocab exit*: a token that runs "
+                "`propagate`); agreement and compute are real teacher-forced decoding (*decoded*) or its exact one-pass "
+                "replay (*replayed*, same numbers; one row per replayed family: its cheapest pass, or its strictest "
+                "miss). *Vocab exit*: a token that runs "
                 "every layer reads the exit shortlist first and skips the full 8192-row LM head when the measure "
                 "reaches this separate threshold (its check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
     dec = report.get("decoding")
