@@ -623,10 +623,11 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
 
 def _bisect(res: SimResult, passed: int, missed_at: float, run, goal: float, steps: int, out_of_time) -> float:
     """Bisect ``res``'s thresholds strictly between ``missed_at`` (fell short) and index ``passed``
-    (reached ``goal``) by real decoding, at most ``steps`` runs. The retry rule jumps by the simulated
-    shortfall, which under ``propagate`` can land far stricter (and dearer) than needed; agreement
-    rises with the threshold, so halving the gap finds a cheaper passing threshold if there is one.
-    Returns the compute of the cheapest passing run it made (inf if none passed)."""
+    (reached ``goal``) with ``run(res, index)`` (real decoding or its replay), at most ``steps`` runs.
+    Agreement rises with the threshold, so halving the gap finds the cheapest passing threshold: after a
+    retry that jumped by the simulated shortfall (which under ``propagate`` lands far stricter and
+    dearer than needed), or over a whole replayed family. Returns the compute of the cheapest passing
+    run it made (inf if none passed)."""
     thr = res.thresholds
     best = float("inf")
     between = [j for j in range(len(thr)) if missed_at < thr[j] < thr[passed]]
@@ -679,15 +680,10 @@ def replay_search(found: list[tuple[float, SimResult, int]], replay, goal: float
                                 agree, compute, layers, time.time() - start, method="replayed")
             return tried[j]
 
-        lo, hi = i, len(res.thresholds) - 1  # the answer lies in [lo, hi] if anywhere
-        if run(lo).agreement < goal:
-            if run(hi).agreement >= goal:
-                while hi - lo > 1:  # invariant: lo misses, hi passes
-                    mid = (lo + hi) // 2
-                    if run(mid).agreement >= goal:
-                        hi = mid
-                    else:
-                        lo = mid
+        strictest = len(res.thresholds) - 1
+        if run(i).agreement < goal and run(strictest).agreement >= goal:
+            _bisect(res, strictest, float(res.thresholds[i]), lambda _, j: run(j), goal,
+                    steps=len(res.thresholds), out_of_time=lambda: False)
         runs += len(tried)
         passing = [m for m in tried.values() if m.agreement >= goal]
         pick = min(passing, key=lambda m: m.compute_fraction) if passing else max(
