@@ -111,6 +111,7 @@ class Certificate:
     test_agreement: float | None = None  # teacher-forced agreement measured by real decoding on held-out text
     test_tokens: int = 0
     vocab_exit: float | None = None  # the vocabulary exit's own threshold (fixed while the main one is tested)
+    threshold_offsets: dict[str, float] = field(default_factory=dict)  # per exit layer, fixed relative to λ
     method: str = ("Learn-then-Test, fixed-sequence testing over thresholds from high to low, Hoeffding-Bentkus "
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
@@ -121,7 +122,8 @@ class Certificate:
                 and list(settings.get("exit_layers", [])) == list(self.exit_layers)
                 and settings.get("exit_vocab_size", 0) == self.exit_vocab_size
                 and settings.get("kv_policy") == self.kv_policy
-                and settings.get("vocab_exit") == self.vocab_exit)
+                and settings.get("vocab_exit") == self.vocab_exit
+                and (settings.get("threshold_offsets") or {}) == self.threshold_offsets)
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "n": self.n, "threshold": self.threshold,

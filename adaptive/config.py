@@ -141,6 +141,12 @@ class EarlyExitConfig:
     measure is below ``vocab_exit``. On a small model that head is the largest matmul of a step (8192 x
     192 MACs, about 3.5 layers' worth). It has its own threshold because at full depth the shortlist can
     only be wrong when full depth's token lies outside it, far rarer than a shallow layer being wrong.
+
+    ``threshold_offsets`` ({exit layer: offset}): exit point k uses ``threshold + offset``. Under
+    ``propagate`` an exit after k layers approximates the K/V of L - k layers, so a shallow exit needs
+    more confidence than a deep one for the same damage; offsets let calibration loosen the deeper exits.
+    Being relative, they keep ``threshold`` the one dial (a request that moves it moves every exit point,
+    and Learn-then-Test certifies along that dial). Offsets of layers that are not exit points are ignored.
     """
 
     threshold: float = 0.9
@@ -151,6 +157,7 @@ class EarlyExitConfig:
     patience: int = 2  # for measure="patience": this many consecutive exits must agree
     exit_vocab_size: int = 0  # > 0: exit heads over the N most frequent tokens + the prompt's (needs a ranking)
     vocab_exit: float | None = None  # None: off; else the shortlist's threshold at full depth (see above)
+    threshold_offsets: dict[int, float] | tuple = ()  # {exit layer: offset added to threshold} (see above)
     num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
 
     def __post_init__(self):
@@ -177,11 +184,35 @@ class EarlyExitConfig:
         L = self.num_layers
         if not isinstance(self.min_layer, int) or self.min_layer < 1 or (L and self.min_layer > L):
             raise InvalidRequestError(f"min_layer must be an integer in [1, {L or 'num_layers'}], got {self.min_layer!r}")
+        object.__setattr__(self, "threshold_offsets", self._checked_offsets(L))
         if self.exit_layers is not None:
             layers = tuple(sorted(set(int(k) for k in self.exit_layers)))
             if not layers or layers[0] < 1 or (L and layers[-1] > L):
                 raise InvalidRequestError(f"exit_layers must be layer counts in [1, {L or 'num_layers'}], got {self.exit_layers!r}")
             object.__setattr__(self, "exit_layers", layers)
+
+    def _checked_offsets(self, L: int) -> tuple[tuple[int, float], ...]:
+        """``threshold_offsets`` as sorted (layer, offset) pairs; a dict from JSON has string keys."""
+        raw = self.threshold_offsets
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        try:
+            out = tuple(sorted((int(k), float(v)) for k, v in pairs))
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"threshold_offsets must map exit layers to numbers, got {raw!r}") from None
+        for k, v in out:
+            if k < 1 or (L and k >= L) or not (math.isfinite(v) and -1.0 <= v <= 1.0):
+                raise InvalidRequestError(
+                    f"threshold_offsets must map exit layers in [1, {L - 1 if L else 'num_layers - 1'}] to offsets "
+                    f"in [-1, 1], got {raw!r}")
+        return out
+
+    def threshold_at(self, layer: int) -> float:
+        """The threshold exit point ``layer`` uses: ``threshold`` plus that layer's offset, if any."""
+        return self.threshold + dict(self.threshold_offsets).get(layer, 0.0)
+
+    def offsets_dict(self) -> dict[str, float]:
+        """The offsets as JSON keeps them (string keys), for stats, defaults and certificates."""
+        return {str(k): v for k, v in self.threshold_offsets}
 
     def exit_points(self, num_layers: int) -> frozenset[int]:
         """Layer counts k < L after which a token may stop (exiting at L is just full depth)."""

@@ -40,6 +40,7 @@ class EarlyExitDecoder(Decoder):
         self.exit_head = ShortlistHead(heads, exit_ids)  # what exit checks and early exits read
         self.config = config
         self.exit_points = config.exit_points(model.spec.num_layers)
+        self.thresholds = {k: config.threshold_at(k) for k in self.exit_points}  # per exit point
         self.measure = make_measure(config.measure, config.patience, classifier)
         if hasattr(self.measure, "bind"):  # the attention gate reads this decoder's cache
             self.measure.bind(model, self.cache)
@@ -102,7 +103,7 @@ class EarlyExitDecoder(Decoder):
             h = x[:, -1:]  # (1, 1, d): the current token
             logits, conf, macs = self._check(h, prev, k, outcome)
             head_macs += macs
-            if conf >= cfg.threshold:
+            if conf >= self.thresholds[k]:
                 outcome.exit_layer, outcome.confidence = k, conf
                 break
         h = x[:, -1:]

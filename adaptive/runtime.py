@@ -37,7 +37,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size",
-                    "vocab_exit")
+                    "vocab_exit", "threshold_offsets")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
                      "datastore")
@@ -292,7 +292,8 @@ class Runtime:
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
                     "exit_heads": self.heads.source,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
-                    "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit}
+                    "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit,
+                    "threshold_offsets": cfg.offsets_dict()}
         # which Learn-then-Test certificate, if any, covers exactly these settings
         in_force = self.certificate is not None and self.certificate.covers(settings)
         settings["certificate"] = self.certificate.summary() if in_force else None

@@ -246,3 +246,26 @@ def test_a_default_vocabulary_exit_gives_way_to_a_request_that_cannot_use_it():
     assert res.stats["vocab_exit"] is None and res.stats["vocab_exits"] == 0
     taken = rt.generate(random_prompt(6), max_new_tokens=6, mode="early_exit", threshold=1.0, vocab_exit=0.0)
     assert taken.stats["vocab_exits"] == 5  # every decode step (the first token is the prefill's)
+
+
+def test_threshold_offsets_move_single_exit_points_and_are_checked():
+    """Exit point k uses threshold + offset_k: an offset of +1 shuts one exit point (confidence <= 1 < 1.5),
+    -1 opens it for every token; the default's offsets come from JSON with string keys; offsets of
+    layers that are not exit points are ignored, out-of-range ones are refused."""
+    from adaptive.errors import InvalidRequestError
+
+    rt = Runtime.from_model(make_model("llama"))
+    prompt = random_prompt(6, seed=21)
+    both = dict(mode="early_exit", measure="max_prob", exit_layers=(1, 2), max_new_tokens=10)
+    shut = rt.generate(prompt, threshold=0.5, threshold_offsets={1: 1.0}, **both)
+    assert all(t.exit_layer != 1 for t in shut.traces[1:])
+    assert shut.stats["threshold_offsets"] == {"1": 1.0}
+    opened = rt.generate(prompt, threshold=1.0, threshold_offsets={"2": -1.0}, **both)
+    assert all(t.exit_layer == 2 for t in opened.traces[1:] if t.exit_layer != 1)
+    assert any(t.exit_layer == 2 for t in opened.traces[1:])
+    rt.defaults = {"early_exit": {"threshold": 1.0, "threshold_offsets": {"2": -1.0}}}
+    assert rt.generate(prompt, **both).token_ids == opened.token_ids  # inherited from the defaults
+    assert rt.early_exit_config(exit_layers=(1, 3)).threshold_at(2) == 0.0  # kept, but 2 is no exit point
+    for bad in ({0: 0.1}, {rt.spec.num_layers: 0.1}, {1: 1.5}, {1: "x"}, {"one": 0.1}):
+        with pytest.raises(InvalidRequestError, match="threshold_offsets"):
+            rt.early_exit_config(threshold_offsets=bad)

@@ -131,7 +131,8 @@ def test_replayed_propagate_equals_real_decoding(tiny_rt):
     tables, costs, _ = C.build_tables(rt, cases, (0, 64), progress=False)
     differs = False
     for fam in [C.Family("max_prob", (1, 3), 0, "propagate"), C.Family("margin", (2,), 64, "propagate"),
-                C.Family("entropy", (1, 2), 64, "propagate", vocab_exit=0.0)]:
+                C.Family("entropy", (1, 2), 64, "propagate", vocab_exit=0.0),
+                C.Family("max_prob", (1, 3), 0, "propagate", offsets=((3, -0.1),))]:
         table = tables[0] if fam.exit_vocab_size == 0 else tables[1]
         conf = table.conf[fam.measure][list(fam.exit_layers)]
         thr = float(np.median(conf))  # about half the tokens exit somewhere
@@ -404,3 +405,28 @@ def test_replay_search_bisects_each_family_to_its_cheapest_passing_threshold():
     # b's cheapest simulated pass (compute 0.84) is dearer than a's replayed pass (0.76) + 0.01: skipped
     assert [m.knobs["threshold"] for m in measured] == [pytest.approx(0.5)]
     assert measured[0].method == "replayed" and measured[0].compute_fraction == pytest.approx(compute[4])
+
+
+def test_per_layer_thresholds_lower_the_deepest_exit_first_while_the_replay_passes():
+    """refine_offsets: from a family's replayed pass at a shared threshold, each exit point's threshold
+    (deepest first) drops to the lowest grid value that still reaches the goal; the result is the
+    shallowest point's threshold plus offsets, simulated and replayed with the same offsets."""
+    thr = np.round(np.linspace(0.1, 0.9, 9), 2)
+    fam = C.Family("max_prob", (3, 6), 0, "propagate")
+    res = C.SimResult(fam, thr, np.ones(9), np.linspace(0.6, 0.92, 9), np.full(9, 6.0))
+    start = C.Measured(fam.knobs(0.8), 1.0, 0.88, 0.995, 0.88, 6.0, method="replayed")
+    seen = []
+
+    def replay(f, t):  # passes iff layer 3 stays >= 0.7 and layer 6 >= 0.4; compute falls with both
+        at = {3: t, 6: t + dict(f.offsets).get(6, 0.0)}
+        seen.append((round(at[3], 2), round(at[6], 2)))
+        ok = at[3] >= 0.7 - 1e-9 and at[6] >= 0.4 - 1e-9
+        return (0.995 if ok else 0.98), 0.2 + 0.5 * at[3] + 0.2 * at[6], 6.0
+
+    out, runs = C.refine_offsets([(0.88, res, 7)], [start], replay, lambda f, t: (1.0, 0.5, 6.0), goal=0.993,
+                                 progress=False)
+    assert runs == len(seen) and seen[0][0] == 0.8  # layer 6 first, layer 3 at the shared 0.8
+    best = out[0]
+    assert best.knobs["threshold"] == pytest.approx(0.7)
+    assert best.knobs["threshold_offsets"] == {"6": pytest.approx(0.4 - 0.7)}
+    assert best.compute_fraction == pytest.approx(0.2 + 0.35 + 0.08)

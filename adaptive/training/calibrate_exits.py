@@ -203,6 +203,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     L, d, V = model.spec.num_layers, model.spec.hidden_size, model.spec.vocab_size
     P, N = len(cases), len(cases[0].reference)
     measure, size, exits = make_measure(family.measure), family.exit_vocab_size, set(family.exit_layers)
+    offsets = dict(family.offsets)
     conf = np.zeros((L + 1, P, N))
     top1 = np.zeros((L + 1, P, N), dtype=np.int64)
     check = np.zeros((L + 1, P))
@@ -236,7 +237,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
             check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
             if k in exits:
                 now = torch.zeros(len(seq), dtype=torch.bool)
-                now[steps] = torch.as_tensor(conf[k, p] >= threshold)
+                now[steps] = torch.as_tensor(conf[k, p] >= threshold + offsets.get(k, 0.0))
                 now &= may_exit & ~exited
                 source = torch.where(now[None, :, None], h, source)
                 exited |= now
@@ -269,12 +270,15 @@ class Family:
     kv_policy: str
     patience: int = 2
     vocab_exit: float | None = None  # the vocabulary exit's threshold (None: off)
+    offsets: tuple[tuple[int, float], ...] = ()  # (exit layer, offset added to the threshold there)
 
     def knobs(self, threshold: float) -> dict:
         k = {"threshold": float(threshold), "measure": self.measure, "exit_layers": list(self.exit_layers),
              "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1,
              # stated even when off: a request must not inherit the model's default vocabulary exit
-             "vocab_exit": None if self.vocab_exit is None else float(self.vocab_exit)}
+             "vocab_exit": None if self.vocab_exit is None else float(self.vocab_exit),
+             # likewise the offsets (none: {})
+             "threshold_offsets": {str(layer): float(off) for layer, off in self.offsets}}
         if self.measure == "patience":
             k["patience"] = self.patience
         return k
@@ -325,6 +329,9 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
         conf = np.minimum(run / family.patience, 1.0)
     else:
         conf = table.conf[family.measure][E]  # (|E|, P, N)
+    if family.offsets:  # exit point k passes at threshold + offset_k: shift its confidence down instead
+        shift = dict(family.offsets)
+        conf = conf - np.array([shift.get(int(k), 0.0) for k in E])[:, None, None]
     thr = np.asarray(thresholds, dtype=np.float64)
     passed = conf[:, None] >= thr[None, :, None, None]  # (|E|, M, P, N)
     any_pass = passed.any(0)
@@ -492,7 +499,8 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
               min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
               draft_vocab_size: int = 2048, families: int = 8, per_measure: int = 2, max_tries: int = 3,
               confirm_minutes: float = 8.0, prune_slack: float = 0.01, refine_steps: int = 3,
-              replay_families: int = 40, replay_minutes: float = 6.0, progress: bool = True) -> Calibration:
+              replay_families: int = 40, replay_minutes: float = 6.0, offset_families: int = 3,
+              progress: bool = True) -> Calibration:
     times = {}
     t0 = time.time()
     max_context = min(max_context, rt.spec.max_positions - new_tokens)  # prompt + continuation fit the context
@@ -513,6 +521,16 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     replayed, replays = replay_search(found, lambda fam, thr: replay_outcome(rt, cases, costs, fam, thr), goal,
                                       families=replay_families, minutes=replay_minutes, prune_slack=prune_slack,
                                       progress=progress) if replay_families else ([], 0)
+    by_size = {t.exit_vocab_size: t for t in tables}
+
+    def simulate_one(fam: Family, thr: float) -> tuple[float, float, float]:
+        r = simulate(by_size[fam.exit_vocab_size], costs, fam, np.array([thr]))
+        return float(r.agreement[0]), float(r.compute[0]), float(r.layers_mean[0])
+
+    refined, refine_runs = refine_offsets(found, replayed, lambda fam, thr: replay_outcome(rt, cases, costs, fam, thr),
+                                          simulate_one, goal, families=offset_families, progress=progress)
+    replayed += refined
+    replays += refine_runs
     times["replay"] = time.time() - t0
     t0 = time.time()
     measured = confirm_finalists(found, lambda knobs: decode_forced(rt, cases, knobs), goal, families=families,
@@ -691,6 +709,64 @@ def replay_search(found: list[tuple[float, SimResult, int]], replay, goal: float
         if passing:
             best_ok = min(best_ok, pick.compute_fraction)
         out.append(pick)
+    return out, runs
+
+
+def refine_offsets(found: list[tuple[float, SimResult, int]], passes: list[Measured], replay, simulated,
+                   goal: float, families: int = 3, minutes: float = 3.0,
+                   progress: bool = True) -> tuple[list[Measured], int]:
+    """Per-exit-layer thresholds for the ``families`` cheapest replayed passes with several exit points.
+
+    Coordinate descent by replay, deepest exit point first: lower that point's threshold to the lowest
+    value of the family's grid that still reaches ``goal`` (bisection; agreement rises with each
+    threshold), keep it, go on to the next point. A deep exit approximates the K/V of few layers, so it
+    usually tolerates a looser threshold than a shallow one. The result is stated as the shallowest
+    point's threshold plus ``offsets`` for the others. ``replay(family, threshold)`` and
+    ``simulated(family, threshold)`` -> (agreement, compute, layers). Returns the cheapest pass per family
+    (when it beats the shared threshold) and the number of replays run."""
+    from tqdm import tqdm
+
+    grids = {res.family: res.thresholds for _, res, _ in found}
+    starts = sorted((m for m in passes if m.method == "replayed" and m.agreement >= goal
+                     and len(m.knobs["exit_layers"]) > 1), key=lambda m: m.compute_fraction)[:families]
+    t0, out, runs = time.time(), [], 0
+    for start in tqdm(starts, desc="per-layer thresholds", disable=not progress):
+        k = start.knobs
+        base = Family(k["measure"], tuple(k["exit_layers"]), k["exit_vocab_size"], k["kv_policy"],
+                      vocab_exit=k.get("vocab_exit"))
+        grid = grids.get(base)
+        if grid is None:
+            continue
+        layers = sorted(base.exit_layers)
+        thr = {layer: k["threshold"] for layer in layers}
+        best = start
+
+        def run(at: dict[int, float]) -> Measured:
+            nonlocal runs
+            runs += 1
+            fam = replace(base, offsets=tuple((layer, at[layer] - at[layers[0]]) for layer in layers[1:]
+                                              if at[layer] != at[layers[0]]))
+            begin = time.time()
+            agree, compute, n_layers = replay(fam, at[layers[0]])
+            sim_agree, sim_compute, _ = simulated(fam, at[layers[0]])
+            return Measured(fam.knobs(at[layers[0]]), sim_agree, sim_compute, agree, compute, n_layers,
+                            time.time() - begin, method="replayed")
+
+        for layer in reversed(layers):
+            if (time.time() - t0) / 60 > minutes:
+                break
+            lower = [float(t) for t in grid if t < thr[layer]]  # ascending
+            while lower:  # invariant: thr[layer] passes; find the lowest entry of ``lower`` that does too
+                mid = len(lower) // 2
+                m = run({**thr, layer: lower[mid]})
+                if m.agreement >= goal:
+                    thr[layer] = lower[mid]
+                    best = min(best, m, key=lambda x: x.compute_fraction)
+                    lower = lower[:mid]
+                else:
+                    lower = lower[mid + 1:]
+        if best is not start:
+            out.append(best)
     return out, runs
 
 

@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-families", type=int, default=40,
                    help="propagate families searched by exact replay (0: none)")
     g.add_argument("--replay-minutes", type=float, default=6.0, help="time for the replay search")
+    g.add_argument("--offset-families", type=int, default=3,
+                   help="replayed passes given per-exit-layer thresholds by coordinate descent (0: none)")
     g.add_argument("--draft-vocab-size", type=int, default=2048)
     g = p.add_argument_group("card")
     g.add_argument("--card-prompts", type=int, default=12)
@@ -179,6 +181,7 @@ def main(args) -> int:
             cal = calibrate_exits.calibrate(rt, target=args.target, margin=args.margin, num_prompts=args.cal_prompts,
                                             new_tokens=args.cal_new_tokens, confirm_minutes=args.confirm_minutes,
                                             replay_families=args.replay_families, replay_minutes=args.replay_minutes,
+                                            offset_families=args.offset_families,
                                             draft_vocab_size=args.draft_vocab_size)
             calibrate_exits.write_defaults(model_dir, cal)
             report["calibration"] = cal.to_dict()

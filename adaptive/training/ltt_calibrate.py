@@ -98,7 +98,9 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
         if k in points:
             top = logits.argmax(-1)
             tokens = top if exit_ids is None else exit_ids[top]
-            confs.append(conf.float().numpy())
+            # An offset layer exits at λ + offset: shifting its confidence down by the offset lets one λ
+            # be tested for every exit point (the offsets stay fixed, as the certificate states).
+            confs.append(conf.float().numpy() - (cfg.threshold_at(k) - cfg.threshold))
             agree.append((tokens == ref).numpy())
     if cfg.vocab_exit is not None and exit_ids is not None:
         # The vocabulary exit at full depth has its own fixed threshold: as an extra exit point, its
@@ -161,7 +163,8 @@ def main(args) -> int:
     # Held-out check with the real decoder (the policy's own K/V), teacher-forced on TEST windows.
     agree = total = 0
     settings = dict(measure=cfg.measure, threshold=result.threshold, exit_layers=tuple(exit_layers),
-                    exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy, vocab_exit=cfg.vocab_exit)
+                    exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy, vocab_exit=cfg.vocab_exit,
+                    threshold_offsets=cfg.offsets_dict())
     for prompt in tqdm(_windows(rt, "test", args.test_prompts, args.context, args.seed + 1, args.text),
                        desc="test check"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
@@ -173,7 +176,8 @@ def main(args) -> int:
                        threshold=result.threshold, exit_layers=exit_layers, exit_vocab_size=cfg.exit_vocab_size,
                        kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
                        observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
-                       test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit)
+                       test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit,
+                       threshold_offsets=cfg.offsets_dict())
     path = Path(rt.directory) / CERTIFICATE_FILE
     cert.save(path)
     print(f"wrote {path}: threshold {result.threshold}, test agreement {agree / total:.4f} on {total} tokens")

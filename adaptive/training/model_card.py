@@ -162,6 +162,13 @@ def _hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, CPU only"
 
 
+def _threshold_text(knobs: dict) -> str:
+    """'0.9' or, with per-layer offsets, '0.9 (6: 0.75)': the thresholds the offset exit points use."""
+    offsets = knobs.get("threshold_offsets") or {}
+    extra = ", ".join(f"{k}: {knobs['threshold'] + v:.4g}" for k, v in sorted(offsets.items(), key=lambda kv: int(kv[0])))
+    return f"{knobs['threshold']:.4g}" + (f" ({extra})" if extra else "")
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -275,7 +282,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
             out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
-                       f"{kk['threshold']:.4g} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
+                       f"{_threshold_text(kk)} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
                        f"{m['compute_fraction']:.3f} | {m.get('method', 'decoded')} |")
         out += ["", "Simulated numbers come from one full-depth pass (exact for `defer`, approximate K/V for "
                 "`propagate`); agreement and compute are real teacher-forced decoding (*decoded*) or its exact one-pass "
@@ -318,6 +325,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
                 f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`"
                 + (f", vocabulary exit at {cert['vocab_exit']:.4g}" if cert.get("vocab_exit") is not None else "")
+                + (f", threshold offsets {cert['threshold_offsets']} (fixed; exit point k uses λ + offset)"
+                   if cert.get("threshold_offsets") else "")
                 + f": threshold **{cert['threshold']}** keeps the "
                 f"expected teacher-forced disagreement with full depth at most ε = {cert['epsilon']} with probability "
                 f"at least 1 − δ = {1 - cert['delta']:.2f}, certified on n = {cert['n']} i.i.d. validation windows "
