@@ -115,7 +115,9 @@ def model_info(runtime: Runtime) -> str:
             f"{spec.num_layers} layers, d={spec.hidden_size}, vocab {spec.vocab_size}, context {spec.max_positions}; "
             f"exit heads: {runtime.heads.source}; default early-exit knobs: threshold {cfg.threshold:g}, "
             f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}"
-            + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "") + ".")
+            + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "")
+            + "".join(f", exit after {k} layers at threshold {cfg.threshold_at(k):g} (offset {off:+g})"
+                      for k, off in cfg.threshold_offsets if k in cfg.exit_points(spec.num_layers)) + ".")
 
 
 def startup_message() -> str:

@@ -63,6 +63,18 @@ def test_blocks_build_without_launching():
     assert not demo.is_running
 
 
+def test_model_info_names_per_layer_thresholds():
+    import app
+    from adaptive import Runtime
+
+    from conftest import make_model
+
+    rt = Runtime.from_model(make_model("llama"))
+    rt.defaults = {"early_exit": {"threshold": 0.9, "exit_layers": [1, 2], "threshold_offsets": {"2": -0.2}}}
+    info = app.model_info(rt)
+    assert "threshold 0.9" in info and "exit after 2 layers at threshold 0.7 (offset -0.2)" in info
+
+
 def test_missing_bundled_model_is_reported_not_fatal(tmp_path, monkeypatch):
     import gradio as gr
 
