@@ -259,6 +259,29 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()
 
 
+def test_a_failed_certification_removes_the_old_certificate_and_says_so(tmp_path, tiny_checkpoint):
+    """A certificate left by an earlier run belongs to other weights; when this run certifies nothing
+    the file goes, the report says None and the card says that nothing was certified."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    stale = model_dir / "calibration_certificate.json"
+    stale.write_text("{}")
+    report = {k: v for k, v in _report().items() if k != "certificate"}
+    report["calibration"]["chosen"] = {"measure": "max_prob", "exit_layers": [1], "exit_vocab_size": 0,
+                                       "kv_policy": "propagate"}
+    (model_dir / model_card.REPORT_FILE).write_text(json.dumps(report))
+    parser = argparse.ArgumentParser()
+    finalize.add_arguments(parser)
+    stages = [f"--skip-{s}" for s in finalize.STAGES if s != "certify"]
+    # epsilon 1e-6 on 4 prompts: nothing can be certified
+    args = parser.parse_args(["--model", str(model_dir), *stages, "--epsilon", "1e-6", "--ltt-prompts", "4",
+                              "--ltt-tokens", "4", "--ltt-test-prompts", "1", "--log", str(tmp_path / "none.jsonl")])
+    assert finalize.main(args) == 0
+    assert not stale.exists()
+    assert json.loads((model_dir / model_card.REPORT_FILE).read_text())["certificate"] is None
+    assert "None: no threshold of the calibrated setting could be certified" in (model_dir / "README.md").read_text()
+
+
 def test_simulated_vocabulary_exit_skips_the_full_head_and_emits_the_shortlist_token():
     table, costs = _synthetic()
     L = 4

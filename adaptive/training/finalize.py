@@ -152,6 +152,10 @@ def main(args) -> int:
             from . import ltt_calibrate
 
             chosen = (report.get("calibration") or {}).get("chosen") or {}
+            cert_path = model_dir / "calibration_certificate.json"
+            # A certificate from an earlier run belongs to other weights or settings: it must not outlive
+            # a run that certifies nothing (the runtime and the scheduler would trust it).
+            cert_path.unlink(missing_ok=True)
             status = ltt_calibrate.main(argparse.Namespace(
                 model=str(model_dir), text=None, epsilon=args.epsilon, delta=args.delta, prompts=args.ltt_prompts,
                 tokens=args.ltt_tokens, context=96, test_prompts=args.ltt_test_prompts, measure=chosen.get("measure"),
@@ -159,7 +163,6 @@ def main(args) -> int:
                 exit_vocab_size=chosen.get("exit_vocab_size"), kv_policy=chosen.get("kv_policy"), seed=0,
                 vocab_exit=str(chosen["vocab_exit"]) if chosen.get("vocab_exit") is not None else "off",
                 write_defaults=False, threads=args.threads))
-            cert_path = model_dir / "calibration_certificate.json"
             report["certificate"] = json.loads(cert_path.read_text()) if status == 0 and cert_path.is_file() else None
         elif stage == "gate":
             from . import train_gate

@@ -320,6 +320,11 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "as requests run.", ""]
 
     cert = report.get("certificate")
+    if cert is None and "certificate" in report:  # the stage ran and certified nothing
+        out += ["## Learn-then-Test certificate", "",
+                "None: no threshold of the calibrated setting could be certified at the requested ε and δ "
+                "(fixed-sequence testing stopped at its first, strictest threshold; see the certify stage's "
+                "output). The runtime therefore reports no certificate for this model.", ""]
     if cert:
         out += ["## Learn-then-Test certificate", "",
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
