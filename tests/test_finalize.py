@@ -453,3 +453,12 @@ def test_per_layer_thresholds_lower_the_deepest_exit_first_while_the_replay_pass
     assert best.knobs["threshold"] == pytest.approx(0.7)
     assert best.knobs["threshold_offsets"] == {"6": pytest.approx(0.4 - 0.7)}
     assert best.compute_fraction == pytest.approx(0.2 + 0.35 + 0.08)
+
+
+def test_the_card_shows_every_decoded_finalist_and_the_cheapest_replayed_ones():
+    decoded = [{"method": "decoded", "compute_fraction": 0.9 - 0.01 * i} for i in range(3)]
+    replayed = [{"method": "replayed", "compute_fraction": 0.5 + 0.01 * i} for i in range(20)]
+    rows = replayed[10:] + decoded + replayed[:10]
+    shown, hidden = model_card._finalist_rows(rows, replayed_shown=4)
+    assert hidden == 16 and len(shown) == 7
+    assert shown == decoded + replayed[:4]  # original order kept: the decoded rows came first here

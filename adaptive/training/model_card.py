@@ -162,6 +162,15 @@ def _hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, CPU only"
 
 
+def _finalist_rows(finalists: list[dict], replayed_shown: int = 12) -> tuple[list[dict], int]:
+    """Every decoded finalist, and the ``replayed_shown`` cheapest replayed ones (a replay search leaves
+    one row per family, dozens of them); returns the rows in their original order and how many were cut."""
+    replayed = [m for m in finalists if m.get("method") == "replayed"]
+    keep = {id(m) for m in sorted(replayed, key=lambda m: m["compute_fraction"])[:replayed_shown]}
+    shown = [m for m in finalists if m.get("method") != "replayed" or id(m) in keep]
+    return shown, len(finalists) - len(shown)
+
+
 def _threshold_text(knobs: dict) -> str:
     """'0.9' or, with per-layer offsets, '0.9 (6: 0.75)': the thresholds the offset exit points use."""
     offsets = knobs.get("threshold_offsets") or {}
@@ -278,12 +287,16 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
                 "agreement | compute | measured by |",
                 "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-        for m in cal["finalists"]:
+        shown, hidden = _finalist_rows(cal["finalists"])
+        for m in shown:
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
             out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
                        f"{_threshold_text(kk)} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
                        f"{m['compute_fraction']:.3f} | {m.get('method', 'decoded')} |")
+        if hidden:
+            out.append(f"\n{hidden} more replayed families (dearer passes or misses) are listed in "
+                       "`finalize_report.json` → `calibration.finalists`.")
         out += ["", "Simulated numbers come from one full-depth pass (exact for `defer`, approximate K/V for "
                 "`propagate`); agreement and compute are real teacher-forced decoding (*decoded*) or its exact one-pass "
                 "replay (*replayed*, same numbers; one row per replayed family: its cheapest pass, or its strictest "
