@@ -130,14 +130,32 @@ class SimCosts:
     head_full: int  # the full LM head
 
 
+def _exit_rows(rt, size: int, prompt_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(shortlist ids or None for the whole vocabulary, the LM-head rows (rows, d) in fp32) of an exit
+    head of ``size`` tokens for this prompt."""
+    ids = shortlist(rt.draft_ranking, size, prompt_ids) if size else None
+    head = rt.model.w.lm_head
+    return ids, (head.float() if ids is None else head.index_select(0, ids).float())
+
+
+def _read_exit(rt, h: torch.Tensor, k: int, ids: torch.Tensor | None,
+               w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, int]:
+    """The exit head after k layers on states h (N, d), as the decoder reads it (adapter below full
+    depth, final norm, the rows ``w``): (logits (N, rows), emitted token ids (N,), MACs of one check)."""
+    logits = torch.nn.functional.linear(rt.model.final_norm(rt.heads.adapt(h, k)), w)  # (N, rows)
+    arg = logits.argmax(-1)
+    macs = rt.spec.hidden_size * w.shape[0] + (rt.costs.adapter_macs if rt.heads.has_adapter(k) else 0)
+    return logits, (arg if ids is None else ids[arg]).numpy(), macs
+
+
 def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                  progress: bool = True) -> tuple[list[SimTable], SimCosts, float]:
     """Simulation tables per exit-vocabulary size, the cost arrays, and how often the readout's final
     top-1 equals the reference (a sanity check: should be 1.0 up to float ties)."""
     from tqdm import tqdm
 
-    model, heads, costs = rt.model, rt.heads, rt.costs
-    L, d, V = model.spec.num_layers, model.spec.hidden_size, model.spec.vocab_size
+    model, costs = rt.model, rt.costs
+    L, V = model.spec.num_layers, model.spec.vocab_size
     P, N = len(cases), len(cases[0].reference)
     states = [readout(rt, c) for c in tqdm(cases, desc="readout", disable=not progress)]
     ref = np.array([c.reference for c in cases])  # (P, N)
@@ -161,25 +179,18 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
             check = np.zeros((L + 1, P))
             vocab_top1 = np.zeros((P, N), dtype=np.int64) if size else None
             for p, (c, hs) in enumerate(zip(cases, states)):
-                ids = shortlist(rt.draft_ranking, size, c.prompt_ids) if size else None
-                w = model.w.lm_head.float() if ids is None else model.w.lm_head.index_select(0, ids).float()
-                rows = V if ids is None else int(ids.numel())
+                ids, w = _exit_rows(rt, size, c.prompt_ids)
                 for k in range(1, L):
-                    logits = torch.nn.functional.linear(model.final_norm(heads.adapt(hs[k], k)), w)  # (N, rows)
+                    logits, top1[k, p], check[k, p] = _read_exit(rt, hs[k], k, ids, w)
                     for m in LOGIT_MEASURES:
                         conf[m][k, p] = make_measure(m).score(logits, hs[k], hs[k - 1]).numpy()
                     conf["cosine"][k, p] = make_measure("cosine").score(None, hs[k], hs[k - 1]).numpy()
                     if rt.exit_classifier is not None:
                         conf["classifier"][k, p] = rt.exit_classifier.probability(k, hs[k], hs[k - 1]).numpy()
-                    arg = logits.argmax(-1)
-                    top1[k, p] = (arg if ids is None else ids[arg]).numpy()
-                    check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
                 if size:  # the vocabulary exit: the shortlist read at full depth, before the full head
-                    logits = torch.nn.functional.linear(model.final_norm(hs[L]), w)  # (N, rows)
+                    logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs[L], L, ids, w)
                     for m in LOGIT_MEASURES:
                         conf[m][L, p] = make_measure(m).score(logits, hs[L], hs[L - 1]).numpy()
-                    vocab_top1[p] = ids[logits.argmax(-1)].numpy()
-                    check[L, p] = d * rows
                 if size == 0:
                     final_match += float((model.head(hs[L]).argmax(-1).numpy() == ref[p]).mean()) / P
             tables.append(SimTable(size, conf, top1, check,
@@ -199,8 +210,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     Rows of other thresholds are meaningless: every threshold needs its own replay."""
     if family.measure not in LOGIT_MEASURES or family.kv_policy != "propagate":
         raise ValueError("replay covers propagate settings with a logit measure")
-    model, heads, costs = rt.model, rt.heads, rt.costs
-    L, d, V = model.spec.num_layers, model.spec.hidden_size, model.spec.vocab_size
+    model, L = rt.model, rt.spec.num_layers
     P, N = len(cases), len(cases[0].reference)
     measure, size, exits = make_measure(family.measure), family.exit_vocab_size, set(family.exit_layers)
     offsets = dict(family.offsets)
@@ -209,9 +219,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     check = np.zeros((L + 1, P))
     vocab_top1 = np.zeros((P, N), dtype=np.int64) if size else None
     for p, c in enumerate(cases):
-        ids = shortlist(rt.draft_ranking, size, c.prompt_ids) if size else None
-        w = model.w.lm_head.float() if ids is None else model.w.lm_head.index_select(0, ids).float()
-        rows = V if ids is None else int(ids.numel())
+        ids, w = _exit_rows(rt, size, c.prompt_ids)
         seq = c.prompt_ids + c.reference
         first = len(c.prompt_ids) - 1  # the position whose prediction is reference[0] (the prefill's token)
         steps = slice(first, first + N)
@@ -229,12 +237,8 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
             if k == L:
                 break
             hs = h[0, steps].float()  # (N, d)
-            logits = torch.nn.functional.linear(model.final_norm(heads.adapt(hs, k)), w)  # (N, rows)
-            score = measure.score(logits, hs, prev[0, steps].float())
-            conf[k, p] = score.numpy()
-            arg = logits.argmax(-1)
-            top1[k, p] = (arg if ids is None else ids[arg]).numpy()
-            check[k, p] = d * rows + (costs.adapter_macs if heads.has_adapter(k) else 0)
+            logits, top1[k, p], check[k, p] = _read_exit(rt, hs, k, ids, w)
+            conf[k, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
             if k in exits:
                 now = torch.zeros(len(seq), dtype=torch.bool)
                 now[steps] = torch.as_tensor(conf[k, p] >= threshold + offsets.get(k, 0.0))
@@ -244,10 +248,8 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
         hs = h[0, steps].float()
         top1[L, p] = model.head(hs).argmax(-1).numpy()
         if size:  # the vocabulary exit's check at full depth
-            logits = torch.nn.functional.linear(model.final_norm(hs), w)
+            logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs, L, ids, w)
             conf[L, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
-            vocab_top1[p] = ids[logits.argmax(-1)].numpy()
-            check[L, p] = d * rows
     return SimTable(size, {family.measure: conf}, top1, check, 0, vocab_top1,
                     reference=np.array([c.reference for c in cases]))
 
@@ -453,6 +455,14 @@ class Measured:
     seconds: float = 0.0
     method: str = "decoded"  # "decoded": decode_forced; "replayed": replay_outcome (same numbers, one pass)
 
+    @classmethod
+    def timed(cls, knobs: dict, sim_agreement: float, sim_compute: float, outcome, method: str) -> "Measured":
+        """Run ``outcome()`` -> (agreement, compute, layers) and keep it with how long it took."""
+        start = time.time()
+        agree, compute, layers = outcome()
+        return cls(knobs, float(sim_agreement), float(sim_compute), agree, compute, layers, time.time() - start,
+                   method)
+
 
 def decode_forced(rt, cases: list[PromptCase], knobs: dict) -> tuple[float, float, float]:
     """(agreement, compute fraction, mean layers run) of real teacher-forced early-exit decoding."""
@@ -518,7 +528,11 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
     t0 = time.time()
-    replayed, replays = replay_search(found, lambda fam, thr: replay_outcome(rt, cases, costs, fam, thr), goal,
+
+    def replay(fam: Family, thr: float) -> tuple[float, float, float]:
+        return replay_outcome(rt, cases, costs, fam, thr)
+
+    replayed, replays = replay_search(found, replay, goal,
                                       families=replay_families, minutes=replay_minutes, prune_slack=prune_slack,
                                       progress=progress) if replay_families else ([], 0)
     by_size = {t.exit_vocab_size: t for t in tables}
@@ -527,8 +541,8 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
         r = simulate(by_size[fam.exit_vocab_size], costs, fam, np.array([thr]))
         return float(r.agreement[0]), float(r.compute[0]), float(r.layers_mean[0])
 
-    refined, refine_runs = refine_offsets(found, replayed, lambda fam, thr: replay_outcome(rt, cases, costs, fam, thr),
-                                          simulate_one, goal, families=offset_families, progress=progress)
+    refined, refine_runs = refine_offsets(found, replayed, replay, simulate_one, goal, families=offset_families,
+                                          progress=progress)
     replayed += refined
     replays += refine_runs
     times["replay"] = time.time() - t0
@@ -541,10 +555,8 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
     best = _best(measured, goal, target)
     while best.method == "replayed":  # the winner is decoded for real too: the replay's promise, checked
-        start = time.time()
-        agree, compute, layers = decode_forced(rt, cases, best.knobs)
-        measured.append(replace(best, agreement=agree, compute_fraction=compute, layers_run_mean=layers,
-                                seconds=time.time() - start, method="decoded"))
+        measured.append(Measured.timed(best.knobs, best.sim_agreement, best.sim_compute,
+                                       lambda: decode_forced(rt, cases, best.knobs), "decoded"))
         decoded = {json.dumps(m.knobs, sort_keys=True) for m in measured if m.method == "decoded"}
         best = _best([m for m in measured if m.method == "decoded"
                       or json.dumps(m.knobs, sort_keys=True) not in decoded], goal, target)
@@ -602,10 +614,7 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
 
     def run(res: SimResult, i: int) -> Measured:
         knobs = res.family.knobs(res.thresholds[i])
-        start = time.time()
-        agree, compute, layers = decode(knobs)
-        measured.append(Measured(knobs, float(res.agreement[i]), float(res.compute[i]), agree, compute, layers,
-                                 time.time() - start))
+        measured.append(Measured.timed(knobs, res.agreement[i], res.compute[i], lambda: decode(knobs), "decoded"))
         return measured[-1]
 
     for _, res, i in picked:
@@ -648,18 +657,27 @@ def _bisect(res: SimResult, passed: int, missed_at: float, run, goal: float, ste
     run it made (inf if none passed)."""
     thr = res.thresholds
     best = float("inf")
-    between = [j for j in range(len(thr)) if missed_at < thr[j] < thr[passed]]
-    for _ in range(steps):
-        if not between or out_of_time():
-            break
-        mid = between[len(between) // 2]
-        m = run(res, mid)
+
+    def passes(j: int) -> bool:
+        nonlocal best
+        m = run(res, j)
         if m.agreement >= goal:
             best = min(best, m.compute_fraction)
-            between = [j for j in between if thr[j] < thr[mid]]
-        else:
-            between = [j for j in between if thr[j] > thr[mid]]
+        return m.agreement >= goal
+
+    _bisect_down([j for j in range(len(thr)) if missed_at < thr[j] < thr[passed]], passes, steps, out_of_time)
     return best
+
+
+def _bisect_down(candidates: list, passes, steps: int | None = None, out_of_time=lambda: False) -> None:
+    """Halve ``candidates`` (in ascending threshold order; passing is monotone: every candidate above a
+    passing one passes too) towards the lowest that passes, with at most ``steps`` calls of
+    ``passes(candidate)``. Callers keep what they need from their own calls."""
+    calls = 0
+    while candidates and (steps is None or calls < steps) and not out_of_time():
+        mid = len(candidates) // 2
+        calls += 1
+        candidates = candidates[:mid] if passes(candidates[mid]) else candidates[mid + 1:]
 
 
 def replay_search(found: list[tuple[float, SimResult, int]], replay, goal: float, families: int = 40,
@@ -692,10 +710,8 @@ def replay_search(found: list[tuple[float, SimResult, int]], replay, goal: float
         tried: dict[int, Measured] = {}
 
         def run(j: int) -> Measured:
-            start = time.time()
-            agree, compute, layers = replay(res.family, float(res.thresholds[j]))
-            tried[j] = Measured(res.family.knobs(res.thresholds[j]), float(res.agreement[j]), float(res.compute[j]),
-                                agree, compute, layers, time.time() - start, method="replayed")
+            tried[j] = Measured.timed(res.family.knobs(res.thresholds[j]), res.agreement[j], res.compute[j],
+                                      lambda: replay(res.family, float(res.thresholds[j])), "replayed")
             return tried[j]
 
         strictest = len(res.thresholds) - 1
@@ -746,25 +762,23 @@ def refine_offsets(found: list[tuple[float, SimResult, int]], passes: list[Measu
             runs += 1
             fam = replace(base, offsets=tuple((layer, at[layer] - at[layers[0]]) for layer in layers[1:]
                                               if at[layer] != at[layers[0]]))
-            begin = time.time()
-            agree, compute, n_layers = replay(fam, at[layers[0]])
             sim_agree, sim_compute, _ = simulated(fam, at[layers[0]])
-            return Measured(fam.knobs(at[layers[0]]), sim_agree, sim_compute, agree, compute, n_layers,
-                            time.time() - begin, method="replayed")
+            return Measured.timed(fam.knobs(at[layers[0]]), sim_agree, sim_compute,
+                                  lambda: replay(fam, at[layers[0]]), "replayed")
 
         for layer in reversed(layers):
             if (time.time() - t0) / 60 > minutes:
                 break
-            lower = [float(t) for t in grid if t < thr[layer]]  # ascending
-            while lower:  # invariant: thr[layer] passes; find the lowest entry of ``lower`` that does too
-                mid = len(lower) // 2
-                m = run({**thr, layer: lower[mid]})
+
+            def passes(t: float) -> bool:  # thr[layer] passes; a lower value that passes too replaces it
+                nonlocal best
+                m = run({**thr, layer: t})
                 if m.agreement >= goal:
-                    thr[layer] = lower[mid]
+                    thr[layer] = t
                     best = min(best, m, key=lambda x: x.compute_fraction)
-                    lower = lower[:mid]
-                else:
-                    lower = lower[mid + 1:]
+                return m.agreement >= goal
+
+            _bisect_down([float(t) for t in grid if t < thr[layer]], passes)
         if best is not start:
             out.append(best)
     return out, runs
