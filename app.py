@@ -113,7 +113,8 @@ def model_info(runtime: Runtime) -> str:
     spec, cfg = runtime.spec, runtime.early_exit_config()
     return (f"**{html.escape(Path(runtime.name).name or runtime.name)}**: {spec.architecture or spec.family}, "
             f"{spec.num_layers} layers, d={spec.hidden_size}, vocab {spec.vocab_size}, context {spec.max_positions}; "
-            f"exit heads: {runtime.heads.source}; default early-exit knobs: threshold {cfg.threshold:g}, "
+            f"exit heads: {runtime.heads.source}; propagate K/V fill: {runtime.kv_fill_source()}; "
+            f"default early-exit knobs: threshold {cfg.threshold:g}, "
             f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}"
             + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "")
             + "".join(f", exit after {k} layers at threshold {cfg.threshold_at(k):g} (offset {off:+g})"

@@ -19,6 +19,8 @@ _EXTERNAL_COMMANDS = {
                               "train the learned exit classifier (measure='classifier') for a checkpoint"),
     "calibrate": ("adaptive.training.ltt_calibrate",
                   "certify an early-exit threshold by Learn-then-Test (writes a certificate next to the model)"),
+    "fit-kv-fill": ("adaptive.training.fit_kv_fill",
+                    "fit the learned K/V fill of the propagate policy and its fill-risk guard for a checkpoint"),
     "build-datastore": ("adaptive.training.build_datastore",
                         "the corpus n-gram datastore lookup drafting falls back to"),
     "train-gate": ("adaptive.training.train_gate",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import ModelSpec
 from .kv_cache import KVCache
+from .kv_fill import KVFill
 
 
 @dataclass
@@ -190,6 +191,9 @@ class LeanModel:
         self._act = {"silu": F.silu, "gelu": F.gelu,
                      "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[spec.activation]
         self._kv_stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Learned K/V fill maps (adaptive/kv_fill.py) for the propagate policy; None: the projections.
+        self.kv_fill: KVFill | None = None
+        self._fill_stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_width = torch.tensor(1.0 / spec.hidden_size, dtype=torch.float32, device=self.device)
         self._norm_eps = torch.tensor(spec.norm_eps, dtype=torch.float32, device=self.device)
         # (in, out) views of every projection, made once: ``w.T`` per call is two dispatches.
@@ -281,12 +285,13 @@ class LeanModel:
         return allowed
 
     def layer(self, index: int, h: torch.Tensor, pos: int, cache: KVCache, frame: "Frame | None" = None,
-              kv_source: torch.Tensor | None = None) -> torch.Tensor:
+              kv_source: torch.Tensor | None = None, kv_exit: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder layer on hidden states (B, T, d) of positions [pos, pos+T); writes its K/V.
 
-        ``kv_source`` (B, T, d), when given, is what the written K/V are computed from instead of h: a
-        position whose row is an earlier layer's state gets the K/V ``propagate_kv`` would have filled
-        for it. Calibration uses it to replay propagate decoding of a whole sequence in one pass.
+        ``kv_source`` (B, T, d) with ``kv_exit`` (T,): a position whose ``kv_exit`` e is below ``index``
+        exited after e layers with state ``kv_source``, and gets the K/V ``propagate_kv`` filled for it
+        (``fill_stack(e)``) instead of those computed from h. Calibration uses it to replay propagate
+        decoding of a whole sequence in one pass.
 
         Written for batch-1 decoding, where each torch call costs microseconds of dispatch: 2-D
         activations, matmuls straight into the stored (in, out) weight layout, residual adds fused into
@@ -300,8 +305,7 @@ class LeanModel:
 
         q, k, v = self._qkv(lw, mm, self.norm(h, lw.attn_norm_w, lw.attn_norm_b), frame, B)
         if kv_source is not None:
-            _, k, v = self._qkv(lw, mm, self.norm(kv_source.reshape(B * T, d), lw.attn_norm_w, lw.attn_norm_b),
-                                frame, B)
+            k, v = self._filled_kv(index, kv_source, kv_exit, frame, k, v)
         cache.write(index, pos, k, v)
 
         window = spec.sliding_windows[index]
@@ -346,7 +350,7 @@ class LeanModel:
                        spec.head_dim, dtype=self.dtype, device=self.device)
 
     # ---- propagate KV policy ----------------------------------------------------------------------
-    def _kv_projection_stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_projection_stack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V projections of every layer with that layer's norm weight folded in.
 
         For RMSNorm, K_l(h) = W_l (g_l * n(h)) + b_l = (W_l * g_l) n(h) + b_l, where n(h) is the weightless
@@ -368,17 +372,58 @@ class LeanModel:
             self._kv_stack = (torch.stack(mats), torch.stack(biases))  # (L, 2*kv, d), (L, 2*kv)
         return self._kv_stack
 
+    def set_kv_fill(self, fill: KVFill | None) -> None:
+        """Fill skipped layers' K/V with learned maps (None: with each layer's own projection)."""
+        self.kv_fill = None if fill is None else fill.to(self.dtype, self.device)
+        self._fill_stacks = {}
+
+    def fill_stack(self, first_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mats (L', 2*kv, d), biases (L', 2*kv)) that fill layers [first_layer, L) from the
+        weightless-normalised state after ``first_layer`` layers: the layer's own (exact) projection for
+        layer first_layer, then the learned maps when the model has them, else the projections."""
+        if first_layer not in self._fill_stacks:
+            mats, biases = self.kv_projection_stack()
+            mats, biases = mats[first_layer:], biases[first_layer:]
+            if self.kv_fill is not None:
+                deeper = range(first_layer + 1, self.spec.num_layers)
+                mats = torch.stack([mats[0], *(self.kv_fill.map(first_layer, j)[0] for j in deeper)])
+                biases = torch.stack([biases[0], *(self.kv_fill.map(first_layer, j)[1] for j in deeper)])
+            self._fill_stacks[first_layer] = (mats, biases)
+        return self._fill_stacks[first_layer]
+
+    def weightless_norm(self, h: torch.Tensor) -> torch.Tensor:
+        d = (self.spec.hidden_size,)
+        if self.spec.norm_kind == "rms":
+            return F.rms_norm(h, d, None, self.spec.norm_eps)
+        return F.layer_norm(h, d, None, None, self.spec.norm_eps)
+
+    def _filled_kv(self, index: int, source: torch.Tensor, exit_layer: torch.Tensor, frame: "Frame",
+                   k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, T, hd) of layer ``index`` with the rows of positions that exited below it
+        replaced by what ``propagate_kv`` filled from their exit state ``source`` (B, T, d)."""
+        spec = self.spec
+        B, T, d = source.shape
+        n = self.weightless_norm(source.reshape(B * T, d))  # (B*T, d)
+        for e in exit_layer[exit_layer < index].unique().tolist():
+            mats, biases = self.fill_stack(e)
+            kv = F.linear(n, mats[index - e], biases[index - e])  # (B*T, 2*kv)
+            kv = kv.view(B, T, 2, spec.num_kv_heads, spec.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, Hkv, T, hd)
+            fk, fv = kv[0], kv[1]
+            if frame.cos is not None:
+                fk = torch.addcmul(fk * frame.cos, torch.matmul(fk, self._rotate), frame.sin)
+            rows = (exit_layer == e).view(1, 1, T, 1)
+            k, v = torch.where(rows, fk, k), torch.where(rows, fv, v)
+        return k, v
+
     def propagate_kv(self, h: torch.Tensor, first_layer: int, pos: int, cache: KVCache) -> None:
         """Fill K/V of layers [first_layer, L) at position ``pos`` from the exit hidden state h (B, 1, d)."""
         spec = self.spec
         if first_layer >= spec.num_layers:
             return
-        mats, biases = self._kv_projection_stack()
+        mats, biases = self.fill_stack(first_layer)
         B = h.shape[0]
-        d = (spec.hidden_size,)
-        n = F.rms_norm(h, d, None, spec.norm_eps) if spec.norm_kind == "rms" else F.layer_norm(h, d, None, None, spec.norm_eps)
-        n = n.reshape(B, spec.hidden_size).T  # (d, B)
-        kv = torch.matmul(mats[first_layer:], n) + biases[first_layer:, :, None]  # (L', 2*kv, B)
+        n = self.weightless_norm(h).reshape(B, spec.hidden_size).T  # (d, B)
+        kv = torch.matmul(mats, n) + biases[:, :, None]  # (L', 2*kv, B)
         Lp = kv.shape[0]
         kv = kv.permute(0, 2, 1).reshape(Lp, B, 2, spec.num_kv_heads, 1, spec.head_dim)  # (L', B, 2, Hkv, 1, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]  # (L', B, Hkv, 1, hd)

@@ -26,6 +26,7 @@ from .calibration import CERTIFICATE_FILE, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .gating import GATE_FILE, PromptGate
+from .kv_fill import KV_FILL_FILE, KVFill
 from .datastore import DATASTORE_FILE, NgramStore
 from .scheduler import AUTO_KNOBS, Plan, Scheduler
 from .loading import LoadedCheckpoint, from_hf_model, load_checkpoint
@@ -127,6 +128,10 @@ class Runtime:
         if (directory / CLASSIFIER_FILE).is_file():
             self.exit_classifier = ExitClassifier.load(directory / CLASSIFIER_FILE, self.spec.hidden_size,
                                                        self.spec.num_layers)
+        if (directory / KV_FILL_FILE).is_file():
+            spec = self.spec
+            self.model.set_kv_fill(KVFill.load(directory / KV_FILL_FILE, spec.hidden_size, spec.num_layers,
+                                               spec.num_kv_heads * spec.head_dim))
         if (directory / DATASTORE_FILE).is_file():
             self.datastore = NgramStore.load(directory / DATASTORE_FILE, self.spec.vocab_size)
         if (directory / GATE_FILE).is_file():
@@ -293,12 +298,17 @@ class Runtime:
                     "exit_heads": self.heads.source,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
                     "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit,
-                    "threshold_offsets": cfg.offsets_dict()}
+                    "threshold_offsets": cfg.offsets_dict(),
+                    "kv_fill": self.kv_fill_source() if cfg.kv_policy == "propagate" else None}
         # which Learn-then-Test certificate, if any, covers exactly these settings
         in_force = self.certificate is not None and self.certificate.covers(settings)
         settings["certificate"] = self.certificate.summary() if in_force else None
         return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids,
                                 self.exit_classifier), settings
+
+    def kv_fill_source(self) -> str:
+        """How ``propagate`` fills skipped layers' K/V on this model (shown in stats and the app)."""
+        return f"learned maps ({KV_FILL_FILE})" if self.model.kv_fill is not None else "layer projections"
 
     def _shortlist(self, size: int, prompt_ids: list[int]) -> torch.Tensor | None:
         """Ids of the ``size`` most frequent tokens plus the prompt's, or None (full vocabulary)."""

@@ -204,8 +204,8 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     exactly the K/V real decoding would have: each case is replayed in one layer-by-layer pass over
     prompt + reference. A position's exit is decided when its states reach the exit point, from states
     that only depend on earlier positions' K/V at lower layers, which are already final by then; from
-    that layer on its K/V are computed from the exit state (``LeanModel.layer(kv_source=...)``), as
-    ``propagate_kv`` fills them. So ``simulate`` on this table at ``threshold`` gives the agreement,
+    that layer on its K/V are computed from the exit state (``LeanModel.layer(kv_source=..., kv_exit=...)``),
+    as ``propagate_kv`` fills them (with the model's learned fill maps when it has them). So ``simulate`` on this table at ``threshold`` gives the agreement,
     exits and compute of teacher-forced decoding (``decode_forced``) without the token-by-token loop.
     Rows of other thresholds are meaningless: every threshold needs its own replay."""
     if family.measure not in LOGIT_MEASURES or family.kv_policy != "propagate":
@@ -225,14 +225,14 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
         steps = slice(first, first + N)
         may_exit = torch.zeros(len(seq), dtype=torch.bool)
         may_exit[first + 1:first + N] = True  # decode steps; the prefill's token takes full depth
-        exited = torch.zeros(len(seq), dtype=torch.bool)
+        exit_layer = torch.full((len(seq),), L)  # (S,) layers each position ran before it exited (L: none)
         cache = model.new_cache(1, len(seq))
         h = model.embed(torch.tensor([seq], device=model.device), 0)  # (1, S, d)
         source = h  # (1, S, d): the K/V source of each exited position (its exit state)
         for layer in range(L):
             prev = h
-            kv_source = torch.where(exited[None, :, None], source, h) if bool(exited.any()) else None
-            h = model.layer(layer, h, 0, cache, kv_source=kv_source)
+            exited = bool((exit_layer < layer).any())
+            h = model.layer(layer, h, 0, cache, kv_source=source if exited else None, kv_exit=exit_layer)
             k = layer + 1
             if k == L:
                 break
@@ -242,9 +242,9 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
             if k in exits:
                 now = torch.zeros(len(seq), dtype=torch.bool)
                 now[steps] = torch.as_tensor(conf[k, p] >= threshold + offsets.get(k, 0.0))
-                now &= may_exit & ~exited
+                now &= may_exit & (exit_layer == L)
                 source = torch.where(now[None, :, None], h, source)
-                exited |= now
+                exit_layer[now] = k
         hs = h[0, steps].float()
         top1[L, p] = model.head(hs).argmax(-1).numpy()
         if size:  # the vocabulary exit's check at full depth

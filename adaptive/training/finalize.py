@@ -6,6 +6,7 @@ Stages, in order, each skippable (``--skip-<stage>``):
   datastore    corpus 3-grams for lookup drafting (``build_datastore``) -> ``ngram_datastore.safetensors``
   exits        tuned-lens exit adapters (``train_exits``) -> ``exit_adapters.safetensors``
   classifier   learned exit classifier (``train_exit_classifier``) -> ``exit_classifier.safetensors``
+  kv-fill      least-squares K/V fill maps of ``propagate`` (``fit_kv_fill``) -> ``kv_fill.safetensors``
   evaluate     per-layer loss and agreement on the test split, before and after adapters
   calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
   certify      Learn-then-Test certificate for the calibrated family (``ltt_calibrate``)
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("draft-vocab", "datastore", "exits", "classifier", "evaluate", "calibrate", "certify", "gate", "card")
+STAGES = ("draft-vocab", "datastore", "exits", "classifier", "kv-fill", "evaluate", "calibrate", "certify", "gate", "card")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-minutes", type=float, default=6.0)
     g.add_argument("--classifier-shortlist", type=int, default=1024,
                    help="label agreement over this exit shortlist (0: full vocabulary)")
+    g = p.add_argument_group("kv-fill")
+    g.add_argument("--kv-fill-windows", type=int, default=512, help="training windows of 256 tokens for the fit")
     g = p.add_argument_group("certify")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--delta", type=float, default=0.1)
@@ -148,6 +151,12 @@ def main(args) -> int:
                 max_minutes=args.classifier_minutes, batch=8, seq_len=256, positions=1024, hidden=32,
                 shortlist=args.classifier_shortlist if (model_dir / "draft_vocab.json").is_file() else 0,
                 lr=3e-3, seed=0, threads=args.threads, policy_weight=0.5, disagree_cost=20.0))
+        elif stage == "kv-fill":
+            from . import fit_kv_fill
+
+            report["kv_fill"] = fit_kv_fill.run(argparse.Namespace(
+                model=str(model_dir), text=None, out=None, windows=args.kv_fill_windows, seq_len=256, ridge=1e-3,
+                seed=0, threads=args.threads))
         elif stage == "certify":
             from . import ltt_calibrate
 

@@ -303,6 +303,14 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "miss). *Vocab exit*: a token that runs "
                 "every layer reads the exit shortlist first and skips the full 8192-row LM head when the measure "
                 "reaches this separate threshold (its check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
+        fill = report.get("kv_fill")
+        if fill:
+            out += [f"*K/V fill* (`propagate`): a token that exits after k layers gets the K/V of the skipped layers "
+                    f"from least-squares maps of its exit state (`kv_fill.safetensors`, fitted on {fill['fitted_on']} of "
+                    "the train split; `adaptive/kv_fill.py`) instead of each layer's own projection, at the same MACs. "
+                    "Held-out squared K/V error relative to the projections, per exit point k: "
+                    + ", ".join(f"{k}: {v:.2f}" for k, v in fill["relative_error"].items())
+                    + ". Every `propagate` figure on this card was measured with these maps.", ""]
     dec = report.get("decoding")
     if dec:
         rows = dec["rows"]

@@ -1,0 +1,96 @@
+"""Learned K/V fill for the ``propagate`` policy: one linear map per (exit point, skipped layer).
+
+A token that exits after k layers leaves layers k..L-1 without K/V at its position. ``propagate``
+(CALM) fills layer j with layer j's own K/V projection of the exit state h_k, as if h_j were h_k. Layer
+k is then exact (h_k *is* its input), but the deeper layers read an approximation, and that
+approximation, not the exit decision, is what costs agreement: on the bundled model most tokens that
+disagree with full depth under ``propagate`` are full-depth tokens that read filled K/V (see the
+issue notes).
+
+The projection is one linear map from the normalised exit state to K/V; the least-squares map from the
+same input to the *true* K/V of layer j (fitted on the model's own states over training text, see
+``adaptive/training/fit_kv_fill.py``) can only be closer in mean square, and it costs exactly the same
+MACs: one (2 * kv_dim, d) matmul per skipped layer. So a model that ships this file fills K/V with these
+maps, and every figure (compute, agreement) is measured with them; a model without it uses the
+projection.
+
+File ``kv_fill.safetensors`` next to the checkpoint: ``weight`` (P, 2 * kv_dim, d) and ``bias``
+(P, 2 * kv_dim), one row per pair (k, j) with 1 <= k < j < L in order (k ascending, then j): the pre-RoPE
+K then V of layer j, from the weightless-normalised state after k layers. Pairs with j = k are not
+stored (the layer's own projection is exact there). Metadata ``format="adaptive-kv-fill"``,
+``version="1"``, ``hidden_size``, ``num_layers``, ``kv_dim``, and how it was fitted (``fitted_on``,
+``relative_error``: the held-out mean-square error of the maps relative to the projection's, per k).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+KV_FILL_FILE = "kv_fill.safetensors"
+KV_FILL_FORMAT = "adaptive-kv-fill"
+
+
+def fill_pairs(num_layers: int) -> list[tuple[int, int]]:
+    """The stored (exit after k layers, filled layer j) pairs, in file order."""
+    return [(k, j) for k in range(1, num_layers) for j in range(k + 1, num_layers)]
+
+
+@dataclass
+class KVFill:
+    weight: torch.Tensor  # (P, 2*kv_dim, d), pairs in ``fill_pairs`` order
+    bias: torch.Tensor  # (P, 2*kv_dim)
+    num_layers: int
+    fitted_on: str = ""  # what text and how many positions the maps were fitted on
+    relative_error: dict[int, float] = field(default_factory=dict)  # k -> held-out MSE / projection MSE
+
+    def __post_init__(self):
+        self.index = {pair: i for i, pair in enumerate(fill_pairs(self.num_layers))}
+
+    def map(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (2*kv_dim, d), bias (2*kv_dim,)) filling layer j from the state after k layers (j > k)."""
+        i = self.index[(k, j)]
+        return self.weight[i], self.bias[i]
+
+    def to(self, dtype: torch.dtype, device: torch.device | str) -> "KVFill":
+        return KVFill(self.weight.to(dtype=dtype, device=device), self.bias.to(dtype=dtype, device=device),
+                      self.num_layers, self.fitted_on, dict(self.relative_error))
+
+    def save(self, path: str | Path, hidden_size: int) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous()}, str(path),
+                  metadata={"format": KV_FILL_FORMAT, "version": "1", "hidden_size": str(hidden_size),
+                            "num_layers": str(self.num_layers), "kv_dim": str(self.weight.shape[1] // 2),
+                            "fitted_on": self.fitted_on,
+                            "relative_error": json.dumps({str(k): v for k, v in self.relative_error.items()})})
+
+    @classmethod
+    def load(cls, path: str | Path, hidden_size: int, num_layers: int, kv_dim: int) -> "KVFill":
+        from .exits import read_sidecar
+
+        meta, tensors = read_sidecar(path, KV_FILL_FORMAT, "a K/V fill file")
+        if (meta.get("hidden_size"), meta.get("num_layers"), meta.get("kv_dim")) != (str(hidden_size), str(num_layers), str(kv_dim)):
+            raise CheckpointError(f"{path}: K/V fill maps are for hidden_size={meta.get('hidden_size')}, "
+                                  f"num_layers={meta.get('num_layers')}, kv_dim={meta.get('kv_dim')}, not "
+                                  f"{hidden_size}, {num_layers}, {kv_dim}")
+        try:
+            weight, bias = tensors["weight"].float(), tensors["bias"].float()
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing tensor {e}") from e
+        pairs = len(fill_pairs(num_layers))
+        if weight.shape != (pairs, 2 * kv_dim, hidden_size) or bias.shape != (pairs, 2 * kv_dim):
+            raise CheckpointError(f"{path}: tensor shapes {tuple(weight.shape)}, {tuple(bias.shape)} do not match a "
+                                  f"{num_layers}-layer model with hidden_size={hidden_size}, kv_dim={kv_dim}")
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise CheckpointError(f"{path}: the K/V fill maps contain NaN or infinite values")
+        try:
+            relative_error = {int(k): float(v) for k, v in json.loads(meta.get("relative_error") or "{}").items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: unreadable relative_error metadata: {e}") from e
+        return cls(weight, bias, num_layers, meta.get("fitted_on", ""), relative_error)

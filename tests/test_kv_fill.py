@@ -1,0 +1,133 @@
+"""Learned K/V fill (propagate): the file, the runtime's use of it, the fit, and the exact replay."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive import CheckpointError, Runtime
+from adaptive.kv_fill import KV_FILL_FILE, KVFill, fill_pairs
+from adaptive.training import calibrate_exits as C
+from adaptive.training.fit_kv_fill import fit
+
+from conftest import make_model, random_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def projection_fill(rt: Runtime) -> KVFill:
+    """A fill file whose maps are the layers' own projections: what propagate does without one."""
+    mats, biases = rt.model.kv_projection_stack()
+    pairs = fill_pairs(rt.spec.num_layers)
+    return KVFill(torch.stack([mats[j] for _, j in pairs]), torch.stack([biases[j] for _, j in pairs]),
+                  rt.spec.num_layers)
+
+
+def saved_llama(directory) -> Runtime:
+    make_model("llama").save_pretrained(directory)
+    return Runtime.from_pretrained(directory)
+
+
+EXITING = dict(mode="early_exit", threshold=0.02, exit_layers=(1, 2), kv_policy="propagate", max_new_tokens=12)
+
+
+def test_projection_maps_in_the_file_decode_exactly_as_without_it(tmp_path):
+    plain = saved_llama(tmp_path)
+    projection_fill(plain).save(tmp_path / KV_FILL_FILE, plain.spec.hidden_size)
+    filled = Runtime.from_pretrained(tmp_path)
+    assert filled.model.kv_fill is not None and plain.model.kv_fill is None
+    a, b = plain.generate(random_prompt(6), **EXITING), filled.generate(random_prompt(6), **EXITING)
+    assert a.stats["kv_fill"] == "layer projections" and b.stats["kv_fill"] == f"learned maps ({KV_FILL_FILE})"
+    assert any(t.kv_fill_layers for t in a.traces)  # tokens did exit and fill
+    assert a.token_ids == b.token_ids
+    assert b.stats["compute_fraction"] == pytest.approx(a.stats["compute_fraction"], rel=1e-12)  # same MACs
+
+
+def test_other_maps_change_what_deep_tokens_read_at_the_same_cost(tmp_path):
+    rt = saved_llama(tmp_path)
+    fill = projection_fill(rt)
+    fill.weight = fill.weight + 0.5 * torch.randn(fill.weight.shape, generator=torch.Generator().manual_seed(1))
+    follow = list(range(3, 19))
+    probe = rt.generate(random_prompt(6), mode="early_exit", threshold=1.0, exit_layers=(1,), max_new_tokens=16,
+                        follow=follow)
+    knobs = dict(mode="early_exit", exit_layers=(1,), max_new_tokens=16, follow=follow,
+                 threshold=float(np.median([t.layer_confidence[1] for t in probe.traces if 1 in t.layer_confidence])))
+    a = rt.generate(random_prompt(6), **knobs)
+    rt.model.set_kv_fill(fill)
+    b = rt.generate(random_prompt(6), **knobs)
+    L = rt.spec.num_layers
+    assert {t.exit_layer for t in a.traces} == {1, L}
+    # deep tokens after an exit read the filled K/V of layers 2..L-1: their greedy choice moves
+    free = {k: v for k, v in knobs.items() if k != "follow"}
+    rt.model.set_kv_fill(None)
+    c = rt.generate(random_prompt(6), **free)
+    rt.model.set_kv_fill(fill)
+    assert rt.generate(random_prompt(6), **free).token_ids != c.token_ids
+    # the cost of a fill does not depend on the maps
+    for ta, tb in zip(a.traces, b.traces):
+        if ta.exit_layer == tb.exit_layer:
+            assert ta.kv_fill_layers == tb.kv_fill_layers and ta.macs == tb.macs
+
+
+def test_the_least_squares_fill_is_closer_to_the_true_kv_on_held_out_text():
+    torch.manual_seed(0)
+    rt = Runtime.from_model(make_model("llama"))
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, rt.spec.vocab_size, (1, 48), generator=g) for _ in range(40)]
+    fill = fit(rt, windows[4:], windows[:4], progress=False)
+    assert set(fill.relative_error) == set(range(1, rt.spec.num_layers - 1))
+    assert all(0 < r < 1 for r in fill.relative_error.values()), fill.relative_error
+
+
+def test_replayed_propagate_with_a_learned_fill_equals_real_decoding(tiny_checkpoint):
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
+    C.add_references(rt, cases, 16, progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (0,), progress=False)
+    fam = C.Family("max_prob", (1, 2), 0, "propagate")
+    thr = float(np.median(tables[0].conf["max_prob"][[1, 2]]))
+    without = C.replay_outcome(rt, cases, costs, fam, thr)
+    fill = projection_fill(rt)  # maps far from the projections, so that the outcome surely moves
+    fill.weight = fill.weight + 0.5 * torch.randn(fill.weight.shape, generator=torch.Generator().manual_seed(2))
+    rt.model.set_kv_fill(fill)
+    replayed = C.replay_outcome(rt, cases, costs, fam, thr)
+    assert replayed == pytest.approx(C.decode_forced(rt, cases, fam.knobs(thr)), rel=1e-9)
+    assert replayed != pytest.approx(without, rel=1e-9)  # the replay really read the learned maps
+
+
+def test_a_broken_or_mismatched_fill_file_is_a_clear_error(tmp_path):
+    rt = saved_llama(tmp_path)
+    path = tmp_path / KV_FILL_FILE
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        Runtime.from_pretrained(tmp_path)
+    good = projection_fill(rt)
+    KVFill(good.weight[:-1], good.bias[:-1], rt.spec.num_layers).save(path, rt.spec.hidden_size)
+    with pytest.raises(CheckpointError, match="do not match"):
+        Runtime.from_pretrained(tmp_path)
+    bad = projection_fill(rt)
+    bad.bias[0, 0] = float("nan")
+    bad.save(path, rt.spec.hidden_size)
+    with pytest.raises(CheckpointError, match="NaN"):
+        Runtime.from_pretrained(tmp_path)
+    good.save(path, rt.spec.hidden_size + 1)  # metadata for another model
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        Runtime.from_pretrained(tmp_path)
+
+
+def test_fit_kv_fill_command_writes_a_file_the_runtime_loads(tmp_path, tiny_checkpoint):
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    text = tmp_path / "code.py"
+    text.write_text("def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 60)
+    proc = subprocess.run([sys.executable, "-m", "adaptive", "fit-kv-fill", "--model", str(model_dir), "--text", str(text),
+                           "--windows", "20", "--seq-len", "32"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "relative to the layer projections" in proc.stdout
+    rt = Runtime.from_pretrained(model_dir)
+    assert rt.model.kv_fill is not None and rt.model.kv_fill.relative_error
