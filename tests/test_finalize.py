@@ -237,6 +237,26 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
         f.write(json.dumps({"kind": "start", "tokens": 1000, "args": {"threads": 2, "propagate_exits": [3]}}) + "\n")
     card = model_card.write_card(model_dir, _report(), log).read_text()
     assert "resumed 1 times" in card and "exits after layers [4, 6]" in card
+    assert "**Held-out check** on" not in card and "*K/V fill* (`propagate`)" not in card
+
+
+def test_the_card_names_the_held_out_check_and_the_kv_fill(tmp_path, tiny_checkpoint):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    report = _report()
+    cal = report["calibration"]
+    miss = {**cal["finalists"][0], "knobs": {**cal["chosen"], "threshold": 0.85}, "method": "held-out",
+            "sim_agreement": 0.994, "sim_compute": 0.55, "agreement": 0.987, "compute_fraction": 0.56}
+    keep = {**cal["finalists"][0], "method": "held-out", "sim_agreement": 0.995, "sim_compute": 0.6,
+            "agreement": 0.992, "compute_fraction": 0.61}
+    cal.update(holdout_prompts=24, holdout=[miss, keep], holdout_passed=True)
+    report["kv_fill"] = {"fitted_on": "1000 positions in 4 windows", "relative_error": {"1": 0.61, "2": 0.7}}
+    card = model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
+    assert ("max_prob [2] at 0.85 (selection 0.9940 at 0.550): 0.9870 at 0.560; max_prob [2] at 0.9 (selection "
+            "0.9950 at 0.600): 0.9920 at 0.610. Kept: the last one") in card
+    assert "fitted on 1000 positions in 4 windows" in card and "1: 0.61, 2: 0.70" in card
+    cal["holdout_passed"] = False
+    assert "None of the 2 checked reached 0.99 held out" in model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
 
 
 def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
@@ -462,3 +482,35 @@ def test_the_card_shows_every_decoded_finalist_and_the_cheapest_replayed_ones():
     shown, hidden = model_card._finalist_rows(rows, replayed_shown=4)
     assert hidden == 16 and len(shown) == 7
     assert shown == decoded + replayed[:4]  # original order kept: the decoded rows came first here
+
+
+def test_the_held_out_check_keeps_the_cheapest_setting_that_also_passes_on_other_prompts():
+    def m(thr, agreement, compute):
+        return C.Measured({"threshold": thr}, 0.0, 0.0, agreement, compute, 0.0)
+
+    measured = [m(0.7, 0.995, 0.60), m(0.8, 0.996, 0.70), m(0.8, 0.996, 0.70), m(0.9, 0.998, 0.80), m(0.5, 0.97, 0.4)]
+    held_out = {0.7: 0.985, 0.8: 0.991, 0.9: 0.999}
+    calls = []
+
+    def decode(knobs):
+        calls.append(knobs["threshold"])
+        return held_out[knobs["threshold"]], 0.5, 4.0
+
+    best, checked, passed = C.holdout_check(measured, measured[0], decode, goal=0.993, target=0.99, progress=False)
+    assert passed and best.knobs == {"threshold": 0.8} and calls == [0.7, 0.8]  # cheapest first, each knob once
+    assert [c.method for c in checked] == ["held-out"] * 2 and checked[0].sim_agreement == 0.995
+    calls.clear()
+    best, checked, passed = C.holdout_check(measured, measured[0], decode, goal=0.993, target=0.999, max_checks=2,
+                                            progress=False)
+    assert not passed and best is measured[0] and calls == [0.7, 0.8]  # none passed: the selection's pick stays
+
+
+def test_calibrate_with_held_out_prompts_checks_the_choice_on_other_files(tiny_checkpoint):
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    cal = C.calibrate(rt, target=0.5, num_prompts=2, min_context=20, max_context=30, new_tokens=8,
+                      vocab_sizes=(0,), draft_vocab_size=0, families=2, holdout_prompts=2, progress=False)
+    assert cal.holdout_prompts == 2 and cal.holdout and cal.holdout_passed is not None
+    assert all(h.method == "held-out" for h in cal.holdout)
+    if cal.holdout_passed:
+        assert cal.holdout[-1].knobs == cal.chosen and cal.holdout[-1].agreement >= cal.target
+    assert any(m.method == "decoded" and m.knobs == cal.chosen for m in cal.finalists)

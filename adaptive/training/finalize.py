@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--margin", type=float, default=0.003, help="select at target + margin (selection bias)")
     g.add_argument("--cal-prompts", type=int, default=24)
     g.add_argument("--cal-new-tokens", type=int, default=128)
+    g.add_argument("--holdout-prompts", type=int, default=24,
+                   help="other validation prompts the chosen setting must also reach the target on (0: no check)")
     g.add_argument("--confirm-minutes", type=float, default=8.0, help="time for real decoding of the finalists")
     g.add_argument("--replay-families", type=int, default=40,
                    help="propagate families searched by exact replay (0: none)")
@@ -194,6 +196,7 @@ def main(args) -> int:
                                             new_tokens=args.cal_new_tokens, confirm_minutes=args.confirm_minutes,
                                             replay_families=args.replay_families, replay_minutes=args.replay_minutes,
                                             offset_families=args.offset_families,
+                                            holdout_prompts=args.holdout_prompts,
                                             draft_vocab_size=args.draft_vocab_size)
             calibrate_exits.write_defaults(model_dir, cal)
             report["calibration"] = cal.to_dict()

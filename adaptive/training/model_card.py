@@ -287,6 +287,18 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
                 "agreement | compute | measured by |",
                 "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        if cal.get("holdout"):
+            runs = cal["holdout"]
+            last = runs[-1]
+            out += [f"**Held-out check** on {cal['holdout_prompts']} other validation prompts (files the selection never "
+                    "saw): the passing settings, cheapest first, decoded there until one reaches the target — "
+                    + ("; ".join(f"{m['knobs']['measure']} {m['knobs']['exit_layers']} at {_threshold_text(m['knobs'])}"
+                                 f"{', vocabulary exit ' + format(m['knobs']['vocab_exit'], '.4g') if m['knobs'].get('vocab_exit') is not None else ''}"
+                                 f" (selection {m['sim_agreement']:.4f} at {m['sim_compute']:.3f}): {m['agreement']:.4f} at "
+                                 f"{m['compute_fraction']:.3f}" for m in runs))
+                    + (f". Kept: the last one ({last['agreement']:.4f} held out)." if cal.get("holdout_passed") else
+                       f". **None of the {len(runs)} checked reached {cal['target']:.2f} held out**; the selection's "
+                       "choice is kept."), ""]
         shown, hidden = _finalist_rows(cal["finalists"])
         for m in shown:
             kk = m["knobs"]
