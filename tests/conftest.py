@@ -97,3 +97,23 @@ def build_tiny_checkpoint(directory, family: str = "llama"):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+CODE_TEXT = "def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 60
+
+
+def run_command_on_copy(tmp_path, checkpoint, command: str, *args: str):
+    """``python -m adaptive COMMAND --model COPY --text FILE ARGS`` on a copy of ``checkpoint`` with a small
+    text file: (the copy's directory, the finished process)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint, model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(CODE_TEXT)
+    proc = subprocess.run([sys.executable, "-m", "adaptive", command, "--model", str(model_dir), "--text", str(text), *args],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    return model_dir, proc

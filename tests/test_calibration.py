@@ -75,23 +75,15 @@ def test_certificate_round_trip_and_coverage(tmp_path):
 
 def test_calibrate_cli_writes_a_certificate_the_runtime_reports(tmp_path, tiny_checkpoint):
     import json
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from adaptive import Runtime
     from adaptive.calibration import CERTIFICATE_FILE
+    from conftest import run_command_on_copy
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint, model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text("def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 60)
-    proc = subprocess.run([sys.executable, "-m", "adaptive", "calibrate", "--model", str(model_dir), "--text", str(text),
-                           "--epsilon", "0.3", "--delta", "0.2", "--prompts", "40", "--tokens", "6", "--context", "12",
-                           "--test-prompts", "5", "--measure", "max_prob", "--exit-layers", "2", "--write-defaults",
-                           "--threads", "1"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                          timeout=300)
+    model_dir, proc = run_command_on_copy(
+        tmp_path, tiny_checkpoint, "calibrate", "--epsilon", "0.3", "--delta", "0.2", "--prompts", "40", "--tokens", "6",
+        "--context", "12", "--test-prompts", "5", "--measure", "max_prob", "--exit-layers", "2", "--write-defaults",
+        "--threads", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cert = json.loads((model_dir / CERTIFICATE_FILE).read_text())
     assert cert["n"] == 40 and cert["observed_risk"] <= 0.3 and 0 <= cert["test_agreement"] <= 1

@@ -1,9 +1,5 @@
 """Learned K/V fill (propagate): the file, the runtime's use of it, the fit, and the exact replay."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +9,7 @@ from adaptive.kv_fill import KV_FILL_FILE, KVFill, fill_pairs
 from adaptive.training import calibrate_exits as C
 from adaptive.training.fit_kv_fill import fit
 
-from conftest import make_model, random_prompt
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import make_model, random_prompt, run_command_on_copy
 
 
 def projection_fill(rt: Runtime) -> KVFill:
@@ -119,14 +113,7 @@ def test_a_broken_or_mismatched_fill_file_is_a_clear_error(tmp_path):
 
 
 def test_fit_kv_fill_command_writes_a_file_the_runtime_loads(tmp_path, tiny_checkpoint):
-    import shutil
-
-    model_dir = tmp_path / "m"
-    shutil.copytree(tiny_checkpoint, model_dir)
-    text = tmp_path / "code.py"
-    text.write_text("def main():\n    return 0\n\nimport os\nprint('hello world')\n" * 60)
-    proc = subprocess.run([sys.executable, "-m", "adaptive", "fit-kv-fill", "--model", str(model_dir), "--text", str(text),
-                           "--windows", "20", "--seq-len", "32"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    model_dir, proc = run_command_on_copy(tmp_path, tiny_checkpoint, "fit-kv-fill", "--windows", "20", "--seq-len", "32")
     assert proc.returncode == 0, proc.stderr
     assert "relative to the layer projections" in proc.stdout
     rt = Runtime.from_pretrained(model_dir)
