@@ -61,6 +61,9 @@ def hoeffding_bentkus_p_value(mean_loss: float, n: int, epsilon: float) -> float
     return min(1.0, hoeffding, bentkus)
 
 
+PROJECTION_FILL = "layer projections"  # Runtime.kv_fill_source() of a model without learned K/V fill maps
+
+
 @dataclass
 class LTTResult:
     epsilon: float
@@ -112,6 +115,9 @@ class Certificate:
     test_tokens: int = 0
     vocab_exit: float | None = None  # the vocabulary exit's own threshold (fixed while the main one is tested)
     threshold_offsets: dict[str, float] = field(default_factory=dict)  # per exit layer, fixed relative to λ
+    # How propagate filled skipped layers' K/V when this was certified (``Runtime.kv_fill_source()``): other
+    # maps decode differently. Certificates from before learned fills existed used the projections.
+    kv_fill: str = PROJECTION_FILL
     method: str = ("Learn-then-Test, fixed-sequence testing over thresholds from high to low, Hoeffding-Bentkus "
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
@@ -123,7 +129,8 @@ class Certificate:
                 and settings.get("exit_vocab_size", 0) == self.exit_vocab_size
                 and settings.get("kv_policy") == self.kv_policy
                 and settings.get("vocab_exit") == self.vocab_exit
-                and (settings.get("threshold_offsets") or {}) == self.threshold_offsets)
+                and (settings.get("threshold_offsets") or {}) == self.threshold_offsets
+                and (self.kv_policy != "propagate" or settings.get("kv_fill") == self.kv_fill))
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "n": self.n, "threshold": self.threshold,

@@ -24,8 +24,10 @@ stored (the layer's own projection is exact there). Metadata ``format="adaptive-
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -51,6 +53,15 @@ class KVFill:
 
     def __post_init__(self):
         self.index = {pair: i for i, pair in enumerate(fill_pairs(self.num_layers))}
+
+    @cached_property
+    def digest(self) -> str:
+        """First 12 hex digits of sha256 over the maps (fp32): names this fill in stats and certificates
+        (computed once: the maps are not changed in place)."""
+        h = hashlib.sha256()
+        for t in (self.weight, self.bias):
+            h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def map(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (2*kv_dim, d), bias (2*kv_dim,)) filling layer j from the state after k layers (j > k)."""

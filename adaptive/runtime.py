@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
 from .speculative import AcceptanceStats, DraftModelDrafter, RoundTimings, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
-from .calibration import CERTIFICATE_FILE, Certificate
+from .calibration import CERTIFICATE_FILE, PROJECTION_FILL, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from .exits import ADAPTER_FILE, ExitHeads, load_adapters
 from .gating import GATE_FILE, PromptGate
@@ -137,7 +138,14 @@ class Runtime:
         if (directory / GATE_FILE).is_file():
             self.gate = PromptGate.load(directory / GATE_FILE, self.spec.hidden_size, self.paths)
         if (directory / CERTIFICATE_FILE).is_file():
-            self.certificate = Certificate.load(directory / CERTIFICATE_FILE)
+            cert = Certificate.load(directory / CERTIFICATE_FILE)
+            if cert.kv_policy == "propagate" and cert.kv_fill != self.kv_fill_source():
+                # Certified with other K/V fill maps (or none): this model decodes differently, so the
+                # guarantee does not carry over; neither requests nor the scheduler may rely on it.
+                warnings.warn(f"{directory / CERTIFICATE_FILE} was certified with K/V fill '{cert.kv_fill}', but this "
+                              f"model fills with '{self.kv_fill_source()}': the certificate is ignored")
+            else:
+                self.certificate = cert
         if (directory / DRAFT_VOCAB_FILE).is_file():
             self.draft_ranking = load_ranking(directory / DRAFT_VOCAB_FILE, self.spec.vocab_size)
         defaults_path = directory / DEFAULTS_FILE
@@ -308,7 +316,8 @@ class Runtime:
 
     def kv_fill_source(self) -> str:
         """How ``propagate`` fills skipped layers' K/V on this model (shown in stats and the app)."""
-        return f"learned maps ({KV_FILL_FILE})" if self.model.kv_fill is not None else "layer projections"
+        fill = self.model.kv_fill
+        return PROJECTION_FILL if fill is None else f"learned maps ({KV_FILL_FILE}, {fill.digest})"
 
     def _shortlist(self, size: int, prompt_ids: list[int]) -> torch.Tensor | None:
         """Ids of the ``size`` most frequent tokens plus the prompt's, or None (full vocabulary)."""

@@ -69,8 +69,9 @@ def test_certificate_round_trip_and_coverage(tmp_path):
     back = Certificate.load(tmp_path / "c.json")
     assert back == cert
     settings = {"measure": "classifier", "threshold": 0.8, "exit_layers": [2, 4], "exit_vocab_size": 1024,
-                "kv_policy": "propagate"}
+                "kv_policy": "propagate", "kv_fill": "layer projections"}
     assert back.covers(settings) and not back.covers({**settings, "threshold": 0.7})
+    assert not back.covers({**settings, "kv_fill": "learned maps (kv_fill.safetensors, 0123456789ab)"})
 
 
 def test_calibrate_cli_writes_a_certificate_the_runtime_reports(tmp_path, tiny_checkpoint):

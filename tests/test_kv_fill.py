@@ -34,7 +34,7 @@ def test_projection_maps_in_the_file_decode_exactly_as_without_it(tmp_path):
     filled = Runtime.from_pretrained(tmp_path)
     assert filled.model.kv_fill is not None and plain.model.kv_fill is None
     a, b = plain.generate(random_prompt(6), **EXITING), filled.generate(random_prompt(6), **EXITING)
-    assert a.stats["kv_fill"] == "layer projections" and b.stats["kv_fill"] == f"learned maps ({KV_FILL_FILE})"
+    assert a.stats["kv_fill"] == "layer projections" and b.stats["kv_fill"] == f"learned maps ({KV_FILL_FILE}, {filled.model.kv_fill.digest})"
     assert any(t.kv_fill_layers for t in a.traces)  # tokens did exit and fill
     assert a.token_ids == b.token_ids
     assert b.stats["compute_fraction"] == pytest.approx(a.stats["compute_fraction"], rel=1e-12)  # same MACs
@@ -118,3 +118,28 @@ def test_fit_kv_fill_command_writes_a_file_the_runtime_loads(tmp_path, tiny_chec
     assert "relative to the layer projections" in proc.stdout
     rt = Runtime.from_pretrained(model_dir)
     assert rt.model.kv_fill is not None and rt.model.kv_fill.relative_error
+
+
+def test_a_certificate_holds_only_for_the_fill_it_was_made_with(tmp_path):
+    from adaptive.calibration import CERTIFICATE_FILE, Certificate
+
+    rt = saved_llama(tmp_path)
+    knobs = dict(threshold=0.5, measure="max_prob", exit_layers=[1, 2], exit_vocab_size=0, kv_policy="propagate")
+    cert = Certificate(epsilon=0.1, delta=0.1, n=10, calibration_set_sha256="0" * 64, observed_risk=0.0, p_value=0.01,
+                       tokens_per_prompt=4, **knobs)  # made before learned fills existed: projections
+    cert.save(tmp_path / CERTIFICATE_FILE)
+    res = Runtime.from_pretrained(tmp_path).generate(random_prompt(5), max_new_tokens=3, mode="early_exit", **knobs)
+    assert res.stats["certificate"] is not None
+    fill = projection_fill(rt)
+    fill.weight = fill.weight * 1.01
+    fill.save(tmp_path / KV_FILL_FILE, rt.spec.hidden_size)
+    with pytest.warns(UserWarning, match="certificate is ignored"):
+        filled = Runtime.from_pretrained(tmp_path)
+    assert filled.certificate is None
+    assert "early_exit_certified" not in [c.name for c in filled.scheduler.candidates(random_prompt(5), None)]
+    cert.kv_fill = filled.kv_fill_source()  # certified with these very maps: in force again
+    cert.save(tmp_path / CERTIFICATE_FILE)
+    again = Runtime.from_pretrained(tmp_path)
+    assert again.generate(random_prompt(5), max_new_tokens=3, mode="early_exit", **knobs).stats["certificate"] is not None
+    again.model.set_kv_fill(None)  # other maps at run time: the certificate no longer covers the request
+    assert again.generate(random_prompt(5), max_new_tokens=3, mode="early_exit", **knobs).stats["certificate"] is None

@@ -177,7 +177,7 @@ def main(args) -> int:
                        kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
                        observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
                        test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit,
-                       threshold_offsets=cfg.offsets_dict())
+                       threshold_offsets=cfg.offsets_dict(), kv_fill=rt.kv_fill_source())
     path = Path(rt.directory) / CERTIFICATE_FILE
     cert.save(path)
     print(f"wrote {path}: threshold {result.threshold}, test agreement {agree / total:.4f} on {total} tokens")
