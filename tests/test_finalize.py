@@ -251,10 +251,12 @@ def test_the_card_names_the_held_out_check_and_the_kv_fill(tmp_path, tiny_checkp
             "agreement": 0.992, "compute_fraction": 0.61}
     cal.update(holdout_prompts=24, holdout=[miss, keep], holdout_passed=True)
     report["kv_fill"] = {"fitted_on": "1000 positions in 4 windows", "relative_error": {"1": 0.61, "2": 0.7}}
+    cal["misses"] = {"exit after 2": [3, 700], "full depth": [12, 500]}
     card = model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
     assert ("max_prob [2] at 0.85 (selection 0.9940 at 0.550): 0.9870 at 0.560; max_prob [2] at 0.9 (selection "
             "0.9950 at 0.600): 0.9920 at 0.610. Kept: the last one") in card
     assert "fitted on 1000 positions in 4 windows" in card and "1: 0.61, 2: 0.70" in card
+    assert "| exit after 2 | 700 | 3 |\n| full depth | 500 | 12 |" in card
     cal["holdout_passed"] = False
     assert "None of the 2 checked reached 0.99 held out" in model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
 
@@ -514,3 +516,18 @@ def test_calibrate_with_held_out_prompts_checks_the_choice_on_other_files(tiny_c
     if cal.holdout_passed:
         assert cal.holdout[-1].knobs == cal.chosen and cal.holdout[-1].agreement >= cal.target
     assert any(m.method == "decoded" and m.knobs == cal.chosen for m in cal.finalists)
+
+
+def test_the_miss_breakdown_splits_disagreements_by_where_the_token_came_from():
+    L, P, N = 3, 1, 5
+    top1 = np.array([[[0] * N], [[1, 1, 9, 1, 1]], [[2, 2, 2, 9, 2]], [[7, 7, 7, 7, 7]]])  # (L+1, P, N); row L = ref
+    conf = {"max_prob": np.zeros((L + 1, P, N))}
+    conf["max_prob"][1, 0] = [0, 0.9, 0.9, 0, 0]  # steps 1, 2 exit after 1 layer (step 0 is the prefill's)
+    conf["max_prob"][2, 0] = [0, 0, 0, 0.9, 0]  # step 3 after 2
+    conf["max_prob"][L, 0] = [0, 0, 0, 0, 0.9]  # step 4 takes the vocabulary exit
+    table = C.SimTable(4, conf, top1, np.zeros((L + 1, P)), vocab_top1=np.array([[7, 7, 7, 7, 5]]),
+                       reference=np.array([[7, 1, 1, 2, 7]]))
+    fam = C.Family("max_prob", (1, 2), 4, "propagate", vocab_exit=0.5)
+    rows = C.miss_breakdown(table, fam, 0.5)
+    assert rows == {"exit after 1": [1, 2], "exit after 2": [1, 1], "vocabulary exit": [1, 1], "full depth": [0, 1]}
+    assert C.Family.of(fam.knobs(0.5)) == fam

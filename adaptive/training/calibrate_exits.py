@@ -285,6 +285,13 @@ class Family:
             k["patience"] = self.patience
         return k
 
+    @classmethod
+    def of(cls, knobs: dict) -> "Family":
+        """The family of a setting's knobs (the inverse of ``knobs``)."""
+        return cls(knobs["measure"], tuple(knobs["exit_layers"]), knobs.get("exit_vocab_size", 0), knobs["kv_policy"],
+                   knobs.get("patience", 2), knobs.get("vocab_exit"),
+                   tuple(sorted((int(k), float(v)) for k, v in (knobs.get("threshold_offsets") or {}).items())))
+
 
 @dataclass
 class SimResult:
@@ -319,35 +326,10 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     prefill, at full depth.
     """
     L = costs.layer_cum.shape[0] - 1
-    E = np.array(family.exit_layers)
-    if family.vocab_exit is not None and (table.vocab_top1 is None or family.measure not in LOGIT_MEASURES):
-        raise ValueError("a vocabulary exit needs a shortlist table and a logit measure")
     P, N = costs.full.shape
-    if family.measure == "patience":  # run of consecutive exit points whose top-1 agrees
-        tops = table.top1[E]
-        run = np.ones_like(tops, dtype=np.float64)
-        for j in range(1, len(E)):
-            run[j] = np.where(tops[j] == tops[j - 1], run[j - 1] + 1, 1)
-        conf = np.minimum(run / family.patience, 1.0)
-    else:
-        conf = table.conf[family.measure][E]  # (|E|, P, N)
-    if family.offsets:  # exit point k passes at threshold + offset_k: shift its confidence down instead
-        shift = dict(family.offsets)
-        conf = conf - np.array([shift.get(int(k), 0.0) for k in E])[:, None, None]
-    thr = np.asarray(thresholds, dtype=np.float64)
-    passed = conf[:, None] >= thr[None, :, None, None]  # (|E|, M, P, N)
-    any_pass = passed.any(0)
-    first = np.where(any_pass, passed.argmax(0), len(E))  # (M, P, N) index into E, len(E): none
-    first[..., 0] = len(E)  # the prefill's token: full depth, full head
-    exit_k = np.append(E, L)[first]
+    E, first, exit_k, vocab, emitted = _decide(table, family, thresholds, L)
     pi = np.arange(P)[None, :, None]
     ni = np.arange(N)[None, None, :]
-    emitted = table.top1[exit_k, pi, ni]
-    vocab = np.zeros(first.shape, dtype=bool)  # (M, P, N): tokens that took the vocabulary exit
-    if family.vocab_exit is not None:
-        vocab = (first == len(E)) & (table.conf[family.measure][L] >= family.vocab_exit)[None]
-        vocab[..., 0] = False  # the prefill's token
-        emitted = np.where(vocab, table.vocab_top1[None], emitted)
     truth = table.top1[L] if table.reference is None else table.reference
     agree = (emitted == truth[None]).mean(axis=(1, 2))
     # Exit-head checks: cumulative over the exit points passed through, per prompt (shortlists differ).
@@ -371,7 +353,57 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     macs = np.where(np.arange(N)[None, None] == 0, costs.full[None], layers + heads)
     compute = macs.sum(axis=(1, 2)) / costs.full.sum()
     layers_mean = exit_k.mean(axis=(1, 2))
-    return SimResult(family, thr, agree, compute, layers_mean)
+    return SimResult(family, np.asarray(thresholds, dtype=np.float64), agree, compute, layers_mean)
+
+
+def _decide(table: SimTable, family: Family, thresholds, L: int):
+    """What the decoder decides per token at each threshold: (exit points E, first passing index into E
+    (len(E): none) (M, P, N), exit layer (M, P, N), took the vocabulary exit (M, P, N), emitted token (M, P, N))."""
+    E = np.array(family.exit_layers)
+    if family.vocab_exit is not None and (table.vocab_top1 is None or family.measure not in LOGIT_MEASURES):
+        raise ValueError("a vocabulary exit needs a shortlist table and a logit measure")
+    P, N = table.top1.shape[1:]
+    if family.measure == "patience":  # run of consecutive exit points whose top-1 agrees
+        tops = table.top1[E]
+        run = np.ones_like(tops, dtype=np.float64)
+        for j in range(1, len(E)):
+            run[j] = np.where(tops[j] == tops[j - 1], run[j - 1] + 1, 1)
+        conf = np.minimum(run / family.patience, 1.0)
+    else:
+        conf = table.conf[family.measure][E]  # (|E|, P, N)
+    if family.offsets:  # exit point k passes at threshold + offset_k: shift its confidence down instead
+        shift = dict(family.offsets)
+        conf = conf - np.array([shift.get(int(k), 0.0) for k in E])[:, None, None]
+    thr = np.asarray(thresholds, dtype=np.float64)
+    passed = conf[:, None] >= thr[None, :, None, None]  # (|E|, M, P, N)
+    any_pass = passed.any(0)
+    first = np.where(any_pass, passed.argmax(0), len(E))  # (M, P, N) index into E, len(E): none
+    first[..., 0] = len(E)  # the prefill's token: full depth, full head
+    exit_k = np.append(E, L)[first]
+    emitted = table.top1[exit_k, np.arange(P)[None, :, None], np.arange(N)[None, None, :]]
+    vocab = np.zeros(first.shape, dtype=bool)  # (M, P, N): tokens that took the vocabulary exit
+    if family.vocab_exit is not None:
+        vocab = (first == len(E)) & (table.conf[family.measure][L] >= family.vocab_exit)[None]
+        vocab[..., 0] = False  # the prefill's token
+        emitted = np.where(vocab, table.vocab_top1[None], emitted)
+    return E, first, exit_k, vocab, emitted
+
+
+def miss_breakdown(table: SimTable, family: Family, threshold: float) -> dict[str, list[int]]:
+    """{where the token came from: [tokens that disagree with full depth, tokens]} of one setting:
+    "exit after k" per exit point, "vocabulary exit", and "full depth" (every layer and the full head).
+    On a replayed ``propagate`` table a full-depth token can only disagree because it read filled K/V of
+    earlier exits, so that row measures what the K/V approximation costs (on an exact table it is 0)."""
+    L = table.top1.shape[0] - 1
+    _, _, exit_k, vocab, emitted = _decide(table, family, [threshold], L)
+    exit_k, vocab, emitted = exit_k[0], vocab[0], emitted[0]
+    truth = table.top1[L] if table.reference is None else table.reference
+    wrong = emitted != truth
+    rows = {f"exit after {k}": exit_k == k for k in family.exit_layers}
+    if family.vocab_exit is not None:
+        rows["vocabulary exit"] = vocab
+    rows["full depth"] = (exit_k == L) & ~vocab
+    return {name: [int((mask & wrong).sum()), int(mask.sum())] for name, mask in rows.items()}
 
 
 def exit_layer_sets(num_layers: int, max_size: int = 7) -> list[tuple[int, ...]]:
@@ -507,6 +539,9 @@ class Calibration:
     holdout_prompts: int = 0
     holdout: list[Measured] = field(default_factory=list)
     holdout_passed: bool | None = None  # None: no held-out check was made
+    # Where the chosen setting's disagreements come from on the selection prompts (``miss_breakdown`` of its
+    # exact replay); None when it cannot be replayed (defer or a hidden-state measure)
+    misses: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -580,6 +615,11 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
                                   lambda: decode_forced(rt, cases, best.knobs), "decoded")
             measured.append(best)
         times["holdout"] = time.time() - t0
+    chosen_family = Family.of(best.knobs)
+    misses = None
+    if chosen_family.kv_policy == "propagate" and chosen_family.measure in LOGIT_MEASURES:
+        misses = miss_breakdown(replay_propagate(rt, cases, chosen_family, best.knobs["threshold"]), chosen_family,
+                                best.knobs["threshold"])
     return Calibration(target=target, margin=margin, chosen=best.knobs, agreement=best.agreement,
                        compute_fraction=best.compute_fraction, layers_run_mean=best.layers_run_mean,
                        meets_target=best.agreement >= target, split=split,
@@ -588,7 +628,7 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
                        acceptance_priors=priors, draft_vocab_size=draft_vocab_size,
                        neighbour_thresholds=_neighbours(found, best), finalists=measured, seconds=times,
                        settings_replayed=replays, holdout_prompts=len(held_out), holdout=checked,
-                       holdout_passed=passed)
+                       holdout_passed=passed, misses=misses)
 
 
 def holdout_check(measured: list[Measured], best: Measured, decode_holdout, goal: float, target: float,

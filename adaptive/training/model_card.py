@@ -315,6 +315,13 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "miss). *Vocab exit*: a token that runs "
                 "every layer reads the exit shortlist first and skips the full 8192-row LM head when the measure "
                 "reaches this separate threshold (its check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
+        if cal.get("misses"):
+            rows = cal["misses"]
+            out += ["Where the chosen setting's disagreements with full depth come from, on the validation prompts "
+                    "(exact replay): a token that ran every layer can only disagree because it read the "
+                    "approximate K/V that `propagate` filled for earlier exits.", "",
+                    "| token came from | tokens | disagree |", "|---|---:|---:|",
+                    *(f"| {name} | {n:,} | {wrong} |" for name, (wrong, n) in rows.items()), ""]
         fill = report.get("kv_fill")
         if fill:
             out += [f"*K/V fill* (`propagate`): a token that exits after k layers gets the K/V of the skipped layers "
