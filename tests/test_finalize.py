@@ -268,14 +268,15 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     finalize.add_arguments(parser)
     # the trainer stages (exits, classifier, certify) have their own tests; here: the pipeline around them
     args = parser.parse_args(["--model", str(model_dir), "--skip-draft-vocab", "--skip-datastore", "--skip-exits", "--skip-classifier",
-                              "--skip-certify", "--eval-windows", "2",
+                              "--skip-certify", "--with-kv-fill", "--kv-fill-windows", "6", "--eval-windows", "2",
                               "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
                               "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",
                               "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl"),
                               "--gate-prompts", "8", "--gate-tokens", "6", "--gate-run-dir", str(tmp_path / "gate")])
     assert finalize.main(args) == 0
     report = json.loads((model_dir / model_card.REPORT_FILE).read_text())
-    assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds", "gate"}
+    assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds", "gate", "kv_fill"}
+    assert (model_dir / "kv_fill.safetensors").is_file()
     assert report["gate"]["prompts"] == 8 and (model_dir / "prompt_gate.safetensors").is_file()
     assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()
@@ -294,7 +295,7 @@ def test_a_failed_certification_removes_the_old_certificate_and_says_so(tmp_path
     (model_dir / model_card.REPORT_FILE).write_text(json.dumps(report))
     parser = argparse.ArgumentParser()
     finalize.add_arguments(parser)
-    stages = [f"--skip-{s}" for s in finalize.STAGES if s != "certify"]
+    stages = [f"--skip-{s}" for s in finalize.STAGES if s != "certify" and s not in finalize.OPT_IN_STAGES]
     # epsilon 1e-6 on 4 prompts: nothing can be certified
     args = parser.parse_args(["--model", str(model_dir), *stages, "--epsilon", "1e-6", "--ltt-prompts", "4",
                               "--ltt-tokens", "4", "--ltt-test-prompts", "1", "--log", str(tmp_path / "none.jsonl")])
