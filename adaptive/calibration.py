@@ -114,6 +114,7 @@ class Certificate:
     test_agreement: float | None = None  # teacher-forced agreement measured by real decoding on held-out text
     test_tokens: int = 0
     vocab_exit: float | None = None  # the vocabulary exit's own threshold (fixed while the main one is tested)
+    vocab_exit_size: int = 0  # the vocabulary exit's own shortlist size (0: the exit shortlist)
     threshold_offsets: dict[str, float] = field(default_factory=dict)  # per exit layer, fixed relative to λ
     # How propagate filled skipped layers' K/V when this was certified (``Runtime.kv_fill_source()``): other
     # maps decode differently. Certificates from before learned fills existed used the projections.
@@ -129,6 +130,7 @@ class Certificate:
                 and settings.get("exit_vocab_size", 0) == self.exit_vocab_size
                 and settings.get("kv_policy") == self.kv_policy
                 and settings.get("vocab_exit") == self.vocab_exit
+                and settings.get("vocab_exit_size", 0) == self.vocab_exit_size
                 and (settings.get("threshold_offsets") or {}) == self.threshold_offsets
                 and (self.kv_policy != "propagate" or settings.get("kv_fill") == self.kv_fill))
 

@@ -141,6 +141,9 @@ class EarlyExitConfig:
     measure is below ``vocab_exit``. On a small model that head is the largest matmul of a step (8192 x
     192 MACs, about 3.5 layers' worth). It has its own threshold because at full depth the shortlist can
     only be wrong when full depth's token lies outside it, far rarer than a shallow layer being wrong.
+    ``vocab_exit_size`` gives the vocabulary exit a shortlist of its own (0: the exit shortlist): on test
+    files a 512-token list is confidently wrong far more often than a 2048-token one, while the shallow
+    checks, read at every exit point, are best kept small.
 
     ``threshold_offsets`` ({exit layer: offset}): exit point k uses ``threshold + offset``. Under
     ``propagate`` an exit after k layers approximates the K/V of L - k layers, so a shallow exit needs
@@ -157,6 +160,7 @@ class EarlyExitConfig:
     patience: int = 2  # for measure="patience": this many consecutive exits must agree
     exit_vocab_size: int = 0  # > 0: exit heads over the N most frequent tokens + the prompt's (needs a ranking)
     vocab_exit: float | None = None  # None: off; else the shortlist's threshold at full depth (see above)
+    vocab_exit_size: int = 0  # rows of the vocabulary exit's own shortlist (0: exit_vocab_size's; see above)
     threshold_offsets: dict[int, float] | tuple = ()  # {exit layer: offset added to threshold} (see above)
     num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
 
@@ -174,11 +178,14 @@ class EarlyExitConfig:
         if self.vocab_exit is not None and (not isinstance(self.vocab_exit, (int, float))
                                             or not 0.0 <= self.vocab_exit <= 1.0):
             raise InvalidRequestError(f"vocab_exit must be None (off) or a threshold in [0, 1], got {self.vocab_exit!r}")
-        if self.vocab_exit is not None and not vocab_exit_fits(self.measure, self.exit_vocab_size):
+        if isinstance(self.vocab_exit_size, bool) or not isinstance(self.vocab_exit_size, int) or self.vocab_exit_size < 0:
+            raise InvalidRequestError(f"vocab_exit_size must be an integer >= 0 (0 = the exit shortlist), "
+                                      f"got {self.vocab_exit_size!r}")
+        if self.vocab_exit is not None and not vocab_exit_fits(self.measure, self.vocab_exit_rows):
             raise InvalidRequestError(
-                "vocab_exit (the vocabulary exit at full depth) needs an exit shortlist (exit_vocab_size > 0) and "
-                f"a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "
-                f"measure={self.measure!r}")
+                "vocab_exit (the vocabulary exit at full depth) needs a shortlist (exit_vocab_size or vocab_exit_size "
+                f"> 0) and a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "
+                f"vocab_exit_size={self.vocab_exit_size}, measure={self.measure!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InvalidRequestError(f"patience must be an integer >= 1, got {self.patience!r}")
         L = self.num_layers
@@ -205,6 +212,11 @@ class EarlyExitConfig:
                     f"threshold_offsets must map exit layers in [1, {L - 1 if L else 'num_layers - 1'}] to offsets "
                     f"in [-1, 1], got {raw!r}")
         return out
+
+    @property
+    def vocab_exit_rows(self) -> int:
+        """Shortlist size the vocabulary exit reads: its own, else the exit shortlist's."""
+        return self.vocab_exit_size or self.exit_vocab_size
 
     def threshold_at(self, layer: int) -> float:
         """The threshold exit point ``layer`` uses: ``threshold`` plus that layer's offset, if any."""

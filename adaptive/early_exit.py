@@ -34,10 +34,13 @@ from .model import LeanModel
 
 class EarlyExitDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
-                 config: EarlyExitConfig, exit_ids: torch.Tensor | None = None, classifier=None):
+                 config: EarlyExitConfig, exit_ids: torch.Tensor | None = None, classifier=None,
+                 vocab_ids: torch.Tensor | None = None):
         super().__init__(model, costs, max_len)
         self.heads = heads
         self.exit_head = ShortlistHead(heads, exit_ids)  # what exit checks and early exits read
+        # what the vocabulary exit reads: its own shortlist (vocab_exit_size), else the exit shortlist
+        self.vocab_head = ShortlistHead(heads, vocab_ids) if vocab_ids is not None else self.exit_head
         self.config = config
         self.exit_points = config.exit_points(model.spec.num_layers)
         self.thresholds = {k: config.threshold_at(k) for k in self.exit_points}  # per exit point
@@ -67,15 +70,16 @@ class EarlyExitDecoder(Decoder):
         macs = sum(self.costs.layer_macs(layer, p) for p in range(x_start, x_start + x.shape[1]))
         return out, x_start, macs, caught_up
 
-    def _check(self, h: torch.Tensor, prev: torch.Tensor, k: int,
-               outcome: StepOutcome) -> tuple[torch.Tensor | None, float, int]:
-        """The measure on h (1, 1, d) after k layers: (exit-head logits or None, confidence, MACs spent).
-        Records the confidence (and the exit head's top-1, when read) in ``outcome``."""
+    def _check(self, h: torch.Tensor, prev: torch.Tensor, k: int, outcome: StepOutcome,
+               head: ShortlistHead | None = None) -> tuple[torch.Tensor | None, float, int]:
+        """The measure on h (1, 1, d) after k layers through ``head`` (default: the exit head): (its logits
+        or None, confidence, MACs spent). Records the confidence (and the head's top-1, when read) in ``outcome``."""
+        head = head or self.exit_head
         logits, macs = None, self.measure.check_macs
         if self.measure.needs_logits:
-            logits = self.exit_head.logits(h, k)
-            macs += self.exit_head.macs(k, self.costs.hidden_size, self.costs.adapter_macs)
-            outcome.layer_top1[k] = self.exit_head.token(int(torch.argmax(logits)))
+            logits = head.logits(h, k)
+            macs += head.macs(k, self.costs.hidden_size, self.costs.adapter_macs)
+            outcome.layer_top1[k] = head.token(int(torch.argmax(logits)))
         conf = float(self.measure.score(logits, h, prev, layer=k).reshape(()))
         outcome.layer_confidence[k] = conf
         return logits, conf, macs
@@ -108,9 +112,9 @@ class EarlyExitDecoder(Decoder):
                 break
         h = x[:, -1:]
         k = outcome.exit_layer
-        if k == L and cfg.vocab_exit is not None and self.exit_head.ids is not None:
+        if k == L and cfg.vocab_exit is not None and self.vocab_head.ids is not None:
             # Vocabulary exit: read the shortlist first; the full head runs only if it is not confident.
-            logits, conf, macs = self._check(h, prev, L, outcome)
+            logits, conf, macs = self._check(h, prev, L, outcome, self.vocab_head)
             head_macs += macs
             if conf >= cfg.vocab_exit:
                 outcome.full_head_skipped, outcome.confidence = True, conf
@@ -118,7 +122,7 @@ class EarlyExitDecoder(Decoder):
             if logits is None:  # hidden-state measures decide without the head: evaluate it once now
                 logits = self.exit_head.logits(h, k)
                 head_macs += self.exit_head.macs(k, costs.hidden_size, costs.adapter_macs)
-            logits = self.exit_head.full_logits(logits)
+            logits = (self.vocab_head if outcome.full_head_skipped else self.exit_head).full_logits(logits)
             if k < L and self.pending is None:  # (a vocabulary exit ran every layer: nothing to fill)
                 model.propagate_kv(h, k, pos, self.cache)
                 outcome.kv_fill_layers = L - k

@@ -39,7 +39,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size",
-                    "vocab_exit", "threshold_offsets")
+                    "vocab_exit", "vocab_exit_size", "threshold_offsets")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
                      "datastore")
@@ -199,7 +199,7 @@ class Runtime:
         merged = {**self.defaults.get("early_exit", {}), **knobs}
         merged = {k: v for k, v in merged.items() if k in EARLY_EXIT_KNOBS}
         measure = merged.get("measure", EarlyExitConfig.measure)
-        shortlist_size = merged.get("exit_vocab_size", EarlyExitConfig.exit_vocab_size)
+        shortlist_size = merged.get("vocab_exit_size") or merged.get("exit_vocab_size", EarlyExitConfig.exit_vocab_size)
         if "vocab_exit" not in knobs and merged.get("vocab_exit") is not None and \
                 not vocab_exit_fits(measure, shortlist_size):
             # The model's default vocabulary exit does not fit the measure / shortlist this request chose:
@@ -301,18 +301,20 @@ class Runtime:
                                              max_len, sampler, eos, prompt_ids)
         cfg = self.early_exit_config(**{k: v for k, v in options.items() if k in EARLY_EXIT_KNOBS})
         exit_ids = self._shortlist(cfg.exit_vocab_size, prompt_ids)
+        vocab_ids = (self._shortlist(cfg.vocab_exit_size, prompt_ids)
+                     if cfg.vocab_exit is not None and cfg.vocab_exit_size else None)
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
                     "exit_heads": self.heads.source,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
                     "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit,
-                    "threshold_offsets": cfg.offsets_dict(),
+                    "vocab_exit_size": cfg.vocab_exit_size, "threshold_offsets": cfg.offsets_dict(),
                     "kv_fill": self.kv_fill_source() if cfg.kv_policy == "propagate" else None}
         # which Learn-then-Test certificate, if any, covers exactly these settings
         in_force = self.certificate is not None and self.certificate.covers(settings)
         settings["certificate"] = self.certificate.summary() if in_force else None
         return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids,
-                                self.exit_classifier), settings
+                                self.exit_classifier, vocab_ids), settings
 
     def kv_fill_source(self) -> str:
         """How ``propagate`` fills skipped layers' K/V on this model (shown in stats and the app)."""

@@ -150,7 +150,8 @@ class Scheduler:
             out.append(Candidate("early_exit_certified", "early_exit",
                                  {"threshold": cert.threshold, "measure": cert.measure, "exit_layers": list(cert.exit_layers),
                                   "exit_vocab_size": cert.exit_vocab_size, "kv_policy": cert.kv_policy,
-                                  "vocab_exit": cert.vocab_exit, "threshold_offsets": cert.threshold_offsets},
+                                  "vocab_exit": cert.vocab_exit, "vocab_exit_size": cert.vocab_exit_size,
+                                  "threshold_offsets": cert.threshold_offsets},
                                  1.0 - cert.epsilon, full_ms * 0.8, 0.8,
                                  f"Learn-then-Test certificate (eps {cert.epsilon}, delta {cert.delta})"))
         if rt.defaults.get("early_exit"):

@@ -121,3 +121,12 @@ def test_ltt_counts_the_vocabulary_exit_as_an_exit_point_with_its_own_threshold(
     assert on_agree[1].mean() < 1.0 or bool(np.isin(reference, exit_ids.numpy()).all())
     [off] = prompt_losses(confs, agree, [1.0 + 1e-9])
     assert off == 0.0
+
+
+def test_a_certificate_does_not_cover_another_vocabulary_exit_shortlist():
+    cert = Certificate(epsilon=0.01, delta=0.1, n=200, measure="max_prob", threshold=0.8, exit_layers=[2],
+                       exit_vocab_size=512, kv_policy="defer", calibration_set_sha256="ab" * 32,
+                       observed_risk=0.002, p_value=0.03, tokens_per_prompt=8, vocab_exit=0.9)
+    settings = {"measure": "max_prob", "threshold": 0.8, "exit_layers": [2], "exit_vocab_size": 512,
+                "kv_policy": "defer", "vocab_exit": 0.9, "vocab_exit_size": 0}
+    assert cert.covers(settings) and not cert.covers({**settings, "vocab_exit_size": 2048})

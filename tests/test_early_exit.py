@@ -169,9 +169,8 @@ def test_fixed_paths_run_exactly_their_layers():
         same = rt.generate(prompt, max_new_tokens=10, mode="early_exit", threshold=0.0, measure="cosine",
                            exit_layers=(depth,))
         assert res.token_ids == same.token_ids
-    import pytest as _pytest
     from adaptive import InvalidRequestError
-    with _pytest.raises(InvalidRequestError, match="unknown path"):
+    with pytest.raises(InvalidRequestError, match="unknown path"):
         rt.generate(prompt, max_new_tokens=3, path="turbo")
 
 
@@ -269,3 +268,30 @@ def test_threshold_offsets_move_single_exit_points_and_are_checked():
     for bad in ({0: 0.1}, {rt.spec.num_layers: 0.1}, {1: 1.5}, {1: "x"}, {"one": 0.1}):
         with pytest.raises(InvalidRequestError, match="threshold_offsets"):
             rt.early_exit_config(threshold_offsets=bad)
+
+
+def test_the_vocabulary_exit_can_read_a_shortlist_of_its_own():
+    """vocab_exit_size: the vocabulary exit reads its own (bigger) shortlist while exit checks keep theirs;
+    every token it emits lies in that list, and its check is charged at that list's size."""
+    from adaptive import InvalidRequestError
+
+    rt = Runtime.from_model(make_model("llama"))
+    V, d = rt.spec.vocab_size, rt.spec.hidden_size
+    rt.draft_ranking = list(range(V))  # shortlist of size n: ids 0..n-1 plus the prompt's tokens
+    prompt = [90, 91, 92]
+    knobs = dict(mode="early_exit", threshold=1.0, exit_layers=(2,), exit_vocab_size=4, vocab_exit=0.0,
+                 max_new_tokens=12)  # no early exit; every later token takes the vocabulary exit
+    small = rt.generate(prompt, **knobs)
+    big = rt.generate(prompt, **knobs, vocab_exit_size=40)
+    assert big.stats["vocab_exit_size"] == 40 and small.stats["vocab_exit_size"] == 0
+    assert all(t.full_head_skipped for t in big.traces[1:]) and all(t.full_head_skipped for t in small.traces[1:])
+    assert set(small.token_ids[1:]) <= set(range(4)) | set(prompt)
+    assert set(big.token_ids[1:]) <= set(range(40)) | set(prompt)
+    assert set(big.token_ids[1:]) - set(range(4)) - set(prompt)  # it used the bigger list
+    # the vocabulary exit's check costs its own list's rows: 40 + 3 prompt tokens vs 4 + 3
+    extra = [b.macs - s.macs for s, b in zip(small.traces[1:], big.traces[1:])]
+    assert set(extra) == {(43 - 7) * d}
+    # a vocabulary exit needs some shortlist: its own is enough
+    assert rt.generate(prompt, **{**knobs, "exit_vocab_size": 0}, vocab_exit_size=40).stats["vocab_exit_size"] == 40
+    with pytest.raises(InvalidRequestError, match="vocab_exit_size must be an integer >= 0"):
+        rt.generate(prompt, **knobs, vocab_exit_size=-1)

@@ -279,6 +279,8 @@ class Family:
              "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1,
              # stated even when off: a request must not inherit the model's default vocabulary exit
              "vocab_exit": None if self.vocab_exit is None else float(self.vocab_exit),
+             # the vocabulary exit reads the exit shortlist here (the simulation's tables are per size)
+             "vocab_exit_size": 0,
              # likewise the offsets (none: {})
              "threshold_offsets": {str(layer): float(off) for layer, off in self.offsets}}
         if self.measure == "patience":

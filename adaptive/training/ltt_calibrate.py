@@ -136,6 +136,10 @@ def main(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     cfg = rt.early_exit_config(**knobs)
+    if cfg.vocab_exit is not None and cfg.vocab_exit_size:
+        print(f"error: the model's default gives the vocabulary exit its own shortlist (vocab_exit_size="
+              f"{cfg.vocab_exit_size}); certifying that is not supported yet", file=sys.stderr)
+        return 2
     if cfg.measure == "attention":
         print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
               "support it yet (use max_prob, margin, entropy, cosine, patience or classifier)", file=sys.stderr)
