@@ -117,6 +117,7 @@ def model_info(runtime: Runtime) -> str:
             f"default early-exit knobs: threshold {cfg.threshold:g}, "
             f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}"
             + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "")
+            + (f" over its own shortlist of {cfg.vocab_exit_size}" if cfg.vocab_exit is not None and cfg.vocab_exit_size else "")
             + "".join(f", exit after {k} layers at threshold {cfg.threshold_at(k):g} (offset {off:+g})"
                       for k, off in cfg.threshold_offsets if k in cfg.exit_points(spec.num_layers)) + ".")
 

@@ -121,6 +121,14 @@ def test_ltt_counts_the_vocabulary_exit_as_an_exit_point_with_its_own_threshold(
     assert on_agree[1].mean() < 1.0 or bool(np.isin(reference, exit_ids.numpy()).all())
     [off] = prompt_losses(confs, agree, [1.0 + 1e-9])
     assert off == 0.0
+    # its own, bigger shortlist: the exit row is unchanged, the vocabulary-exit row reads the bigger list
+    vocab_ids = rt._shortlist(64, prompt)
+    big_confs, big_agree = exit_table(rt, prompt, reference, rt.early_exit_config(**base, vocab_exit=0.0, vocab_exit_size=64),
+                                      exit_ids, vocab_ids)
+    assert (big_confs[0] == confs[0]).all() and (big_agree[0] == agree[0]).all()
+    assert big_agree[1].mean() >= on_agree[1].mean()  # a superset list misses no more tokens
+    expect = np.isin(np.array(reference), vocab_ids.numpy())  # argmax of a superset is right iff listed
+    assert (big_agree[1] == expect).all()
 
 
 def test_a_certificate_does_not_cover_another_vocabulary_exit_shortlist():

@@ -111,10 +111,14 @@ def test_simulation_matches_real_decoding_for_defer(tiny_rt):
     rt = tiny_rt
     cases = C.sample_prompts(rt, "validation", 2, 20, 30, seed=0)
     C.add_references(rt, cases, 12, progress=False)
-    tables, costs, final_match = C.build_tables(rt, cases, (0,), progress=False)
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    tables, costs, final_match = C.build_tables(rt, cases, (0, 16, 64), progress=False)
     assert final_match == 1.0
-    for fam, thr in [(C.Family("max_prob", (1, 3), 0, "defer"), 0.05), (C.Family("cosine", (2,), 0, "defer"), 0.5)]:
-        sim = C.simulate(tables[0], costs, fam, np.array([thr]))
+    by_size = {t.exit_vocab_size: t for t in tables}
+    for fam, thr in [(C.Family("max_prob", (1, 3), 0, "defer"), 0.05), (C.Family("cosine", (2,), 0, "defer"), 0.5),
+                     # the vocabulary exit over a shortlist of its own, bigger than the exit checks'
+                     (C.Family("max_prob", (2,), 16, "defer", vocab_exit=0.0, vocab_exit_size=64), 0.3)]:
+        sim = C.simulate(C.table_of(by_size, fam), costs, fam, np.array([thr]))
         agree, compute, layers = C.decode_forced(rt, cases, fam.knobs(thr))
         assert agree == pytest.approx(sim.agreement[0]) and layers == pytest.approx(sim.layers_mean[0])
         assert compute == pytest.approx(sim.compute[0], rel=1e-9)
@@ -128,12 +132,14 @@ def test_replayed_propagate_equals_real_decoding(tiny_rt):
     L = rt.spec.num_layers
     cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
     C.add_references(rt, cases, 16, progress=False)
-    tables, costs, _ = C.build_tables(rt, cases, (0, 64), progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (0, 16, 64), progress=False)
+    by_size = {t.exit_vocab_size: t for t in tables}
     differs = False
     for fam in [C.Family("max_prob", (1, 3), 0, "propagate"), C.Family("margin", (2,), 64, "propagate"),
                 C.Family("entropy", (1, 2), 64, "propagate", vocab_exit=0.0),
+                C.Family("max_prob", (1, 2), 16, "propagate", vocab_exit=0.0, vocab_exit_size=64),
                 C.Family("max_prob", (1, 3), 0, "propagate", offsets=((3, -0.1),))]:
-        table = tables[0] if fam.exit_vocab_size == 0 else tables[1]
+        table = C.table_of(by_size, replace(fam, vocab_exit=0.0) if fam.vocab_exit is not None else fam)
         conf = table.conf[fam.measure][list(fam.exit_layers)]
         thr = float(np.median(conf))  # about half the tokens exit somewhere
         if fam.vocab_exit is not None:
@@ -252,11 +258,13 @@ def test_the_card_names_the_held_out_check_and_the_kv_fill(tmp_path, tiny_checkp
     cal.update(holdout_prompts=24, holdout=[miss, keep], holdout_passed=True)
     report["kv_fill"] = {"fitted_on": "1000 positions in 4 windows", "relative_error": {"1": 0.61, "2": 0.7}}
     cal["misses"] = {"exit after 2": [3, 700], "full depth": [12, 500]}
+    cal["finalists"].append({**cal["finalists"][0], "knobs": {**cal["chosen"], "vocab_exit": 0.68, "vocab_exit_size": 2048}})
     card = model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
     assert ("max_prob [2] at 0.85 (selection 0.9940 at 0.550): 0.9870 at 0.560; max_prob [2] at 0.9 (selection "
             "0.9950 at 0.600): 0.9920 at 0.610. Kept: the last one") in card
     assert "fitted on 1000 positions in 4 windows" in card and "1: 0.61, 2: 0.70" in card
     assert "| exit after 2 | 700 | 3 |\n| full depth | 500 | 12 |" in card
+    assert "| 0.68 (2048 rows) |" in card  # a vocabulary exit over a shortlist of its own
     cal["holdout_passed"] = False
     assert "None of the 2 checked reached 0.99 held out" in model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
 

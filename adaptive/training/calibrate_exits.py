@@ -217,9 +217,11 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     conf = np.zeros((L + 1, P, N))
     top1 = np.zeros((L + 1, P, N), dtype=np.int64)
     check = np.zeros((L + 1, P))
-    vocab_top1 = np.zeros((P, N), dtype=np.int64) if size else None
+    vocab_size = family.vocab_exit_size or size  # the vocabulary exit's shortlist
+    vocab_top1 = np.zeros((P, N), dtype=np.int64) if vocab_size else None
     for p, c in enumerate(cases):
         ids, w = _exit_rows(rt, size, c.prompt_ids)
+        vids, vw = (ids, w) if vocab_size == size else _exit_rows(rt, vocab_size, c.prompt_ids)
         seq = c.prompt_ids + c.reference
         first = len(c.prompt_ids) - 1  # the position whose prediction is reference[0] (the prefill's token)
         steps = slice(first, first + N)
@@ -247,8 +249,8 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
                 exit_layer[now] = k
         hs = h[0, steps].float()
         top1[L, p] = model.head(hs).argmax(-1).numpy()
-        if size:  # the vocabulary exit's check at full depth
-            logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs, L, ids, w)
+        if vocab_size:  # the vocabulary exit's check at full depth
+            logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs, L, vids, vw)
             conf[L, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
     return SimTable(size, {family.measure: conf}, top1, check, 0, vocab_top1,
                     reference=np.array([c.reference for c in cases]))
@@ -273,14 +275,15 @@ class Family:
     patience: int = 2
     vocab_exit: float | None = None  # the vocabulary exit's threshold (None: off)
     offsets: tuple[tuple[int, float], ...] = ()  # (exit layer, offset added to the threshold there)
+    vocab_exit_size: int = 0  # the vocabulary exit's own shortlist (0: exit_vocab_size's)
 
     def knobs(self, threshold: float) -> dict:
         k = {"threshold": float(threshold), "measure": self.measure, "exit_layers": list(self.exit_layers),
              "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "min_layer": 1,
              # stated even when off: a request must not inherit the model's default vocabulary exit
              "vocab_exit": None if self.vocab_exit is None else float(self.vocab_exit),
-             # the vocabulary exit reads the exit shortlist here (the simulation's tables are per size)
-             "vocab_exit_size": 0,
+             # likewise its own shortlist (0: the exit shortlist)
+             "vocab_exit_size": int(self.vocab_exit_size),
              # likewise the offsets (none: {})
              "threshold_offsets": {str(layer): float(off) for layer, off in self.offsets}}
         if self.measure == "patience":
@@ -292,7 +295,8 @@ class Family:
         """The family of a setting's knobs (the inverse of ``knobs``)."""
         return cls(knobs["measure"], tuple(knobs["exit_layers"]), knobs.get("exit_vocab_size", 0), knobs["kv_policy"],
                    knobs.get("patience", 2), knobs.get("vocab_exit"),
-                   tuple(sorted((int(k), float(v)) for k, v in (knobs.get("threshold_offsets") or {}).items())))
+                   tuple(sorted((int(k), float(v)) for k, v in (knobs.get("threshold_offsets") or {}).items())),
+                   knobs.get("vocab_exit_size", 0))
 
 
 @dataclass
@@ -314,6 +318,28 @@ def threshold_grid(conf: np.ndarray, levels: int = 48) -> np.ndarray:
     q = 1.0 - np.geomspace(0.9, 2e-4, levels)
     # The top value means "never exit"; thresholds stay within [0, 1], which the runtime accepts.
     return np.unique(np.clip(np.concatenate([np.quantile(conf, q), [conf.max() + 1e-6]]), 0.0, 1.0))
+
+
+def with_vocab_exit_rows(exit_table: SimTable, vocab_table: SimTable) -> SimTable:
+    """``exit_table`` whose vocabulary-exit rows (confidence and argmax at full depth, the check's MACs)
+    come from ``vocab_table``: exit checks over one shortlist, the vocabulary exit over another."""
+    L = exit_table.top1.shape[0] - 1
+    conf = {}
+    for m, c in exit_table.conf.items():
+        conf[m] = c.copy()
+        if m in LOGIT_MEASURES:
+            conf[m][L] = vocab_table.conf[m][L]
+    check = exit_table.check_macs.copy()
+    check[L] = vocab_table.check_macs[L]
+    return replace(exit_table, conf=conf, check_macs=check, vocab_top1=vocab_table.vocab_top1)
+
+
+def table_of(by_size: dict[int, SimTable], family: Family) -> SimTable:
+    """The simulation table a family reads: its exit shortlist's, with the vocabulary exit's own rows."""
+    table = by_size[family.exit_vocab_size]
+    if family.vocab_exit is not None and family.vocab_exit_size:
+        return with_vocab_exit_rows(table, by_size[family.vocab_exit_size])
+    return table
 
 
 def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.ndarray) -> SimResult:
@@ -456,19 +482,23 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
                   if by_size[res.family.exit_vocab_size].vocab_top1 is not None
                   and res.family.measure in LOGIT_MEASURES][:vocab_families]
     for res in vocab_jobs:
-        f, table = res.family, by_size[res.family.exit_vocab_size]
-        levels = np.quantile(table.conf[f.measure][L], np.linspace(0.05, 0.95, vocab_levels))
-        for v in np.unique(np.clip(levels, 0.0, 1.0)):
-            r = simulate(table, costs, replace(f, vocab_exit=float(v)), res.thresholds)
-            simulated += len(res.thresholds)
-            i = r.cheapest(target)
-            if i is not None:
-                found.append((float(r.compute[i]), r, i))
+        f = res.family
+        # the vocabulary exit over the exit shortlist, or over a bigger one of its own (0: the same)
+        for own in [0, *(s for s in by_size if s > f.exit_vocab_size)]:
+            base = replace(f, vocab_exit=0.0, vocab_exit_size=own)
+            table = table_of(by_size, base)
+            levels = np.quantile(table.conf[f.measure][L], np.linspace(0.05, 0.95, vocab_levels))
+            for v in np.unique(np.clip(levels, 0.0, 1.0)):
+                r = simulate(table, costs, replace(base, vocab_exit=float(v)), res.thresholds)
+                simulated += len(res.thresholds)
+                i = r.cheapest(target)
+                if i is not None:
+                    found.append((float(r.compute[i]), r, i))
     found.sort(key=lambda x: x[0])
     if "defer" in kv_policies:
         for _, res, _ in found[:5]:
             fam = replace(res.family, kv_policy="defer")
-            r = simulate(by_size[fam.exit_vocab_size], costs, fam, res.thresholds)
+            r = simulate(table_of(by_size, fam), costs, fam, res.thresholds)
             simulated += len(res.thresholds)
             i = r.cheapest(target)
             if i is not None:
@@ -584,7 +614,7 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     by_size = {t.exit_vocab_size: t for t in tables}
 
     def simulate_one(fam: Family, thr: float) -> tuple[float, float, float]:
-        r = simulate(by_size[fam.exit_vocab_size], costs, fam, np.array([thr]))
+        r = simulate(table_of(by_size, fam), costs, fam, np.array([thr]))
         return float(r.agreement[0]), float(r.compute[0]), float(r.layers_mean[0])
 
     refined, refine_runs = refine_offsets(found, replayed, replay, simulate_one, goal, families=offset_families,
@@ -691,7 +721,7 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
     # Each family's simulated variants that differ only in the vocabulary exit (off included).
     siblings: dict[Family, list[SimResult]] = {}
     for _, res, _ in found:
-        siblings.setdefault(replace(res.family, vocab_exit=None), []).append(res)
+        siblings.setdefault(replace(res.family, vocab_exit=None, vocab_exit_size=0), []).append(res)
     t0 = time.time()
     measured: list[Measured] = []
     bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
@@ -724,7 +754,7 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
             # Missed: ask the simulation for the shortfall on top of what it promised, from a stricter
             # setting of the same family: a higher threshold, a stricter vocabulary exit or none at all.
             want = min(1.0, res.agreement[i] + (goal - m.agreement))
-            stricter = [(r, j) for r in siblings.get(replace(res.family, vocab_exit=None), [res])
+            stricter = [(r, j) for r in siblings.get(replace(res.family, vocab_exit=None, vocab_exit_size=0), [res])
                         for j in range(len(r.thresholds)) if r.compute[j] > res.compute[i] and r.agreement[j] >= want]
             if not stricter:
                 stricter = [(res, j) for j in range(len(res.thresholds)) if res.thresholds[j] > res.thresholds[i]]
@@ -836,8 +866,7 @@ def refine_offsets(found: list[tuple[float, SimResult, int]], passes: list[Measu
     t0, out, runs = time.time(), [], 0
     for start in tqdm(starts, desc="per-layer thresholds", disable=not progress):
         k = start.knobs
-        base = Family(k["measure"], tuple(k["exit_layers"]), k["exit_vocab_size"], k["kv_policy"],
-                      vocab_exit=k.get("vocab_exit"))
+        base = replace(Family.of(k), offsets=())
         grid = grids.get(base)
         if grid is None:
             continue
@@ -885,8 +914,7 @@ def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
     k = best.knobs
     for _, res, _ in found:
         f = res.family
-        if (f.measure, list(f.exit_layers), f.exit_vocab_size, f.kv_policy, f.vocab_exit) == \
-                (k["measure"], k["exit_layers"], k["exit_vocab_size"], k["kv_policy"], k.get("vocab_exit")):
+        if replace(f, offsets=()) == replace(Family.of(k), offsets=()):
             grid = [float(t) for t in res.thresholds if t <= 1.0]
             i = min(range(len(grid)), key=lambda j: abs(grid[j] - k["threshold"]))
             return sorted(set(grid[max(0, i - count):i + count + 1]) | {k["threshold"]})

@@ -80,8 +80,10 @@ def _windows(rt: Runtime, split: str, count: int, context: int, seed: int, text_
 
 
 @torch.inference_mode()
-def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) confidences and (K, N) agreement with the reference at each exit point, for one prompt."""
+def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_ids,
+               vocab_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) confidences and (K, N) agreement with the reference at each exit point, for one prompt.
+    ``vocab_ids``: the vocabulary exit's own shortlist (None: ``exit_ids``)."""
     from .calibrate_exits import PromptCase, readout
 
     states = readout(rt, PromptCase("", prompt, reference))  # (L+1, N, d)
@@ -102,13 +104,15 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
             # be tested for every exit point (the offsets stay fixed, as the certificate states).
             confs.append(conf.float().numpy() - (cfg.threshold_at(k) - cfg.threshold))
             agree.append((tokens == ref).numpy())
-    if cfg.vocab_exit is not None and exit_ids is not None:
+    vocab_ids = exit_ids if vocab_ids is None else vocab_ids
+    if cfg.vocab_exit is not None and vocab_ids is not None:
         # The vocabulary exit at full depth has its own fixed threshold: as an extra exit point, its
         # confidence is 2.0 (always passes) where it reaches vocab_exit and -1.0 (never) elsewhere.
-        logits = torch.nn.functional.linear(rt.model.final_norm(states[L]), weight)
+        rows = rt.model.w.lm_head.index_select(0, vocab_ids)
+        logits = torch.nn.functional.linear(rt.model.final_norm(states[L]), rows)
         passed = measure.score(logits, states[L], states[L - 1], layer=L) >= cfg.vocab_exit
         confs.append(np.where(passed.numpy(), 2.0, -1.0))
-        agree.append((exit_ids[logits.argmax(-1)] == ref).numpy())
+        agree.append((vocab_ids[logits.argmax(-1)] == ref).numpy())
     return np.stack(confs), np.stack(agree)
 
 
@@ -136,10 +140,6 @@ def main(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     cfg = rt.early_exit_config(**knobs)
-    if cfg.vocab_exit is not None and cfg.vocab_exit_size:
-        print(f"error: the model's default gives the vocabulary exit its own shortlist (vocab_exit_size="
-              f"{cfg.vocab_exit_size}); certifying that is not supported yet", file=sys.stderr)
-        return 2
     if cfg.measure == "attention":
         print("error: measure 'attention' reads the decode-time cache; the calibration readout does not "
               "support it yet (use max_prob, margin, entropy, cosine, patience or classifier)", file=sys.stderr)
@@ -153,7 +153,8 @@ def main(args) -> int:
     for prompt in tqdm(prompts, desc="calibration prompts"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
         exit_ids = rt._shortlist(cfg.exit_vocab_size, prompt)
-        confs, agree = exit_table(rt, prompt, reference, cfg, exit_ids)
+        vocab_ids = rt._shortlist(cfg.vocab_exit_size, prompt) if cfg.vocab_exit_size else None
+        confs, agree = exit_table(rt, prompt, reference, cfg, exit_ids, vocab_ids)
         losses_by_prompt.append(prompt_losses(confs, agree, thresholds))
     losses = [list(col) for col in zip(*losses_by_prompt)]  # (thresholds, prompts)
     result = learn_then_test(thresholds, losses, args.epsilon, args.delta)
@@ -168,7 +169,7 @@ def main(args) -> int:
     agree = total = 0
     settings = dict(measure=cfg.measure, threshold=result.threshold, exit_layers=tuple(exit_layers),
                     exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy, vocab_exit=cfg.vocab_exit,
-                    threshold_offsets=cfg.offsets_dict())
+                    vocab_exit_size=cfg.vocab_exit_size, threshold_offsets=cfg.offsets_dict())
     for prompt in tqdm(_windows(rt, "test", args.test_prompts, args.context, args.seed + 1, args.text),
                        desc="test check"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
@@ -181,6 +182,7 @@ def main(args) -> int:
                        kv_policy=cfg.kv_policy, calibration_set_sha256=calibration_set_hash(prompts),
                        observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
                        test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit,
+                       vocab_exit_size=cfg.vocab_exit_size,
                        threshold_offsets=cfg.offsets_dict(), kv_fill=rt.kv_fill_source())
     path = Path(rt.directory) / CERTIFICATE_FILE
     cert.save(path)

@@ -178,6 +178,12 @@ def _threshold_text(knobs: dict) -> str:
     return f"{knobs['threshold']:.4g}" + (f" ({extra})" if extra else "")
 
 
+def _vocab_exit_text(knobs: dict) -> str:
+    """'–', '0.68' or, over a shortlist of its own, '0.68 (2048 rows)'."""
+    size = knobs.get("vocab_exit_size") or 0
+    return _fmt(knobs.get("vocab_exit"), ".4g") + (f" ({size} rows)" if size and knobs.get("vocab_exit") is not None else "")
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -304,7 +310,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
             out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
-                       f"{_threshold_text(kk)} | {_fmt(kk.get('vocab_exit'), '.4g')} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
+                       f"{_threshold_text(kk)} | {_vocab_exit_text(kk)} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
                        f"{m['compute_fraction']:.3f} | {m.get('method', 'decoded')} |")
         if hidden:
             out.append(f"\n{hidden} more replayed families (dearer passes or misses) are listed in "
