@@ -289,10 +289,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"**{cal['compute_fraction']:.3f}** ({cal['layers_run_mean']:.2f} layers on average)"
                 + ("." if cal["meets_target"] else
                    f" — **the target of {cal['target']:.2f} was not reached by any confirmed setting; this is the most "
-                   "faithful one found.**"), "",
-                "| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
-                "agreement | compute | measured by |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+                   "faithful one found.**"), ""]
         if cal.get("holdout"):
             runs = cal["holdout"]
             last = runs[-1]
@@ -305,6 +302,9 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                     + (f". Kept: the last one ({last['agreement']:.4f} held out)." if cal.get("holdout_passed") else
                        f". **None of the {len(runs)} checked reached {cal['target']:.2f} held out**; the selection's "
                        "choice is kept."), ""]
+        out += ["| measure | exit layers | vocab | KV | threshold | vocab exit | simulated agreement | simulated compute | "
+                "agreement | compute | measured by |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         shown, hidden = _finalist_rows(cal["finalists"])
         for m in shown:
             kk = m["knobs"]
@@ -376,6 +376,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
                 f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`"
                 + (f", vocabulary exit at {cert['vocab_exit']:.4g}" if cert.get("vocab_exit") is not None else "")
+                + (f" over its own shortlist of {cert['vocab_exit_size']}"
+                   if cert.get("vocab_exit") is not None and cert.get("vocab_exit_size") else "")
                 + (f", threshold offsets {cert['threshold_offsets']} (fixed; exit point k uses λ + offset)"
                    if cert.get("threshold_offsets") else "")
                 + f": threshold **{cert['threshold']}** keeps the "
