@@ -47,6 +47,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--exit-layers", default=None, help="comma-separated layer counts where tokens may exit")
     p.add_argument("--vocab-exit", default=None,
                    help="the vocabulary exit's threshold (skip the full LM head at full depth), or 'off'")
+    p.add_argument("--exit-vocab-size", type=int, default=None,
+                   help="exit heads over the N most frequent tokens + the prompt's (0: full vocabulary)")
+    p.add_argument("--vocab-exit-size", type=int, default=None,
+                   help="the vocabulary exit's own shortlist size (0: the exit shortlist)")
     p.add_argument("--path", default=None, help="mode full: light | standard | full")
     p.add_argument("--drafter", default=None, help="mode speculative: self | lookup | draft_model")
     p.add_argument("--policy", default=None, help="mode auto: quality | latency | budget | load")
@@ -68,8 +72,9 @@ def _generate(args) -> int:
 
     rt = Runtime.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     options = {name: getattr(args, name) for name in ("threshold", "measure", "min_layer", "kv_policy", "top_k", "top_p",
-                                                      "path", "drafter", "policy", "epsilon", "latency_ms", "budget",
-                                                      "queue_depth", "audit_rate")
+                                                      "exit_vocab_size", "vocab_exit_size", "path", "drafter",
+                                                      "policy", "epsilon", "latency_ms", "budget", "queue_depth",
+                                                      "audit_rate")
                if getattr(args, name) is not None}
     try:
         options.update(exit_knobs_from_flags(args.exit_layers, args.vocab_exit))

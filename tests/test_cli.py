@@ -28,6 +28,18 @@ def test_generate_writes_a_trace(tmp_path, tiny_checkpoint):
     assert result.stats["mode"] == "early_exit" and result.stats["threshold"] == 0.5
 
 
+def test_generate_takes_the_shortlist_sizes(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run.json"
+    proc = _cli("generate", "--model", str(tiny_checkpoint), "--prompt", "def main():", "--mode", "early_exit",
+                "--exit-vocab-size", "16", "--vocab-exit", "0.5", "--vocab-exit-size", "64", "--max-new-tokens", "4",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    stats = GenerationResult.from_json(out.read_text()).stats
+    assert (stats["exit_vocab_size"], stats["vocab_exit"], stats["vocab_exit_size"]) == (16, 0.5, 64)
+    bad = _cli("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--mode", "early_exit", "--vocab-exit-size", "-3")
+    assert bad.returncode == 2 and "vocab_exit_size must be an integer >= 0" in bad.stderr
+
+
 def test_bench_on_random_llama(tmp_path):
     out = tmp_path / "bench.json"
     proc = _cli("bench", "--random-llama", "--repeats", "1", "--num-prompts", "1", "--max-new-tokens", "4",
