@@ -424,13 +424,16 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             "| `README.md` | this card |", "",
             "## Reproduce", "",
             "```bash",
-            "python -m adaptive train-model                      # the checkpoint (resumable; ~2 h on 2 CPU cores)",
+            "python -m adaptive train-model                      # the checkpoint (resumable; see Training for this one's time)",
             f"python -m adaptive finalize-model --model {_shown_path(model_dir)}"
-            "   # draft vocab, exit adapters, exit classifier, evaluation, calibration, certificate, this card",
+            "   # draft vocab, datastore, exit adapters, exit classifier, evaluation, calibration, certificate, gate, this card",
             "```", "",
-            "Stages can be skipped (`--skip-draft-vocab`, `--skip-exits`, `--skip-classifier`, `--skip-evaluate`, "
-            "`--skip-calibrate`, `--skip-certify`, `--skip-card`); the card is re-rendered from the stored report. Speed numbers depend on the host; "
-            "losses, agreements and compute fractions are deterministic.", ""]
+            "`train-model` writes the arguments of every (re)start to `runs/<model>/log.jsonl` (not shipped); the "
+            "Training table above names this model's restarts. "
+            "Stages can be skipped (`--skip-draft-vocab`, `--skip-datastore`, `--skip-exits`, `--skip-classifier`, "
+            "`--skip-evaluate`, `--skip-calibrate`, `--skip-certify`, `--skip-gate`, `--skip-card`) and the learned "
+            "K/V fill added (`--with-kv-fill`, experimental); the card is re-rendered from the stored report. Speed "
+            "numbers depend on the host; losses, agreements and compute fractions are deterministic.", ""]
     return "\n".join(out)
 
 
