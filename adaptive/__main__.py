@@ -20,7 +20,7 @@ _EXTERNAL_COMMANDS = {
     "calibrate": ("adaptive.training.ltt_calibrate",
                   "certify an early-exit threshold by Learn-then-Test (writes a certificate next to the model)"),
     "fit-kv-fill": ("adaptive.training.fit_kv_fill",
-                    "fit the learned K/V fill of the propagate policy and its fill-risk guard for a checkpoint"),
+                    "fit the learned K/V fill of the propagate policy for a checkpoint (experimental)"),
     "build-datastore": ("adaptive.training.build_datastore",
                         "the corpus n-gram datastore lookup drafting falls back to"),
     "train-gate": ("adaptive.training.train_gate",

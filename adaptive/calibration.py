@@ -123,6 +123,12 @@ class Certificate:
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
 
+    def knobs(self) -> dict:
+        """The certified setting as early_exit knobs (the scheduler's certified candidate)."""
+        return {"threshold": self.threshold, "measure": self.measure, "exit_layers": list(self.exit_layers),
+                "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "vocab_exit": self.vocab_exit,
+                "vocab_exit_size": self.vocab_exit_size, "threshold_offsets": self.threshold_offsets}
+
     def covers(self, settings: dict) -> bool:
         """True when a request's early-exit settings are exactly the certified ones."""
         return (settings.get("measure") == self.measure and settings.get("threshold") == self.threshold

@@ -54,9 +54,10 @@ def exit_knobs_from_flags(exit_layers: str | None, vocab_exit: str | None) -> di
     return knobs
 
 
-def vocab_exit_fits(measure: str, exit_vocab_size: int) -> bool:
-    """A vocabulary exit reads an exit shortlist through a logit measure (see EarlyExitConfig)."""
-    return bool(exit_vocab_size) and measure in LOGIT_MEASURES
+def vocab_exit_fits(measure: str, exit_vocab_size: int, vocab_exit_size: int = 0) -> bool:
+    """A vocabulary exit reads a shortlist (its own, else the exit shortlist) through a logit measure
+    (see EarlyExitConfig)."""
+    return bool(vocab_exit_size or exit_vocab_size) and measure in LOGIT_MEASURES
 # Upper bound on max_new_tokens independent of the model: beyond it a request is a typo, not a plan.
 ABSURD_MAX_NEW_TOKENS = 1_000_000
 
@@ -181,7 +182,7 @@ class EarlyExitConfig:
         if isinstance(self.vocab_exit_size, bool) or not isinstance(self.vocab_exit_size, int) or self.vocab_exit_size < 0:
             raise InvalidRequestError(f"vocab_exit_size must be an integer >= 0 (0 = the exit shortlist), "
                                       f"got {self.vocab_exit_size!r}")
-        if self.vocab_exit is not None and not vocab_exit_fits(self.measure, self.vocab_exit_rows):
+        if self.vocab_exit is not None and not vocab_exit_fits(self.measure, self.exit_vocab_size, self.vocab_exit_size):
             raise InvalidRequestError(
                 "vocab_exit (the vocabulary exit at full depth) needs a shortlist (exit_vocab_size or vocab_exit_size "
                 f"> 0) and a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "
@@ -212,11 +213,6 @@ class EarlyExitConfig:
                     f"threshold_offsets must map exit layers in [1, {L - 1 if L else 'num_layers - 1'}] to offsets "
                     f"in [-1, 1], got {raw!r}")
         return out
-
-    @property
-    def vocab_exit_rows(self) -> int:
-        """Shortlist size the vocabulary exit reads: its own, else the exit shortlist's."""
-        return self.vocab_exit_size or self.exit_vocab_size
 
     def threshold_at(self, layer: int) -> float:
         """The threshold exit point ``layer`` uses: ``threshold`` plus that layer's offset, if any."""

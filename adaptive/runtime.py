@@ -199,9 +199,9 @@ class Runtime:
         merged = {**self.defaults.get("early_exit", {}), **knobs}
         merged = {k: v for k, v in merged.items() if k in EARLY_EXIT_KNOBS}
         measure = merged.get("measure", EarlyExitConfig.measure)
-        shortlist_size = merged.get("vocab_exit_size") or merged.get("exit_vocab_size", EarlyExitConfig.exit_vocab_size)
         if "vocab_exit" not in knobs and merged.get("vocab_exit") is not None and \
-                not vocab_exit_fits(measure, shortlist_size):
+                not vocab_exit_fits(measure, merged.get("exit_vocab_size", EarlyExitConfig.exit_vocab_size),
+                                    merged.get("vocab_exit_size", EarlyExitConfig.vocab_exit_size)):
             # The model's default vocabulary exit does not fit the measure / shortlist this request chose:
             # drop it rather than fail on a knob the caller never set.
             merged.pop("vocab_exit")

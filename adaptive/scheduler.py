@@ -147,12 +147,7 @@ class Scheduler:
                Candidate("speculative", "speculative", {"drafter": "lookup"}, 1.0, full_ms / 1.3, 1.05, "lossless")]
         cert = rt.certificate
         if cert is not None:
-            out.append(Candidate("early_exit_certified", "early_exit",
-                                 {"threshold": cert.threshold, "measure": cert.measure, "exit_layers": list(cert.exit_layers),
-                                  "exit_vocab_size": cert.exit_vocab_size, "kv_policy": cert.kv_policy,
-                                  "vocab_exit": cert.vocab_exit, "vocab_exit_size": cert.vocab_exit_size,
-                                  "threshold_offsets": cert.threshold_offsets},
-                                 1.0 - cert.epsilon, full_ms * 0.8, 0.8,
+            out.append(Candidate("early_exit_certified", "early_exit", cert.knobs(), 1.0 - cert.epsilon, full_ms * 0.8, 0.8,
                                  f"Learn-then-Test certificate (eps {cert.epsilon}, delta {cert.delta})"))
         if rt.defaults.get("early_exit"):
             out.append(Candidate("early_exit", "early_exit", {}, UNCERTIFIED_EARLY_EXIT_PRIOR, full_ms * 0.75, 0.7,

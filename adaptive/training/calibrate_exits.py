@@ -629,23 +629,26 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     measured += replayed
     if not measured:
         raise SystemExit("error: no early-exit setting reached the target even in simulation")
+
+    def decoded(m: Measured) -> Measured:
+        """A replayed pick decoded for real on the selection prompts too: the replay's promise, checked."""
+        measured.append(Measured.timed(m.knobs, m.sim_agreement, m.sim_compute,
+                                       lambda: decode_forced(rt, cases, m.knobs), "decoded"))
+        return measured[-1]
+
     best = _best(measured, goal, target)
-    while best.method == "replayed":  # the winner is decoded for real too: the replay's promise, checked
-        measured.append(Measured.timed(best.knobs, best.sim_agreement, best.sim_compute,
-                                       lambda: decode_forced(rt, cases, best.knobs), "decoded"))
-        decoded = {json.dumps(m.knobs, sort_keys=True) for m in measured if m.method == "decoded"}
-        best = _best([m for m in measured if m.method == "decoded"
-                      or json.dumps(m.knobs, sort_keys=True) not in decoded], goal, target)
+    while best.method == "replayed":
+        decoded(best)
+        done = {_knob_key(m.knobs) for m in measured if m.method == "decoded"}
+        best = _best([m for m in measured if m.method == "decoded" or _knob_key(m.knobs) not in done], goal, target)
     times["confirmation"] = time.time() - t0
     checked, passed = [], None
     if held_out:
         t0 = time.time()
         best, checked, passed = holdout_check(measured, best, lambda knobs: decode_forced(rt, held_out, knobs), goal,
                                               target, holdout_checks, progress)
-        if best.method == "replayed":  # as above: the chosen setting is decoded on the selection prompts too
-            best = Measured.timed(best.knobs, best.sim_agreement, best.sim_compute,
-                                  lambda: decode_forced(rt, cases, best.knobs), "decoded")
-            measured.append(best)
+        if best.method == "replayed":
+            best = decoded(best)
         times["holdout"] = time.time() - t0
     chosen_family = Family.of(best.knobs)
     misses = None
@@ -674,7 +677,7 @@ def holdout_check(measured: list[Measured], best: Measured, decode_holdout, goal
 
     seen, ranked = set(), []
     for m in sorted((m for m in measured if m.agreement >= goal), key=lambda m: m.compute_fraction):
-        key = json.dumps(m.knobs, sort_keys=True)
+        key = _knob_key(m.knobs)
         if key not in seen:
             seen.add(key)
             ranked.append(m)
@@ -687,6 +690,11 @@ def holdout_check(measured: list[Measured], best: Measured, decode_holdout, goal
         if checked[-1].agreement >= target:
             return m, checked, True
     return best, checked, False
+
+
+def _knob_key(knobs: dict) -> str:
+    """One string per setting, to tell measurements of the same setting apart from others."""
+    return json.dumps(knobs, sort_keys=True)
 
 
 def _best(measured: list[Measured], goal: float, target: float) -> Measured:
@@ -719,9 +727,12 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
         if len(picked) == families:
             break
     # Each family's simulated variants that differ only in the vocabulary exit (off included).
+    def without_vocab_exit(f: Family) -> Family:
+        return replace(f, vocab_exit=None, vocab_exit_size=0)
+
     siblings: dict[Family, list[SimResult]] = {}
     for _, res, _ in found:
-        siblings.setdefault(replace(res.family, vocab_exit=None, vocab_exit_size=0), []).append(res)
+        siblings.setdefault(without_vocab_exit(res.family), []).append(res)
     t0 = time.time()
     measured: list[Measured] = []
     bar = tqdm(total=len(picked), desc="confirm finalists", disable=not progress)
@@ -754,7 +765,7 @@ def confirm_finalists(found: list[tuple[float, SimResult, int]], decode, goal: f
             # Missed: ask the simulation for the shortfall on top of what it promised, from a stricter
             # setting of the same family: a higher threshold, a stricter vocabulary exit or none at all.
             want = min(1.0, res.agreement[i] + (goal - m.agreement))
-            stricter = [(r, j) for r in siblings.get(replace(res.family, vocab_exit=None, vocab_exit_size=0), [res])
+            stricter = [(r, j) for r in siblings.get(without_vocab_exit(res.family), [res])
                         for j in range(len(r.thresholds)) if r.compute[j] > res.compute[i] and r.agreement[j] >= want]
             if not stricter:
                 stricter = [(res, j) for j in range(len(res.thresholds)) if res.thresholds[j] > res.thresholds[i]]

@@ -108,7 +108,7 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
     if cfg.vocab_exit is not None and vocab_ids is not None:
         # The vocabulary exit at full depth has its own fixed threshold: as an extra exit point, its
         # confidence is 2.0 (always passes) where it reaches vocab_exit and -1.0 (never) elsewhere.
-        rows = rt.model.w.lm_head.index_select(0, vocab_ids)
+        rows = weight if vocab_ids is exit_ids else rt.model.w.lm_head.index_select(0, vocab_ids)
         logits = torch.nn.functional.linear(rt.model.final_norm(states[L]), rows)
         passed = measure.score(logits, states[L], states[L - 1], layer=L) >= cfg.vocab_exit
         confs.append(np.where(passed.numpy(), 2.0, -1.0))

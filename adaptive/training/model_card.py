@@ -296,7 +296,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             out += [f"**Held-out check** on {cal['holdout_prompts']} other validation prompts (files the selection never "
                     "saw): the passing settings, cheapest first, decoded there until one reaches the target — "
                     + ("; ".join(f"{m['knobs']['measure']} {m['knobs']['exit_layers']} at {_threshold_text(m['knobs'])}"
-                                 f"{', vocabulary exit ' + format(m['knobs']['vocab_exit'], '.4g') if m['knobs'].get('vocab_exit') is not None else ''}"
+                                 f"{', vocabulary exit ' + _vocab_exit_text(m['knobs']) if m['knobs'].get('vocab_exit') is not None else ''}"
                                  f" (selection {m['sim_agreement']:.4f} at {m['sim_compute']:.3f}): {m['agreement']:.4f} at "
                                  f"{m['compute_fraction']:.3f}" for m in runs))
                     + (f". Kept: the last one ({last['agreement']:.4f} held out)." if cal.get("holdout_passed") else
