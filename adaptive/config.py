@@ -138,8 +138,8 @@ class EarlyExitConfig:
     weighs as much as several layers, so sparse exit points are often cheaper overall.
 
     ``vocab_exit`` (a *vocabulary exit*, needs an exit shortlist and a logit measure): a token that runs
-    every layer reads the exit shortlist first and the full-vocabulary LM head runs only when the
-    measure is below ``vocab_exit``. On a small model that head is the largest matmul of a step (8192 x
+    every layer reads the exit shortlist first and the rest of the LM head (the rows outside the
+    shortlist) runs only when the measure is below ``vocab_exit``. On a small model that head is the largest matmul of a step (8192 x
     192 MACs, about 3.5 layers' worth). It has its own threshold because at full depth the shortlist can
     only be wrong when full depth's token lies outside it, far rarer than a shallow layer being wrong.
     ``vocab_exit_size`` gives the vocabulary exit a shortlist of its own (0: the exit shortlist): on test

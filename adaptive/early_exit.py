@@ -112,8 +112,9 @@ class EarlyExitDecoder(Decoder):
                 break
         h = x[:, -1:]
         k = outcome.exit_layer
-        if k == L and cfg.vocab_exit is not None and self.vocab_head.ids is not None:
-            # Vocabulary exit: read the shortlist first; the full head runs only if it is not confident.
+        vocab_checked = k == L and cfg.vocab_exit is not None and self.vocab_head.ids is not None
+        if vocab_checked:
+            # Vocabulary exit: read the shortlist first; the rest of the head runs only if it is not confident.
             logits, conf, macs = self._check(h, prev, L, outcome, self.vocab_head)
             head_macs += macs
             if conf >= cfg.vocab_exit:
@@ -130,6 +131,9 @@ class EarlyExitDecoder(Decoder):
                 layer_macs += (L - k) * costs.kv_fill_macs
             elif k < L:
                 self.pending[:, x_start:pos + 1] = x  # hidden states at the input of layer k
+        elif vocab_checked and logits is not None:  # the shortlist's rows are paid for: compute only the others
+            logits = self.vocab_head.complete(h, logits)
+            head_macs += self.vocab_head.rest_macs(costs.hidden_size)
         else:
             logits = model.head(h)[0, 0]
             head_macs += costs.head_macs

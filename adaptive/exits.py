@@ -61,6 +61,7 @@ class ShortlistHead:
         # (n, d) copy of the shortlisted rows: a contiguous matrix reads at full memory speed
         self.weight = matvec_layout(heads.model.w.lm_head.index_select(0, ids)) if ids is not None else None
         self.weight_t = self.weight.T if self.weight is not None else None  # (d, n), contiguous
+        self._rest_ids = self._rest_t = None  # the rows outside the shortlist, for ``complete``
 
     @property
     def size(self) -> int:
@@ -86,6 +87,27 @@ class ShortlistHead:
 
     def macs(self, layers_run: int, hidden_size: int, adapter_macs: int) -> int:
         return hidden_size * self.size + (adapter_macs if self.heads.has_adapter(layers_run) else 0)
+
+    def complete(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Final-layer shortlist logits (n,) of h (1, 1, d) -> the full head's logits (V,), computing only
+        the rows outside the shortlist: a vocabulary exit that was not confident has already paid for n of
+        the V rows, and the full head would recompute them. At full depth there is no adapter, so the
+        shortlist rows are the full head's own rows on the same normed state. MACs: ``rest_macs``."""
+        if self.ids is None:
+            return logits
+        if self._rest_t is None:  # built once per sequence, on the first miss: (d, V - n) contiguous
+            vocab = self.heads.model.spec.vocab_size
+            outside = torch.ones(vocab, dtype=torch.bool, device=self.ids.device)
+            outside[self.ids] = False
+            self._rest_ids = outside.nonzero()[:, 0]
+            self._rest_t = matvec_layout(self.heads.model.w.lm_head.index_select(0, self._rest_ids)).T
+        x = self.heads.model.final_norm(h)
+        rest = torch.mm(x.view(1, -1), self._rest_t)[0]  # (V - n,)
+        return self.full_logits(logits).index_copy_(0, self._rest_ids, rest)
+
+    def rest_macs(self, hidden_size: int) -> int:
+        """MACs of ``complete``: the full head's rows outside the shortlist."""
+        return hidden_size * (self.heads.model.spec.vocab_size - self.size)
 
 
 def read_sidecar(path: str | Path, expected_format: str | None = None,

@@ -200,7 +200,8 @@ def test_attention_gate_matches_hugging_face_attention_weights(family):
 def test_vocabulary_exit_skips_the_full_head_only_when_the_shortlist_is_confident():
     """vocab_exit: a token that runs every layer reads the shortlist first. When it is confident, the
     token is the shortlist's argmax (equal to full depth's whenever that token is in the shortlist) and
-    the full head's MACs are not spent; when it is not, the full head runs and the check is charged too."""
+    the full head's MACs are not spent; when it is not, only the head's rows outside the shortlist run,
+    so the token pays one full head (check included) and is full depth's."""
     rt = Runtime.from_model(make_model("llama"))
     rt.draft_ranking = list(range(0, 97, 2))
     L, c = rt.spec.num_layers, rt.costs
@@ -220,7 +221,22 @@ def test_vocabulary_exit_skips_the_full_head_only_when_the_shortlist_is_confiden
     refused = rt.generate(prompt, max_new_tokens=15, vocab_exit=1.0, **never_shallow)
     assert refused.token_ids == full
     for t in refused.traces[1:]:
-        assert not t.full_head_skipped and t.macs == t.full_macs + 2 * check
+        assert not t.full_head_skipped and t.macs == t.full_macs + check  # + the layer-2 check only
+
+
+def test_shortlist_head_completes_the_full_heads_logits():
+    """ShortlistHead.complete: shortlist logits at full depth + the rows outside = the full head's logits."""
+    from adaptive.exits import ShortlistHead
+
+    rt = Runtime.from_model(make_model("llama"))
+    ids = torch.tensor([5, 1, 40, 77, 3])
+    head = ShortlistHead(rt.heads, ids)
+    h = torch.randn(1, 1, rt.spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    L = rt.spec.num_layers
+    full = rt.model.head(h)[0, 0]
+    completed = head.complete(h, head.logits(h, L))
+    torch.testing.assert_close(completed, full, rtol=1e-5, atol=1e-5)
+    assert head.macs(L, rt.spec.hidden_size, 0) + head.rest_macs(rt.spec.hidden_size) == rt.costs.head_macs
 
 
 @pytest.mark.parametrize("knobs", [dict(exit_vocab_size=0), dict(exit_vocab_size=20, measure="cosine"),

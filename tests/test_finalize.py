@@ -325,8 +325,8 @@ def test_simulated_vocabulary_exit_skips_the_full_head_and_emits_the_shortlist_t
     # steps 1..4 run all 40 layer MACs + the layer-2 check (2) + the shortlist at full depth (2), no full head
     assert taken.compute[0] == pytest.approx((60 + 4 * 44) / 300) and taken.agreement[0] == pytest.approx(0.8)
     refused = C.simulate(table, costs, replace(fam, vocab_exit=0.75), never_exit)
-    # the check fails, the full head runs as well: 40 + 2 + 2 + 20
-    assert refused.compute[0] == pytest.approx((60 + 4 * 64) / 300) and refused.agreement[0] == 1.0
+    # the check fails, the head's other rows run: 40 + 2 + 2 + (20 - 2), one full head in all
+    assert refused.compute[0] == pytest.approx((60 + 4 * 62) / 300) and refused.agreement[0] == 1.0
     assert taken.layers_mean[0] == refused.layers_mean[0] == L
     # a shallow exit takes precedence: at 0.85 layer 3 exits every step, the vocabulary exit never runs
     shallow = C.simulate(table, costs, replace(fam, exit_layers=(3,), vocab_exit=0.5), np.array([0.85]))

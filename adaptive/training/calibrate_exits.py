@@ -350,8 +350,8 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
     an exit fills the skipped layers' K/V (propagate) or leaves them for the next deep token (defer);
     a token that never exits runs the full head, unless the family has a vocabulary exit whose own
     threshold the shortlist's confidence at full depth reaches (then the shortlist's argmax is emitted
-    and the full head skipped; the check is charged either way). The first new token comes from the
-    prefill, at full depth.
+    and the full head skipped; otherwise only the rows outside the shortlist are added, so such a token
+    pays one full head in all). The first new token comes from the prefill, at full depth.
     """
     L = costs.layer_cum.shape[0] - 1
     P, N = costs.full.shape
@@ -368,9 +368,11 @@ def simulate(table: SimTable, costs: SimCosts, family: Family, thresholds: np.nd
             heads = heads + np.where(first < len(E), first + 1, len(E)) * table.classifier_macs
     else:
         cum = np.concatenate([np.cumsum(check, axis=0), check.sum(0, keepdims=True)])  # (|E|+1, P)
-        at_full = np.where(vocab, 0, costs.head_full)  # the full head, unless a vocabulary exit skipped it...
-        if family.vocab_exit is not None:  # ...after the shortlist's check, made by every token that got there
-            at_full = at_full + table.check_macs[L][pi]
+        at_full = np.full(vocab.shape, costs.head_full)  # the full head...
+        if family.vocab_exit is not None:
+            # ...unless a vocabulary exit skipped it after the shortlist's check; a miss computes only the
+            # rows outside the shortlist (``ShortlistHead.complete``), so check + rest = one full head
+            at_full = np.where(vocab, table.check_macs[L][pi], at_full)
         heads = cum[first, pi] + np.where(exit_k < L, 0, at_full)
     if family.kv_policy == "propagate":
         layers = costs.layer_cum[exit_k, pi, ni] + (L - exit_k) * costs.kv_fill

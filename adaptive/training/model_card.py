@@ -319,8 +319,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "`propagate`); agreement and compute are real teacher-forced decoding (*decoded*) or its exact one-pass "
                 "replay (*replayed*, same numbers; one row per replayed family: its cheapest pass, or its strictest "
                 "miss). *Vocab exit*: a token that runs "
-                "every layer reads the exit shortlist first and skips the full 8192-row LM head when the measure "
-                "reaches this separate threshold (its check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
+                "every layer reads a shortlist of the LM head first (its own `vocab_exit_size`, else the exit shortlist) and skips the full 8192-row LM head when the measure "
+                "reaches this separate threshold; otherwise only the rows outside the shortlist are added (the check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
         if cal.get("misses"):
             rows = cal["misses"]
             out += ["Where the chosen setting's disagreements with full depth come from, on the validation prompts "
