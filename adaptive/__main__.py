@@ -51,6 +51,8 @@ def _add_generate(sub) -> None:
                    help="exit heads over the N most frequent tokens + the prompt's (0: full vocabulary)")
     p.add_argument("--vocab-exit-size", type=int, default=None,
                    help="the vocabulary exit's own shortlist size (0: the exit shortlist)")
+    p.add_argument("--exit-adapters", default=None, choices=("on", "off"),
+                   help="exits read the model's trained exit adapters (on) or the plain logit lens (off)")
     p.add_argument("--path", default=None, help="mode full: light | standard | full")
     p.add_argument("--drafter", default=None, help="mode speculative: self | lookup | draft_model")
     p.add_argument("--policy", default=None, help="mode auto: quality | latency | budget | load")
@@ -76,6 +78,8 @@ def _generate(args) -> int:
                                                       "policy", "epsilon", "latency_ms", "budget", "queue_depth",
                                                       "audit_rate")
                if getattr(args, name) is not None}
+    if args.exit_adapters is not None:
+        options["exit_adapters"] = args.exit_adapters == "on"
     try:
         options.update(exit_knobs_from_flags(args.exit_layers, args.vocab_exit))
     except ValueError as e:

@@ -119,6 +119,7 @@ class Certificate:
     # How propagate filled skipped layers' K/V when this was certified (``Runtime.kv_fill_source()``): other
     # maps decode differently. Certificates from before learned fills existed used the projections.
     kv_fill: str = PROJECTION_FILL
+    exit_adapters: bool = True  # exits read the model's adapters (certificates before the knob did)
     method: str = ("Learn-then-Test, fixed-sequence testing over thresholds from high to low, Hoeffding-Bentkus "
                    "p-values of the per-prompt teacher-forced disagreement with full depth")
     format: str = CERTIFICATE_FORMAT
@@ -127,7 +128,8 @@ class Certificate:
         """The certified setting as early_exit knobs (the scheduler's certified candidate)."""
         return {"threshold": self.threshold, "measure": self.measure, "exit_layers": list(self.exit_layers),
                 "exit_vocab_size": self.exit_vocab_size, "kv_policy": self.kv_policy, "vocab_exit": self.vocab_exit,
-                "vocab_exit_size": self.vocab_exit_size, "threshold_offsets": self.threshold_offsets}
+                "vocab_exit_size": self.vocab_exit_size, "threshold_offsets": self.threshold_offsets,
+                "exit_adapters": self.exit_adapters}
 
     def covers(self, settings: dict) -> bool:
         """True when a request's early-exit settings are exactly the certified ones."""
@@ -138,6 +140,7 @@ class Certificate:
                 and settings.get("vocab_exit") == self.vocab_exit
                 and settings.get("vocab_exit_size", 0) == self.vocab_exit_size
                 and (settings.get("threshold_offsets") or {}) == self.threshold_offsets
+                and settings.get("exit_adapters", True) == self.exit_adapters
                 and (self.kv_policy != "propagate" or settings.get("kv_fill") == self.kv_fill))
 
     def summary(self) -> dict:

@@ -146,6 +146,10 @@ class EarlyExitConfig:
     files a 512-token list is confidently wrong far more often than a 2048-token one, while the shallow
     checks, read at every exit point, are best kept small.
 
+    ``exit_adapters`` (default True): exit checks and exits read the model's trained exit adapters, when it
+    has them; False reads the plain logit lens. An adapter is a d x d matmul on every check (a quarter of
+    a 512-row shortlist check at width 192): calibration keeps it only where its better exits pay for it.
+
     ``threshold_offsets`` ({exit layer: offset}): exit point k uses ``threshold + offset``. Under
     ``propagate`` an exit after k layers approximates the K/V of L - k layers, so a shallow exit needs
     more confidence than a deep one for the same damage; offsets let calibration loosen the deeper exits.
@@ -163,6 +167,7 @@ class EarlyExitConfig:
     vocab_exit: float | None = None  # None: off; else the shortlist's threshold at full depth (see above)
     vocab_exit_size: int = 0  # rows of the vocabulary exit's own shortlist (0: exit_vocab_size's; see above)
     threshold_offsets: dict[int, float] | tuple = ()  # {exit layer: offset added to threshold} (see above)
+    exit_adapters: bool = True  # read the model's exit adapters, when it has them (see above)
     num_layers: int = field(default=0, repr=False)  # set by the runtime for range checks
 
     def __post_init__(self):
@@ -187,6 +192,8 @@ class EarlyExitConfig:
                 "vocab_exit (the vocabulary exit at full depth) needs a shortlist (exit_vocab_size or vocab_exit_size "
                 f"> 0) and a logit measure ({', '.join(LOGIT_MEASURES)}); got exit_vocab_size={self.exit_vocab_size}, "
                 f"vocab_exit_size={self.vocab_exit_size}, measure={self.measure!r}")
+        if not isinstance(self.exit_adapters, bool):
+            raise InvalidRequestError(f"exit_adapters must be true or false, got {self.exit_adapters!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise InvalidRequestError(f"patience must be an integer >= 1, got {self.patience!r}")
         L = self.num_layers

@@ -32,6 +32,7 @@ class ExitHeads:
         # Adapters run at batch 1 on every exit check: store them in the fast mat-vec layout.
         self.adapters = {k: (matvec_layout(w), b) for k, (w, b) in (adapters or {}).items()}
         self.source: str = "logit lens"
+        self._plain: ExitHeads | None = None  # built on first use by ``plain``
 
     def adapt(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
         adapter = self.adapters.get(layers_run) if layers_run < self.model.spec.num_layers else None
@@ -46,6 +47,17 @@ class ExitHeads:
 
     def has_adapter(self, layers_run: int) -> bool:
         return layers_run in self.adapters and layers_run < self.model.spec.num_layers
+
+    def plain(self) -> "ExitHeads":
+        """The same model's heads without adapters (the logit lens), for ``exit_adapters=False``."""
+        if not self.adapters:
+            return self
+        if self._plain is None:
+            self._plain = ExitHeads(self.model)
+        return self._plain
+
+    def for_request(self, exit_adapters: bool) -> "ExitHeads":
+        return self if exit_adapters else self.plain()
 
 
 class ShortlistHead:

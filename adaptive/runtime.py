@@ -39,7 +39,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "pycoder-8l"
 DEFAULTS_FILE = "adaptive_defaults.json"  # per-model defaults for mode knobs, written by calibration
 EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_layers", "patience", "exit_vocab_size",
-                    "vocab_exit", "vocab_exit_size", "threshold_offsets")
+                    "vocab_exit", "vocab_exit_size", "threshold_offsets", "exit_adapters")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
                      "datastore")
@@ -303,9 +303,10 @@ class Runtime:
         exit_ids = self._shortlist(cfg.exit_vocab_size, prompt_ids)
         vocab_ids = (self._shortlist(cfg.vocab_exit_size, prompt_ids)
                      if cfg.vocab_exit is not None and cfg.vocab_exit_size else None)
+        heads = self.heads.for_request(cfg.exit_adapters)
         settings = {"threshold": cfg.threshold, "measure": cfg.measure, "min_layer": cfg.min_layer,
                     "kv_policy": cfg.kv_policy, "exit_layers": sorted(cfg.exit_points(self.spec.num_layers)),
-                    "exit_heads": self.heads.source,
+                    "exit_heads": heads.source, "exit_adapters": cfg.exit_adapters,
                     "exit_vocab": int(exit_ids.numel()) if exit_ids is not None else self.spec.vocab_size,
                     "exit_vocab_size": cfg.exit_vocab_size, "vocab_exit": cfg.vocab_exit,
                     "vocab_exit_size": cfg.vocab_exit_size, "threshold_offsets": cfg.offsets_dict(),
@@ -313,7 +314,7 @@ class Runtime:
         # which Learn-then-Test certificate, if any, covers exactly these settings
         in_force = self.certificate is not None and self.certificate.covers(settings)
         settings["certificate"] = self.certificate.summary() if in_force else None
-        return EarlyExitDecoder(self.model, self.costs, max_len, self.heads, cfg, exit_ids,
+        return EarlyExitDecoder(self.model, self.costs, max_len, heads, cfg, exit_ids,
                                 self.exit_classifier, vocab_ids), settings
 
     def kv_fill_source(self) -> str:

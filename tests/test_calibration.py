@@ -138,3 +138,15 @@ def test_a_certificate_does_not_cover_another_vocabulary_exit_shortlist():
     settings = {"measure": "max_prob", "threshold": 0.8, "exit_layers": [2], "exit_vocab_size": 512,
                 "kv_policy": "defer", "vocab_exit": 0.9, "vocab_exit_size": 0}
     assert cert.covers(settings) and not cert.covers({**settings, "vocab_exit_size": 2048})
+
+
+def test_a_certificate_does_not_cover_exits_through_other_heads():
+    """exit_adapters changes every exit decision: a certificate made with the adapters is not one for the lens."""
+    cert = Certificate(epsilon=0.01, delta=0.1, n=200, measure="max_prob", threshold=0.8, exit_layers=[2],
+                       exit_vocab_size=512, kv_policy="defer", calibration_set_sha256="ab" * 32,
+                       observed_risk=0.002, p_value=0.03, tokens_per_prompt=8)
+    settings = {"measure": "max_prob", "threshold": 0.8, "exit_layers": [2], "exit_vocab_size": 512,
+                "kv_policy": "defer", "vocab_exit": None, "vocab_exit_size": 0}
+    assert cert.covers(settings) and cert.covers({**settings, "exit_adapters": True})
+    assert not cert.covers({**settings, "exit_adapters": False})
+    assert cert.knobs()["exit_adapters"] is True

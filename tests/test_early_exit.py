@@ -311,3 +311,26 @@ def test_the_vocabulary_exit_can_read_a_shortlist_of_its_own():
     assert rt.generate(prompt, **{**knobs, "exit_vocab_size": 0}, vocab_exit_size=40).stats["vocab_exit_size"] == 40
     with pytest.raises(InvalidRequestError, match="vocab_exit_size must be an integer >= 0"):
         rt.generate(prompt, **knobs, vocab_exit_size=-1)
+
+
+def test_exit_adapters_off_reads_the_logit_lens_and_pays_no_adapter():
+    """exit_adapters=False decodes exactly like the same model without adapters, and says so in its stats;
+    a value that is not a boolean is refused."""
+    from adaptive.errors import InvalidRequestError
+    from adaptive.exits import ExitHeads
+
+    plain = Runtime.from_model(make_model("llama"))
+    adapted = Runtime.from_model(make_model("llama"))
+    d, L = adapted.spec.hidden_size, adapted.spec.num_layers
+    g = torch.Generator().manual_seed(1)
+    adapted.heads = ExitHeads(adapted.model, {k: (0.5 * torch.randn(d, d, generator=g), torch.zeros(d)) for k in range(1, L)})
+    prompt = random_prompt(8, seed=3)
+    knobs = dict(mode="early_exit", threshold=0.05, max_new_tokens=12)
+    lens = adapted.generate(prompt, exit_adapters=False, **knobs)
+    ref = plain.generate(prompt, **knobs)
+    assert lens.token_ids == ref.token_ids and lens.stats["macs"] == ref.stats["macs"]
+    assert lens.stats["exit_heads"] == "logit lens" and lens.stats["exit_adapters"] is False
+    on = adapted.generate(prompt, **knobs)
+    assert on.stats["exit_adapters"] is True and on.stats["macs"] != lens.stats["macs"]
+    with pytest.raises(InvalidRequestError, match="exit_adapters"):
+        adapted.generate(prompt, exit_adapters="no", **knobs)

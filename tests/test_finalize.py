@@ -114,11 +114,11 @@ def test_simulation_matches_real_decoding_for_defer(tiny_rt):
     rt.draft_ranking = list(range(rt.spec.vocab_size))
     tables, costs, final_match = C.build_tables(rt, cases, (0, 16, 64), progress=False)
     assert final_match == 1.0
-    by_size = {t.exit_vocab_size: t for t in tables}
+    by_key = C.tables_by_key(tables)
     for fam, thr in [(C.Family("max_prob", (1, 3), 0, "defer"), 0.05), (C.Family("cosine", (2,), 0, "defer"), 0.5),
                      # the vocabulary exit over a shortlist of its own, bigger than the exit checks'
                      (C.Family("max_prob", (2,), 16, "defer", vocab_exit=0.0, vocab_exit_size=64), 0.3)]:
-        sim = C.simulate(C.table_of(by_size, fam), costs, fam, np.array([thr]))
+        sim = C.simulate(C.table_of(by_key, fam), costs, fam, np.array([thr]))
         agree, compute, layers = C.decode_forced(rt, cases, fam.knobs(thr))
         assert agree == pytest.approx(sim.agreement[0]) and layers == pytest.approx(sim.layers_mean[0])
         assert compute == pytest.approx(sim.compute[0], rel=1e-9)
@@ -133,13 +133,13 @@ def test_replayed_propagate_equals_real_decoding(tiny_rt):
     cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
     C.add_references(rt, cases, 16, progress=False)
     tables, costs, _ = C.build_tables(rt, cases, (0, 16, 64), progress=False)
-    by_size = {t.exit_vocab_size: t for t in tables}
+    by_key = C.tables_by_key(tables)
     differs = False
     for fam in [C.Family("max_prob", (1, 3), 0, "propagate"), C.Family("margin", (2,), 64, "propagate"),
                 C.Family("entropy", (1, 2), 64, "propagate", vocab_exit=0.0),
                 C.Family("max_prob", (1, 2), 16, "propagate", vocab_exit=0.0, vocab_exit_size=64),
                 C.Family("max_prob", (1, 3), 0, "propagate", offsets=((3, -0.1),))]:
-        table = C.table_of(by_size, replace(fam, vocab_exit=0.0) if fam.vocab_exit is not None else fam)
+        table = C.table_of(by_key, replace(fam, vocab_exit=0.0) if fam.vocab_exit is not None else fam)
         conf = table.conf[fam.measure][list(fam.exit_layers)]
         thr = float(np.median(conf))  # about half the tokens exit somewhere
         if fam.vocab_exit is not None:
@@ -540,3 +540,44 @@ def test_the_miss_breakdown_splits_disagreements_by_where_the_token_came_from():
     rows = C.miss_breakdown(table, fam, 0.5)
     assert rows == {"exit after 1": [1, 2], "exit after 2": [1, 1], "vocabulary exit": [1, 1], "full depth": [0, 1]}
     assert C.Family.of(fam.knobs(0.5)) == fam
+
+
+def _with_random_adapters(rt, seed: int = 4):
+    """Give a tiny runtime exit adapters (as train-exits would), big enough to change exit decisions."""
+    from adaptive.exits import ExitHeads
+
+    g = torch.Generator().manual_seed(seed)
+    d, L = rt.spec.hidden_size, rt.spec.num_layers
+    rt.heads = ExitHeads(rt.model, {k: (0.5 * torch.randn(d, d, generator=g), 0.1 * torch.randn(d, generator=g))
+                                    for k in range(1, L)})
+    rt.heads.source = "adapters (test)"
+    return rt
+
+
+def test_calibration_tables_and_replay_cover_exits_with_and_without_adapters(tiny_checkpoint):
+    """With adapters the search sees each shortlist twice (exit_adapters on / off); both variants replay
+    exactly as the decoder runs them, and the lens variant is charged no adapter MACs."""
+    rt = _with_random_adapters(Runtime.from_pretrained(tiny_checkpoint))
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    cases = C.sample_prompts(rt, "validation", 2, 20, 30, seed=0)
+    C.add_references(rt, cases, 12, progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (0, 64), progress=False)
+    by_key = C.tables_by_key(tables)
+    assert set(by_key) == {(0, True), (0, False), (64, True), (64, False)}
+    check_on, check_off = by_key[(64, True)].check_macs[2, 0], by_key[(64, False)].check_macs[2, 0]
+    assert check_on - check_off == rt.costs.adapter_macs
+    assert (by_key[(64, True)].conf["max_prob"][1:-1] != by_key[(64, False)].conf["max_prob"][1:-1]).any()
+    outcomes = {}
+    for adapters in (True, False):
+        fam = C.Family("max_prob", (1, 2), 64, "propagate", exit_adapters=adapters)
+        thr = float(np.median(by_key[fam.table_key].conf["max_prob"][[1, 2]]))
+        assert fam.knobs(thr)["exit_adapters"] is adapters and C.Family.of(fam.knobs(thr)) == fam
+        outcomes[adapters] = C.replay_outcome(rt, cases, costs, fam, thr)
+        assert outcomes[adapters] == pytest.approx(C.decode_forced(rt, cases, fam.knobs(thr)), rel=1e-9)
+        dfam = replace(fam, kv_policy="defer")  # exact K/V: the plain simulation equals decoding too
+        sim = C.simulate(C.table_of(by_key, dfam), costs, dfam, np.array([thr]))
+        assert C.decode_forced(rt, cases, dfam.knobs(thr)) == pytest.approx(
+            (sim.agreement[0], sim.compute[0], sim.layers_mean[0]), rel=1e-9)
+    assert outcomes[True] != outcomes[False]
+    found, _ = C.search(tables, costs, 0.5, measures=("max_prob",), kv_policies=("propagate",), progress=False)
+    assert {res.family.exit_adapters for _, res, _ in found} == {True, False}

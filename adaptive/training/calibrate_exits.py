@@ -3,7 +3,8 @@
 Target: the setting with the lowest honest ``compute_fraction`` whose teacher-forced agreement with
 full depth is at least ``target`` (0.99) plus a small ``margin`` (picking the cheapest of thousands of
 settings that pass on a few thousand tokens is optimistic; the margin pays for that on unseen text).
-Candidates: measure x exit-layer set x threshold x exit vocabulary size x KV policy.
+Candidates: measure x exit-layer set x threshold x exit vocabulary size x exit adapters on / off x KV
+policy (x vocabulary exit).
 
 1. Prompts: ``num_prompts`` contexts of ``min_context``..``max_context`` tokens, each starting at a line
    start of a different file of the split (seeded), and the full-depth greedy continuation of
@@ -119,6 +120,12 @@ class SimTable:
     # (P, N) what agreement is counted against; None: top1[L]. A replayed propagate table sets it, since
     # its full-depth tokens may differ from the reference (they read approximate K/V).
     reference: np.ndarray | None = None
+    adapters: bool = True  # exits read the model's exit adapters (``EarlyExitConfig.exit_adapters``)
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        """What a family reads this table by: (exit vocabulary size, adapters)."""
+        return self.exit_vocab_size, self.adapters
 
 
 @dataclass
@@ -139,19 +146,22 @@ def _exit_rows(rt, size: int, prompt_ids: list[int]) -> tuple[torch.Tensor | Non
 
 
 def _read_exit(rt, h: torch.Tensor, k: int, ids: torch.Tensor | None,
-               w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, int]:
-    """The exit head after k layers on states h (N, d), as the decoder reads it (adapter below full
-    depth, final norm, the rows ``w``): (logits (N, rows), emitted token ids (N,), MACs of one check)."""
-    logits = torch.nn.functional.linear(rt.model.final_norm(rt.heads.adapt(h, k)), w)  # (N, rows)
+               w: torch.Tensor, heads=None) -> tuple[torch.Tensor, np.ndarray, int]:
+    """The exit head after k layers on states h (N, d), as the decoder reads it (``heads``' adapter below
+    full depth, default the runtime's; final norm; the rows ``w``): (logits (N, rows), emitted token ids
+    (N,), MACs of one check)."""
+    heads = heads or rt.heads
+    logits = torch.nn.functional.linear(rt.model.final_norm(heads.adapt(h, k)), w)  # (N, rows)
     arg = logits.argmax(-1)
-    macs = rt.spec.hidden_size * w.shape[0] + (rt.costs.adapter_macs if rt.heads.has_adapter(k) else 0)
+    macs = rt.spec.hidden_size * w.shape[0] + (rt.costs.adapter_macs if heads.has_adapter(k) else 0)
     return logits, (arg if ids is None else ids[arg]).numpy(), macs
 
 
 def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                  progress: bool = True) -> tuple[list[SimTable], SimCosts, float]:
-    """Simulation tables per exit-vocabulary size, the cost arrays, and how often the readout's final
-    top-1 equals the reference (a sanity check: should be 1.0 up to float ties)."""
+    """Simulation tables per exit-vocabulary size and (when the model has exit adapters) with and without
+    them, the cost arrays, and how often the readout's final top-1 equals the reference (a sanity check:
+    should be 1.0 up to float ties)."""
     from tqdm import tqdm
 
     model, costs = rt.model, rt.costs
@@ -169,9 +179,11 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
     full = layer_cum[L] + costs.head_macs
     sim_costs = SimCosts(layer_cum, layer_macs, full, costs.kv_fill_macs, costs.head_macs)
     sizes = [s for s in vocab_sizes if s == 0 or (rt.draft_ranking and 0 < s < V)]
+    variants = [(size, adapters) for adapters in ((True, False) if rt.heads.adapters else (True,)) for size in sizes]
     tables, final_match = [], 0.0
     with torch.inference_mode():
-        for size in sizes:
+        for size, adapters in variants:
+            heads = rt.heads.for_request(adapters)
             hidden_measures = ("cosine", "classifier") if rt.exit_classifier is not None else ("cosine",)
             conf = {m: np.zeros((L + 1, P, N)) for m in (*LOGIT_MEASURES, *hidden_measures)}
             top1 = np.zeros((L + 1, P, N), dtype=np.int64)
@@ -181,7 +193,7 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
             for p, (c, hs) in enumerate(zip(cases, states)):
                 ids, w = _exit_rows(rt, size, c.prompt_ids)
                 for k in range(1, L):
-                    logits, top1[k, p], check[k, p] = _read_exit(rt, hs[k], k, ids, w)
+                    logits, top1[k, p], check[k, p] = _read_exit(rt, hs[k], k, ids, w, heads)
                     for m in LOGIT_MEASURES:
                         conf[m][k, p] = make_measure(m).score(logits, hs[k], hs[k - 1]).numpy()
                     conf["cosine"][k, p] = make_measure("cosine").score(None, hs[k], hs[k - 1]).numpy()
@@ -191,10 +203,11 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
                     logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs[L], L, ids, w)
                     for m in LOGIT_MEASURES:
                         conf[m][L, p] = make_measure(m).score(logits, hs[L], hs[L - 1]).numpy()
-                if size == 0:
+                if size == 0 and adapters:
                     final_match += float((model.head(hs[L]).argmax(-1).numpy() == ref[p]).mean()) / P
             tables.append(SimTable(size, conf, top1, check,
-                                   rt.exit_classifier.macs if rt.exit_classifier is not None else 0, vocab_top1))
+                                   rt.exit_classifier.macs if rt.exit_classifier is not None else 0, vocab_top1,
+                                   adapters=adapters))
     return tables, sim_costs, final_match
 
 
@@ -213,6 +226,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
     model, L = rt.model, rt.spec.num_layers
     P, N = len(cases), len(cases[0].reference)
     measure, size, exits = make_measure(family.measure), family.exit_vocab_size, set(family.exit_layers)
+    heads = rt.heads.for_request(family.exit_adapters)
     offsets = dict(family.offsets)
     conf = np.zeros((L + 1, P, N))
     top1 = np.zeros((L + 1, P, N), dtype=np.int64)
@@ -239,7 +253,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
             if k == L:
                 break
             hs = h[0, steps].float()  # (N, d)
-            logits, top1[k, p], check[k, p] = _read_exit(rt, hs, k, ids, w)
+            logits, top1[k, p], check[k, p] = _read_exit(rt, hs, k, ids, w, heads)
             conf[k, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
             if k in exits:
                 now = torch.zeros(len(seq), dtype=torch.bool)
@@ -253,7 +267,7 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
             logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs, L, vids, vw)
             conf[L, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
     return SimTable(size, {family.measure: conf}, top1, check, 0, vocab_top1,
-                    reference=np.array([c.reference for c in cases]))
+                    reference=np.array([c.reference for c in cases]), adapters=family.exit_adapters)
 
 
 def replay_outcome(rt, cases: list[PromptCase], costs: SimCosts, family: "Family",
@@ -276,6 +290,12 @@ class Family:
     vocab_exit: float | None = None  # the vocabulary exit's threshold (None: off)
     offsets: tuple[tuple[int, float], ...] = ()  # (exit layer, offset added to the threshold there)
     vocab_exit_size: int = 0  # the vocabulary exit's own shortlist (0: exit_vocab_size's)
+    exit_adapters: bool = True  # exits read the model's exit adapters
+
+    @property
+    def table_key(self) -> tuple[int, bool]:
+        """The simulation table this family's exits read (``SimTable.key``)."""
+        return self.exit_vocab_size, self.exit_adapters
 
     def knobs(self, threshold: float) -> dict:
         k = {"threshold": float(threshold), "measure": self.measure, "exit_layers": list(self.exit_layers),
@@ -285,7 +305,8 @@ class Family:
              # likewise its own shortlist (0: the exit shortlist)
              "vocab_exit_size": int(self.vocab_exit_size),
              # likewise the offsets (none: {})
-             "threshold_offsets": {str(layer): float(off) for layer, off in self.offsets}}
+             "threshold_offsets": {str(layer): float(off) for layer, off in self.offsets},
+             "exit_adapters": self.exit_adapters}
         if self.measure == "patience":
             k["patience"] = self.patience
         return k
@@ -296,7 +317,7 @@ class Family:
         return cls(knobs["measure"], tuple(knobs["exit_layers"]), knobs.get("exit_vocab_size", 0), knobs["kv_policy"],
                    knobs.get("patience", 2), knobs.get("vocab_exit"),
                    tuple(sorted((int(k), float(v)) for k, v in (knobs.get("threshold_offsets") or {}).items())),
-                   knobs.get("vocab_exit_size", 0))
+                   knobs.get("vocab_exit_size", 0), knobs.get("exit_adapters", True))
 
 
 @dataclass
@@ -334,11 +355,16 @@ def with_vocab_exit_rows(exit_table: SimTable, vocab_table: SimTable) -> SimTabl
     return replace(exit_table, conf=conf, check_macs=check, vocab_top1=vocab_table.vocab_top1)
 
 
-def table_of(by_size: dict[int, SimTable], family: Family) -> SimTable:
-    """The simulation table a family reads: its exit shortlist's, with the vocabulary exit's own rows."""
-    table = by_size[family.exit_vocab_size]
+def tables_by_key(tables: list[SimTable]) -> dict[tuple[int, bool], SimTable]:
+    return {t.key: t for t in tables}
+
+
+def table_of(by_key: dict[tuple[int, bool], SimTable], family: Family) -> SimTable:
+    """The simulation table a family reads: its exit shortlist's (with or without adapters), with the
+    vocabulary exit's own rows."""
+    table = by_key[family.table_key]
     if family.vocab_exit is not None and family.vocab_exit_size:
-        return with_vocab_exit_rows(table, by_size[family.vocab_exit_size])
+        return with_vocab_exit_rows(table, by_key[(family.vocab_exit_size, family.exit_adapters)])
     return table
 
 
@@ -459,7 +485,8 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
     for table in tables:
         for m in (m for m in measures if m == "patience" or m in table.conf):
             for pat in (patiences if m == "patience" else (2,)):
-                jobs.extend((table, Family(m, s, table.exit_vocab_size, "propagate", pat)) for s in sets)
+                jobs.extend((table, Family(m, s, table.exit_vocab_size, "propagate", pat, exit_adapters=table.adapters))
+                            for s in sets)
     grids = {}
     found = []
     simulated = 0
@@ -467,7 +494,7 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
         if fam.measure == "patience":
             grid = np.arange(1, fam.patience + 1) / fam.patience
         else:
-            key = (table.exit_vocab_size, fam.measure)
+            key = (table.key, fam.measure)
             if key not in grids:
                 grids[key] = threshold_grid(table.conf[fam.measure][1:L].ravel())
             grid = grids[key]
@@ -477,18 +504,19 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
         if i is not None:
             found.append((float(res.compute[i]), res, i))
     found.sort(key=lambda x: x[0])
-    by_size = {t.exit_vocab_size: t for t in tables}
+    by_key = tables_by_key(tables)
+    sizes = sorted({t.exit_vocab_size for t in tables})
     # Vocabulary exits, with their own threshold, for the best shortlist families: a token that goes the
     # whole depth may then skip the full head. Its grid: quantiles of the full-depth shortlist confidence.
     vocab_jobs = [res for _, res, _ in found
-                  if by_size[res.family.exit_vocab_size].vocab_top1 is not None
+                  if by_key[res.family.table_key].vocab_top1 is not None
                   and res.family.measure in LOGIT_MEASURES][:vocab_families]
     for res in vocab_jobs:
         f = res.family
         # the vocabulary exit over the exit shortlist, or over a bigger one of its own (0: the same)
-        for own in [0, *(s for s in by_size if s > f.exit_vocab_size)]:
+        for own in [0, *(s for s in sizes if s > f.exit_vocab_size)]:
             base = replace(f, vocab_exit=0.0, vocab_exit_size=own)
-            table = table_of(by_size, base)
+            table = table_of(by_key, base)
             levels = np.quantile(table.conf[f.measure][L], np.linspace(0.05, 0.95, vocab_levels))
             for v in np.unique(np.clip(levels, 0.0, 1.0)):
                 r = simulate(table, costs, replace(base, vocab_exit=float(v)), res.thresholds)
@@ -500,7 +528,7 @@ def search(tables: list[SimTable], costs: SimCosts, target: float,
     if "defer" in kv_policies:
         for _, res, _ in found[:5]:
             fam = replace(res.family, kv_policy="defer")
-            r = simulate(table_of(by_size, fam), costs, fam, res.thresholds)
+            r = simulate(table_of(by_key, fam), costs, fam, res.thresholds)
             simulated += len(res.thresholds)
             i = r.cheapest(target)
             if i is not None:
@@ -613,10 +641,10 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     replayed, replays = replay_search(found, replay, goal,
                                       families=replay_families, minutes=replay_minutes, prune_slack=prune_slack,
                                       progress=progress) if replay_families else ([], 0)
-    by_size = {t.exit_vocab_size: t for t in tables}
+    by_key = tables_by_key(tables)
 
     def simulate_one(fam: Family, thr: float) -> tuple[float, float, float]:
-        r = simulate(table_of(by_size, fam), costs, fam, np.array([thr]))
+        r = simulate(table_of(by_key, fam), costs, fam, np.array([thr]))
         return float(r.agreement[0]), float(r.compute[0]), float(r.layers_mean[0])
 
     refined, refine_runs = refine_offsets(found, replayed, replay, simulate_one, goal, families=offset_families,
@@ -916,7 +944,7 @@ def refine_offsets(found: list[tuple[float, SimResult, int]], passes: list[Measu
 
 def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dict[str, float]:
     """Agreement of the draft head (light and standard depths, shortlist) with the final layer."""
-    table = next((t for t in tables if t.exit_vocab_size == draft_vocab_size), tables[0])
+    table = next((t for t in tables if t.key == (draft_vocab_size, True)), tables[0])
     L = rt.spec.num_layers
     depths = sorted({d for name, d in rt.paths.items() if name != "full" and d < L})
     return {str(d): round(float((table.top1[d] == table.top1[L]).mean()), 4) for d in depths}

@@ -93,9 +93,10 @@ def exit_table(rt: Runtime, prompt: list[int], reference: list[int], cfg, exit_i
     weight = rt.model.w.lm_head if exit_ids is None else rt.model.w.lm_head.index_select(0, exit_ids)
     confs, agree = [], []
     L = rt.spec.num_layers
+    heads = rt.heads.for_request(cfg.exit_adapters)
     for k in range(1, L):
         h, prev = states[k], states[k - 1]
-        logits = torch.nn.functional.linear(rt.model.final_norm(rt.heads.adapt(h, k)), weight)  # (N, n)
+        logits = torch.nn.functional.linear(rt.model.final_norm(heads.adapt(h, k)), weight)  # (N, n)
         conf = measure.score(logits if measure.needs_logits else None, h, prev, layer=k)
         if k in points:
             top = logits.argmax(-1)
@@ -169,7 +170,8 @@ def main(args) -> int:
     agree = total = 0
     settings = dict(measure=cfg.measure, threshold=result.threshold, exit_layers=tuple(exit_layers),
                     exit_vocab_size=cfg.exit_vocab_size, kv_policy=cfg.kv_policy, vocab_exit=cfg.vocab_exit,
-                    vocab_exit_size=cfg.vocab_exit_size, threshold_offsets=cfg.offsets_dict())
+                    vocab_exit_size=cfg.vocab_exit_size, threshold_offsets=cfg.offsets_dict(),
+                    exit_adapters=cfg.exit_adapters)
     for prompt in tqdm(_windows(rt, "test", args.test_prompts, args.context, args.seed + 1, args.text),
                        desc="test check"):
         reference = rt.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).token_ids
@@ -183,7 +185,8 @@ def main(args) -> int:
                        observed_risk=tested["risk"], p_value=tested["p_value"], tokens_per_prompt=args.tokens,
                        test_agreement=agree / total, test_tokens=total, vocab_exit=cfg.vocab_exit,
                        vocab_exit_size=cfg.vocab_exit_size,
-                       threshold_offsets=cfg.offsets_dict(), kv_fill=rt.kv_fill_source())
+                       threshold_offsets=cfg.offsets_dict(), kv_fill=rt.kv_fill_source(),
+                       exit_adapters=cfg.exit_adapters)
     path = Path(rt.directory) / CERTIFICATE_FILE
     cert.save(path)
     print(f"wrote {path}: threshold {result.threshold}, test agreement {agree / total:.4f} on {total} tokens")

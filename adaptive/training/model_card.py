@@ -184,6 +184,11 @@ def _vocab_exit_text(knobs: dict) -> str:
     return _fmt(knobs.get("vocab_exit"), ".4g") + (f" ({size} rows)" if size and knobs.get("vocab_exit") is not None else "")
 
 
+def _lens_text(knobs: dict) -> str:
+    """'' or, when exits skip the trained adapters (``exit_adapters=False``), ' (logit lens)'."""
+    return "" if knobs.get("exit_adapters", True) else " (logit lens)"
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -278,7 +283,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"the lowest compute fraction whose agreement is at least {cal['target']:.2f} + a margin of "
                 f"{cal.get('margin', 0):.3f} (the cheapest of many passing settings is an optimistic pick), among "
                 f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
-                "KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
+                "exit adapters on / off × KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
                 "(a miss is retried at a stricter setting, and the thresholds between a miss and a pass are "
                 "bisected; see `adaptive/training/calibrate_exits.py`)"
                 + (f"; before that, {cal['settings_replayed']} `propagate` settings were *replayed*: one pass per "
@@ -309,7 +314,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
         for m in shown:
             kk = m["knobs"]
             meas = kk["measure"] + (f"({kk['patience']})" if kk["measure"] == "patience" else "")
-            out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'} | {kk['kv_policy']} | "
+            out.append(f"| {meas} | {kk['exit_layers']} | {kk['exit_vocab_size'] or 'full'}{_lens_text(kk)} | {kk['kv_policy']} | "
                        f"{_threshold_text(kk)} | {_vocab_exit_text(kk)} | {m['sim_agreement']:.4f} | {m['sim_compute']:.3f} | {m['agreement']:.4f} | "
                        f"{m['compute_fraction']:.3f} | {m.get('method', 'decoded')} |")
         if hidden:
@@ -320,7 +325,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 "replay (*replayed*, same numbers; one row per replayed family: its cheapest pass, or its strictest "
                 "miss). *Vocab exit*: a token that runs "
                 "every layer reads a shortlist of the LM head first (its own `vocab_exit_size`, else the exit shortlist) and skips the full 8192-row LM head when the measure "
-                "reaches this separate threshold; otherwise only the rows outside the shortlist are added (the check is charged either way; `EarlyExitConfig.vocab_exit`).", ""]
+                "reaches this separate threshold; otherwise only the rows outside the shortlist are added (the check is charged either way; `EarlyExitConfig.vocab_exit`). *(logit lens)* after the exit vocabulary: exits read the plain logit lens, not the trained adapters (`exit_adapters=False`; an adapter is a d × d matmul on every check).", ""]
         if cal.get("misses"):
             rows = cal["misses"]
             out += ["Where the chosen setting's disagreements with full depth come from, on the validation prompts "
@@ -374,7 +379,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
     if cert:
         out += ["## Learn-then-Test certificate", "",
                 f"For measure `{cert['measure']}`, exit layers {cert['exit_layers']}, exit shortlist "
-                f"{cert['exit_vocab_size']}, `{cert['kv_policy']}`"
+                f"{cert['exit_vocab_size']}{_lens_text(cert)}, `{cert['kv_policy']}`"
                 + (f", vocabulary exit at {cert['vocab_exit']:.4g}" if cert.get("vocab_exit") is not None else "")
                 + (f" over its own shortlist of {cert['vocab_exit_size']}"
                    if cert.get("vocab_exit") is not None and cert.get("vocab_exit_size") else "")
