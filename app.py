@@ -113,7 +113,9 @@ def model_info(runtime: Runtime) -> str:
     spec, cfg = runtime.spec, runtime.early_exit_config()
     return (f"**{html.escape(Path(runtime.name).name or runtime.name)}**: {spec.architecture or spec.family}, "
             f"{spec.num_layers} layers, d={spec.hidden_size}, vocab {spec.vocab_size}, context {spec.max_positions}; "
-            f"exit heads: {runtime.heads.source}; propagate K/V fill: {runtime.kv_fill_source()}; "
+            f"exit heads: {runtime.heads.source}"
+            + ("" if cfg.exit_adapters or not runtime.heads.adapters else " (the default exits read the plain logit lens)")
+            + f"; propagate K/V fill: {runtime.kv_fill_source()}; "
             f"default early-exit knobs: threshold {cfg.threshold:g}, "
             f"{cfg.measure}, {cfg.kv_policy}, exit layers {sorted(cfg.exit_points(spec.num_layers))}"
             + (f", vocabulary exit at {cfg.vocab_exit:g}" if cfg.vocab_exit is not None else "")

@@ -294,8 +294,8 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
     else:
         lines.append("\nNo full-depth run of this prompt yet: speedup unknown (use *Analyse with model*).")
     knob_names = (("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab", "exit_heads") if speculative
-                  else ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads", "vocab_exit",
-                        "threshold_offsets"))
+                  else ("threshold", "measure", "kv_policy", "exit_layers", "exit_heads", "exit_vocab", "vocab_exit",
+                        "vocab_exit_size", "threshold_offsets"))
     knobs = [f"{k}={html.escape(str(s[k]))}" for k in knob_names if k in s and s[k] != {}]
     if knobs:
         lines.append("\nKnobs: " + ", ".join(knobs))

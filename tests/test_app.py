@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import build_tiny_checkpoint
 
@@ -73,6 +74,23 @@ def test_model_info_names_per_layer_thresholds():
     rt.defaults = {"early_exit": {"threshold": 0.9, "exit_layers": [1, 2], "threshold_offsets": {"2": -0.2}}}
     info = app.model_info(rt)
     assert "threshold 0.9" in info and "exit after 2 layers at threshold 0.7 (offset -0.2)" in info
+    assert "plain logit lens" not in info  # this model has no adapters to leave out
+
+
+def test_model_info_says_when_the_default_exits_skip_the_adapters():
+    import app
+    from adaptive import Runtime
+    from adaptive.exits import ExitHeads
+
+    from conftest import make_model
+
+    rt = Runtime.from_model(make_model("llama"))
+    d = rt.spec.hidden_size
+    rt.heads = ExitHeads(rt.model, {1: (torch.zeros(d, d), torch.zeros(d))})
+    rt.heads.source = "adapters (test)"
+    assert "plain logit lens" not in app.model_info(rt)
+    rt.defaults = {"early_exit": {"exit_adapters": False}}
+    assert "exit heads: adapters (test) (the default exits read the plain logit lens)" in app.model_info(rt)
 
 
 def test_missing_bundled_model_is_reported_not_fatal(tmp_path, monkeypatch):

@@ -106,6 +106,8 @@ def test_ledger_reports_fractions_speedup_and_histogram():
     assert "2.75 / 4" in text and "1.50×" in text
     assert views.speedup(res, base) == pytest.approx(1.5)
     assert "speedup unknown" in views.ledger_markdown(res, None)
+    res.stats.update(exit_vocab=530, vocab_exit=0.5, vocab_exit_size=2048)  # both shortlists reach the knob line
+    assert "exit_vocab=530, vocab_exit=0.5, vocab_exit_size=2048" in views.ledger_markdown(res, None)
     fig = views.ledger_figure(res)
     hist, per_token = fig.data[0], fig.data[1]
     assert list(hist.x) == [1, 2, 3, 4] and list(hist.y) == [1, 1, 0, 2]
