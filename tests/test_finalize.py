@@ -174,6 +174,42 @@ def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tin
     # The runtime accepts what was written.
     rt = Runtime.from_pretrained(model_dir)
     assert rt.generate([1, 2, 3], 4, mode="early_exit").stats["measure"] == cal.chosen["measure"]
+    # The margin was measured (two prompts: one standard error each way is wide) unless nothing reached
+    # even the provisional goal, when the fixed one stands.
+    rule = cal.margin_rule
+    if rule:
+        assert cal.margin == pytest.approx(C.MARGIN_Z * rule["standard_error"]) and rule["prompts"] == 2
+    else:
+        assert cal.margin == C.FIXED_MARGIN
+
+
+def test_prompt_agreements_pool_to_the_simulated_agreement_and_set_the_margin(tiny_rt):
+    """The margin is z prompt-level standard errors of a replayed setting's agreement: per-prompt
+    agreements (equal prompt lengths) average to the pooled one, and their spread sets the margin."""
+    rt = tiny_rt
+    rt.draft_ranking = list(range(rt.spec.vocab_size))
+    cases = C.sample_prompts(rt, "validation", 4, 20, 30, seed=1)
+    C.add_references(rt, cases, 12, progress=False)
+    tables, costs, _ = C.build_tables(rt, cases, (0, 64), progress=False)
+    by_key = C.tables_by_key(tables)
+    fam = C.Family("max_prob", (1, 2), 64, "propagate")
+    thr = float(np.median(by_key[fam.table_key].conf["max_prob"][[1, 2]]))
+    table = C.replay_propagate(rt, cases, fam, thr)
+    per = C.prompt_agreements(table, fam, thr)
+    assert per.shape == (4,) and per.mean() == pytest.approx(C.replay_outcome(rt, cases, costs, fam, thr)[0])
+    found = [(0.5, C.simulate(table, costs, fam, np.array([thr])), 0)]
+    margin, rule = C.sampling_margin(rt, cases, found, by_key, provisional_goal=0.0)
+    assert margin == pytest.approx(C.MARGIN_Z * per.std(ddof=1) / 2) and rule["method"] == "replayed"
+    assert rule["knobs"] == fam.knobs(thr) and rule["agreement"] == pytest.approx(per.mean())
+    assert C.sampling_margin(rt, cases, found, by_key, provisional_goal=1.01) is None  # nothing reaches it
+
+
+def test_families_re_read_at_a_stricter_goal_match_a_search_at_that_goal():
+    table, costs = _synthetic()
+    kw = dict(measures=("max_prob",), kv_policies=("propagate",), progress=False)
+    loose, _ = C.search([table], costs, 0.75, **kw)
+    strict, _ = C.search([table], costs, 0.99, **kw)
+    assert [(c, r.family, i) for c, r, i in C.at_goal(loose, 0.99)] == [(c, r.family, i) for c, r, i in strict]
 
 
 # ---- model card -------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Target: the setting with the lowest honest ``compute_fraction`` whose teacher-forced agreement with
 full depth is at least ``target`` (0.99) plus a small ``margin`` (picking the cheapest of thousands of
-settings that pass on a few thousand tokens is optimistic; the margin pays for that on unseen text).
+settings that pass on a few thousand tokens is optimistic; the margin pays for that on unseen text). By
+default the margin is measured: 1.645 prompt-level standard errors of agreement at a setting near the
+target (``sampling_margin``), so it shrinks with more calibration prompts and grows on a noisier model.
 Candidates: measure x exit-layer set x threshold x exit vocabulary size x exit adapters on / off x KV
 policy (x vocabulary exit).
 
@@ -445,6 +447,49 @@ def _decide(table: SimTable, family: Family, thresholds, L: int):
     return E, first, exit_k, vocab, emitted
 
 
+def prompt_agreements(table: SimTable, family: Family, threshold: float) -> np.ndarray:
+    """(P,) each prompt's agreement with its reference at ``threshold`` (``simulate`` pools them)."""
+    L = table.top1.shape[0] - 1
+    emitted = _decide(table, family, np.array([threshold]), L)[-1][0]  # (P, N)
+    truth = table.top1[L] if table.reference is None else table.reference
+    return (emitted == truth).mean(axis=1)
+
+
+# One-sided 95%: the margin keeps a setting whose true agreement is at the target from being selected more
+# than about one time in twenty on the strength of a lucky draw of selection prompts.
+MARGIN_Z = 1.645
+
+
+def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimResult, int]], by_key,
+                    provisional_goal: float, z: float = MARGIN_Z) -> tuple[float, dict] | None:
+    """The selection margin as z standard errors of a setting's agreement over the selection prompts.
+
+    Agreement varies between prompts (whole files are easier or harder), so its sampling error is the
+    prompt-level standard error, sd(per-prompt agreement) / sqrt(P), not the binomial one of P x N tokens.
+    It is measured on the cheapest family at ``provisional_goal``, at its cheapest threshold there (replayed
+    exactly for ``propagate`` with a logit measure, else simulated): a setting near the target, where the
+    selection happens. More prompts give a smaller margin; a noisier model a larger one. None when no
+    family reaches the provisional goal even in simulation."""
+    for _, res, _ in found:
+        i = res.cheapest(provisional_goal)
+        if i is None:
+            continue
+        fam, thr = res.family, float(res.thresholds[i])
+        replayable = fam.kv_policy == "propagate" and fam.measure in LOGIT_MEASURES
+        table = replay_propagate(rt, cases, fam, thr) if replayable else table_of(by_key, fam)
+        per = prompt_agreements(table, fam, thr)
+        se = float(per.std(ddof=1) / np.sqrt(len(per)))
+        return z * se, {"z": z, "standard_error": se, "prompts": len(per), "agreement": float(per.mean()),
+                        "knobs": fam.knobs(thr), "method": "replayed" if replayable else "simulated"}
+    return None
+
+
+def at_goal(found: list[tuple[float, SimResult, int]], goal: float) -> list[tuple[float, SimResult, int]]:
+    """``search``'s families re-read at another goal: each one's cheapest threshold reaching it, cheapest first."""
+    out = [(float(res.compute[i]), res, i) for _, res, _ in found if (i := res.cheapest(goal)) is not None]
+    return sorted(out, key=lambda x: x[0])
+
+
 def miss_breakdown(table: SimTable, family: Family, threshold: float) -> dict[str, list[int]]:
     """{where the token came from: [tokens that disagree with full depth, tokens]} of one setting:
     "exit after k" per exit point, "vocabulary exit", and "full depth" (every layer and the full head).
@@ -578,6 +623,8 @@ def decode_forced(rt, cases: list[PromptCase], knobs: dict) -> tuple[float, floa
 class Calibration:
     target: float
     margin: float  # settings were selected at target + margin
+    # how the margin was measured (sampling_margin: z, standard_error, prompts, the setting); {}: fixed
+    margin_rule: dict
     chosen: dict  # the early_exit knobs written to adaptive_defaults.json
     agreement: float
     compute_fraction: float
@@ -609,7 +656,10 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "validation", num_prompts: int = 24,
+FIXED_MARGIN = 0.003  # the margin before it was measured (about 1.645 standard errors at 48 prompts here)
+
+
+def calibrate(rt, target: float = 0.99, margin: float | None = None, split: str = "validation", num_prompts: int = 24,
               min_context: int = 64, max_context: int = 128, new_tokens: int = 128, seed: int = 0, vocab_sizes=DEFAULT_VOCAB_SIZES,
               draft_vocab_size: int = 2048, families: int = 8, per_measure: int = 2, max_tries: int = 3,
               confirm_minutes: float = 8.0, prune_slack: float = 0.01, refine_steps: int = 3,
@@ -627,9 +677,19 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     t0 = time.time()
     sizes = sorted(set(vocab_sizes) | {draft_vocab_size})
     tables, costs, final_match = build_tables(rt, cases, sizes, progress=progress)
-    goal = min(1.0, target + margin)  # selection aims above the target: the cheapest of many passing settings
-    # on a few thousand tokens is an optimistic pick, and the test split is where the target must hold
-    found, simulated = search([t for t in tables if t.exit_vocab_size in vocab_sizes], costs, goal, progress=progress)
+    # Selection aims above the target: the cheapest of many passing settings on a few thousand tokens is an
+    # optimistic pick, and the test split is where the target must hold. margin None: measured (sampling_margin).
+    searched = [t for t in tables if t.exit_vocab_size in vocab_sizes]
+    margin_rule = {}
+    if margin is None:
+        found, simulated = search(searched, costs, target, progress=progress)
+        measured_margin = sampling_margin(rt, cases, found, tables_by_key(tables), target + FIXED_MARGIN)
+        margin, margin_rule = measured_margin if measured_margin else (FIXED_MARGIN, {})
+        goal = min(1.0, target + margin)
+        found = at_goal(found, goal)
+    else:
+        goal = min(1.0, target + margin)
+        found, simulated = search(searched, costs, goal, progress=progress)
     times["simulation"] = time.time() - t0
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
@@ -685,7 +745,7 @@ def calibrate(rt, target: float = 0.99, margin: float = 0.003, split: str = "val
     if chosen_family.kv_policy == "propagate" and chosen_family.measure in LOGIT_MEASURES:
         misses = miss_breakdown(replay_propagate(rt, cases, chosen_family, best.knobs["threshold"]), chosen_family,
                                 best.knobs["threshold"])
-    return Calibration(target=target, margin=margin, chosen=best.knobs, agreement=best.agreement,
+    return Calibration(target=target, margin=margin, margin_rule=margin_rule, chosen=best.knobs, agreement=best.agreement,
                        compute_fraction=best.compute_fraction, layers_run_mean=best.layers_run_mean,
                        meets_target=best.agreement >= target, split=split,
                        num_prompts=num_prompts, context=[min_context, max_context], new_tokens=new_tokens, seed=seed,

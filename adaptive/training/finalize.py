@@ -36,6 +36,17 @@ OPT_IN_STAGES = ("kv-fill",)  # run only when asked for (see above)
 STAGES = ("draft-vocab", "datastore", "exits", "classifier", "kv-fill", "evaluate", "calibrate", "certify", "gate", "card")
 
 
+def _margin(text: str) -> float:
+    """--margin: a number in [0, 0.1] (the measured margin is the default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 0.1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.1], got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled assets/pycoder-8l)")
     for stage in STAGES:
@@ -73,7 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-window", type=int, default=512)
     g = p.add_argument_group("calibrate")
     g.add_argument("--target", type=float, default=0.99, help="teacher-forced agreement to reach")
-    g.add_argument("--margin", type=float, default=0.003, help="select at target + margin (selection bias)")
+    g.add_argument("--margin", type=_margin, default=None,
+                   help="select at target + margin (selection bias); default: 1.645 prompt-level standard errors "
+                        "of agreement on the calibration prompts, measured (a number fixes it)")
     g.add_argument("--cal-prompts", type=int, default=24)
     g.add_argument("--cal-new-tokens", type=int, default=128)
     g.add_argument("--holdout-prompts", type=int, default=24,

@@ -184,6 +184,16 @@ def _vocab_exit_text(knobs: dict) -> str:
     return _fmt(knobs.get("vocab_exit"), ".4g") + (f" ({size} rows)" if size and knobs.get("vocab_exit") is not None else "")
 
 
+def _margin_text(rule: dict) -> str:
+    """How the selection margin was measured (``calibrate_exits.sampling_margin``), or '' for a fixed one."""
+    if not rule:
+        return ""
+    k = rule["knobs"]
+    return (f"; the margin is {rule['z']} prompt-level standard errors of agreement, {rule['standard_error']:.4f} = "
+            f"sd over prompts / √{rule['prompts']}, measured ({rule['method']}) at a setting near the target: "
+            f"{k['measure']} {k['exit_layers']} at {_threshold_text(k)}, agreement {rule['agreement']:.4f}")
+
+
 def _lens_text(knobs: dict) -> str:
     """'' or, when exits skip the trained adapters (``exit_adapters=False``), ' (logit lens)'."""
     return "" if knobs.get("exit_adapters", True) else " (logit lens)"
@@ -281,7 +291,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"Chosen on {cal['num_prompts']} validation prompts ({cal['context'][0]}–{cal['context'][1]} tokens of "
                 f"context from distinct files, {cal['new_tokens']} new tokens, teacher-forced against full-depth greedy): "
                 f"the lowest compute fraction whose agreement is at least {cal['target']:.2f} + a margin of "
-                f"{cal.get('margin', 0):.3f} (the cheapest of many passing settings is an optimistic pick), among "
+                f"{cal.get('margin', 0):.4f} (the cheapest of many passing settings is an optimistic pick"
+                + _margin_text(cal.get("margin_rule") or {}) + "), among "
                 f"{cal['settings_simulated']:,} simulated settings (measure × exit layers × threshold × exit vocabulary × "
                 "exit adapters on / off × KV policy × vocabulary exit) of which the cheapest families were confirmed by real decoding "
                 "(a miss is retried at a stricter setting, and the thresholds between a miss and a pass are "
