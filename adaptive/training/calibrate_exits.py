@@ -460,27 +460,34 @@ def prompt_agreements(table: SimTable, family: Family, threshold: float) -> np.n
 MARGIN_Z = 1.645
 
 
-def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimResult, int]], by_key,
-                    provisional_goal: float, z: float = MARGIN_Z) -> tuple[float, dict] | None:
+def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimResult, int]], costs: SimCosts,
+                    provisional_goal: float, z: float = MARGIN_Z, families: int = 5) -> tuple[float, dict] | None:
     """The selection margin as z standard errors of a setting's agreement over the selection prompts.
 
     Agreement varies between prompts (whole files are easier or harder), so its sampling error is the
     prompt-level standard error, sd(per-prompt agreement) / sqrt(P), not the binomial one of P x N tokens.
-    It is measured on the cheapest family at ``provisional_goal``, at its cheapest threshold there (replayed
-    exactly for ``propagate`` with a logit measure, else simulated): a setting near the target, where the
-    selection happens. More prompts give a smaller margin; a noisier model a larger one. None when no
-    family reaches the provisional goal even in simulation."""
-    for _, res, _ in found:
-        i = res.cheapest(provisional_goal)
-        if i is None:
+    It is measured where the selection happens: on the cheapest ``propagate`` family (logit measure) at
+    the cheapest threshold whose *replayed* agreement reaches ``provisional_goal`` (found by bisection as
+    ``replay_search`` does; the exact-K/V simulation's own pass can be far below the target in reality, and
+    the spread grows with the misses). More prompts give a smaller margin; a noisier model a larger one.
+    None when none of the first ``families`` such families reaches the provisional goal."""
+    def replay(fam: Family, thr: float) -> tuple[float, float, float]:
+        return replay_outcome(rt, cases, costs, fam, thr)
+
+    replayable = [(c, res, i) for c, res, i in found
+                  if res.family.kv_policy == "propagate" and res.family.measure in LOGIT_MEASURES]
+    for entry in replayable[:families]:
+        fam, pos = entry[1].family, entry[1].cheapest(provisional_goal)
+        if pos is None:
             continue
-        fam, thr = res.family, float(res.thresholds[i])
-        replayable = fam.kv_policy == "propagate" and fam.measure in LOGIT_MEASURES
-        table = replay_propagate(rt, cases, fam, thr) if replayable else table_of(by_key, fam)
-        per = prompt_agreements(table, fam, thr)
+        (pick,), _ = replay_search([(entry[0], entry[1], pos)], replay, provisional_goal, families=1, progress=False)
+        if pick.agreement < provisional_goal:
+            continue
+        thr = pick.knobs["threshold"]
+        per = prompt_agreements(replay_propagate(rt, cases, fam, thr), fam, thr)
         se = float(per.std(ddof=1) / np.sqrt(len(per)))
         return z * se, {"z": z, "standard_error": se, "prompts": len(per), "agreement": float(per.mean()),
-                        "knobs": fam.knobs(thr), "method": "replayed" if replayable else "simulated"}
+                        "knobs": fam.knobs(thr), "method": "replayed"}
     return None
 
 
@@ -683,7 +690,7 @@ def calibrate(rt, target: float = 0.99, margin: float | None = None, split: str 
     margin_rule = {}
     if margin is None:
         found, simulated = search(searched, costs, target, progress=progress)
-        measured_margin = sampling_margin(rt, cases, found, tables_by_key(tables), target + FIXED_MARGIN)
+        measured_margin = sampling_margin(rt, cases, found, costs, target + FIXED_MARGIN)
         margin, margin_rule = measured_margin if measured_margin else (FIXED_MARGIN, {})
         goal = min(1.0, target + margin)
         found = at_goal(found, goal)
