@@ -132,16 +132,13 @@ class Certificate:
                 "exit_adapters": self.exit_adapters}
 
     def covers(self, settings: dict) -> bool:
-        """True when a request's early-exit settings are exactly the certified ones."""
-        return (settings.get("measure") == self.measure and settings.get("threshold") == self.threshold
-                and list(settings.get("exit_layers", [])) == list(self.exit_layers)
-                and settings.get("exit_vocab_size", 0) == self.exit_vocab_size
-                and settings.get("kv_policy") == self.kv_policy
-                and settings.get("vocab_exit") == self.vocab_exit
-                and settings.get("vocab_exit_size", 0) == self.vocab_exit_size
-                and (settings.get("threshold_offsets") or {}) == self.threshold_offsets
-                and settings.get("exit_adapters", True) == self.exit_adapters
-                and (self.kv_policy != "propagate" or settings.get("kv_fill") == self.kv_fill))
+        """True when a request's early-exit settings are exactly the certified ones (``knobs``; a knob the
+        settings leave out counts as its default), with the same K/V fill under ``propagate``."""
+        defaults = {"exit_vocab_size": 0, "vocab_exit_size": 0, "exit_adapters": True}
+        given = {k: settings.get(k, defaults.get(k)) for k in self.knobs()}
+        given["exit_layers"] = list(given["exit_layers"] or [])
+        given["threshold_offsets"] = given["threshold_offsets"] or {}
+        return given == self.knobs() and (self.kv_policy != "propagate" or settings.get("kv_fill") == self.kv_fill)
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "n": self.n, "threshold": self.threshold,

@@ -198,7 +198,7 @@ def test_prompt_agreements_pool_to_the_replayed_agreement_and_set_the_margin(tin
     found = [(float(sim.compute[0]), sim, 0)]
     real = [C.replay_outcome(rt, cases, costs, fam, float(t))[0] for t in sim.thresholds]
     goal = float(np.median(real))  # some thresholds reach it in replay, some do not
-    margin, rule = C.sampling_margin(rt, cases, found, costs, provisional_goal=goal)
+    margin, rule = C.sampling_margin(rt, cases, found, lambda f, t: C.replay_outcome(rt, cases, costs, f, t), provisional_goal=goal)
     thr = rule["knobs"]["threshold"]
     assert C.replay_outcome(rt, cases, costs, fam, thr)[0] >= goal and rule["method"] == "replayed"
     cheaper = [t for t, a in zip(sim.thresholds, real) if a >= goal and C.replay_outcome(rt, cases, costs, fam, float(t))[1]
@@ -207,7 +207,7 @@ def test_prompt_agreements_pool_to_the_replayed_agreement_and_set_the_margin(tin
     per = C.prompt_agreements(C.replay_propagate(rt, cases, fam, thr), fam, thr)
     assert per.shape == (4,) and per.mean() == pytest.approx(rule["agreement"])
     assert margin == pytest.approx(C.MARGIN_Z * per.std(ddof=1) / 2) and rule["knobs"] == fam.knobs(thr)
-    assert C.sampling_margin(rt, cases, found, costs, provisional_goal=1.01) is None  # nothing reaches it
+    assert C.sampling_margin(rt, cases, found, lambda f, t: C.replay_outcome(rt, cases, costs, f, t), provisional_goal=1.01) is None  # nothing reaches it
 
 
 def test_families_re_read_at_a_stricter_goal_match_a_search_at_that_goal():

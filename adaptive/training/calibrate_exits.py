@@ -460,7 +460,7 @@ def prompt_agreements(table: SimTable, family: Family, threshold: float) -> np.n
 MARGIN_Z = 1.645
 
 
-def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimResult, int]], costs: SimCosts,
+def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimResult, int]], replay,
                     provisional_goal: float, z: float = MARGIN_Z, families: int = 5) -> tuple[float, dict] | None:
     """The selection margin as z standard errors of a setting's agreement over the selection prompts.
 
@@ -470,10 +470,8 @@ def sampling_margin(rt, cases: list[PromptCase], found: list[tuple[float, SimRes
     the cheapest threshold whose *replayed* agreement reaches ``provisional_goal`` (found by bisection as
     ``replay_search`` does; the exact-K/V simulation's own pass can be far below the target in reality, and
     the spread grows with the misses). More prompts give a smaller margin; a noisier model a larger one.
-    None when none of the first ``families`` such families reaches the provisional goal."""
-    def replay(fam: Family, thr: float) -> tuple[float, float, float]:
-        return replay_outcome(rt, cases, costs, fam, thr)
-
+    ``replay(family, threshold)`` -> (agreement, compute, layers) on ``cases``. None when none of the first
+    ``families`` such families reaches the provisional goal."""
     replayable = [(c, res, i) for c, res, i in found
                   if res.family.kv_policy == "propagate" and res.family.measure in LOGIT_MEASURES]
     for entry in replayable[:families]:
@@ -687,10 +685,14 @@ def calibrate(rt, target: float = 0.99, margin: float | None = None, split: str 
     # Selection aims above the target: the cheapest of many passing settings on a few thousand tokens is an
     # optimistic pick, and the test split is where the target must hold. margin None: measured (sampling_margin).
     searched = [t for t in tables if t.exit_vocab_size in vocab_sizes]
+
+    def replay(fam: Family, thr: float) -> tuple[float, float, float]:
+        return replay_outcome(rt, cases, costs, fam, thr)
+
     margin_rule = {}
     if margin is None:
         found, simulated = search(searched, costs, target, progress=progress)
-        measured_margin = sampling_margin(rt, cases, found, costs, target + FIXED_MARGIN)
+        measured_margin = sampling_margin(rt, cases, found, replay, target + FIXED_MARGIN)
         margin, margin_rule = measured_margin if measured_margin else (FIXED_MARGIN, {})
         goal = min(1.0, target + margin)
         found = at_goal(found, goal)
@@ -701,10 +703,6 @@ def calibrate(rt, target: float = 0.99, margin: float | None = None, split: str 
     priors = _acceptance_priors(rt, tables, draft_vocab_size)
 
     t0 = time.time()
-
-    def replay(fam: Family, thr: float) -> tuple[float, float, float]:
-        return replay_outcome(rt, cases, costs, fam, thr)
-
     replayed, replays = replay_search(found, replay, goal,
                                       families=replay_families, minutes=replay_minutes, prune_slack=prune_slack,
                                       progress=progress) if replay_families else ([], 0)
