@@ -271,20 +271,21 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
     card = model_card.write_card(model_dir, {**_report(), "certificate": cert}, log).read_text()
     assert "`propagate`, vocabulary exit at 0.25: threshold **0.875** keeps the expected" in card
     assert "{cert" not in card
-    assert "propagate in the loop" not in card
-    # a resume that switched on propagate-in-the-loop training is named with the token it started at
+    assert "propagate in the loop" not in card and "Training phases" not in card
+    # a resume that switched on propagate-in-the-loop training starts a phase at the token it resumed from
     log.write_text(json.dumps({"kind": "start", "tokens": 0, "args": {"threads": 1}}) + "\n" +
                    json.dumps({"kind": "start", "tokens": 500, "args": {"threads": 2, "propagate_exits": [4, 6],
                                                                          "propagate_threshold": [0.5, 0.9]}}) + "\n" +
                    json.dumps({"kind": "final", "seconds": 600.0, "tokens": 1000}) + "\n")
     card = model_card.write_card(model_dir, _report(), log).read_text()
-    assert "| propagate in the loop | from token 500 on, exits after layers [4, 6], thresholds drawn from [0.5, 0.9]" in card
+    assert "| 0 – 500 | – | – | off |" in card
+    assert "| 500 – 1,000 | – | – | exits after layers [4, 6], thresholds drawn from [0.5, 0.9] |" in card
     assert "resumed 1 times" in card
     # a run started after the export's final record belongs to the next model, not this card
     with log.open("a") as f:
         f.write(json.dumps({"kind": "start", "tokens": 1000, "args": {"threads": 2, "propagate_exits": [3]}}) + "\n")
     card = model_card.write_card(model_dir, _report(), log).read_text()
-    assert "resumed 1 times" in card and "exits after layers [4, 6]" in card
+    assert "resumed 1 times" in card and "exits after layers [4, 6]" in card and "[3]" not in card
     assert "**Held-out check** on" not in card and "*K/V fill* (`propagate`)" not in card
 
 
@@ -623,3 +624,17 @@ def test_calibration_tables_and_replay_cover_exits_with_and_without_adapters(tin
     assert outcomes[True] != outcomes[False]
     found, _ = C.search(tables, costs, 0.5, measures=("max_prob",), kv_policies=("propagate",), progress=False)
     assert {res.family.exit_adapters for _, res, _ in found} == {True, False}
+
+
+def test_training_phases_merge_resumes_with_the_same_recipe():
+    def start(tokens, **args):
+        return {"kind": "start", "tokens": tokens, "args": {"threads": 2, **args}}
+
+    starts = [start(0), start(100), start(200, exit_total=0.8, beta_kl=0.6),
+              start(300, exit_total=0.8, beta_kl=0.6, propagate_exits=[3, 6], propagate_threshold=[0.5, 0.95]),
+              start(400, exit_total=0.8, beta_kl=0.6, propagate_exits=[3, 6], propagate_threshold=[0.5, 0.95]),
+              start(500, exit_total=0.6, beta_kl=0.5, propagate_exits=[3, 6], propagate_threshold=[0.5, 0.95])]
+    phases = model_card.training_phases(starts, 650)
+    assert [(p.from_tokens, p.to_tokens) for p in phases] == [(0, 200), (200, 300), (300, 500), (500, 650)]
+    assert phases[0].exit_total is None and phases[3].exit_total == 0.6 and phases[2].propagate_exits == [3, 6]
+    assert model_card.training_phases([], None) == []

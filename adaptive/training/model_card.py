@@ -130,8 +130,40 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclass
+class TrainingPhase:
+    """A stretch of training under one recipe: the (re)starts between two changes of the loss weights or
+    of propagate-in-the-loop. A weight a start did not record (the flag did not exist yet) is ``None``."""
+    from_tokens: int
+    to_tokens: int | None
+    exit_total: float | None
+    beta_kl: float | None
+    propagate_exits: list[int] | None
+    propagate_threshold: list[float] | None
+
+    def recipe(self) -> tuple:
+        return (self.exit_total, self.beta_kl, self.propagate_exits, self.propagate_threshold)
+
+
+def training_phases(starts: list[dict], final_tokens: int | None) -> list[TrainingPhase]:
+    """Consecutive (re)starts with the same recipe merged into one phase, in training order."""
+    phases: list[TrainingPhase] = []
+    for r in starts:
+        a = r.get("args", {})
+        phase = TrainingPhase(r.get("tokens", 0), None, a.get("exit_total"), a.get("beta_kl"),
+                              a.get("propagate_exits"), a.get("propagate_threshold"))
+        if phases and phases[-1].recipe() == phase.recipe():
+            continue
+        if phases:
+            phases[-1].to_tokens = phase.from_tokens
+        phases.append(phase)
+    if phases:
+        phases[-1].to_tokens = final_tokens
+    return phases
+
+
 def _training_log(log_path: Path) -> dict:
-    """Summary of the training log: final record, total wall seconds, threads per (re)start."""
+    """Summary of the training log: final record, total wall seconds, threads per (re)start, recipe phases."""
     if not log_path.is_file():
         return {}
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
@@ -141,13 +173,27 @@ def _training_log(log_path: Path) -> dict:
     starts = [r for r in records if r.get("kind") == "start"]
     last = records[-1] if records else {}
     final = last if ends else None
-    # The first (re)start that trained under the propagate policy, and from which token on.
-    prop = next((r for r in starts if r.get("args", {}).get("propagate_exits")), None)
     return {"final": final, "last_seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
             "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None}),
-            "propagate": prop and {"from_tokens": prop.get("tokens", 0),
-                                   "exit_layers": prop["args"]["propagate_exits"],
-                                   "threshold_range": prop["args"].get("propagate_threshold")}}
+            "phases": training_phases(starts, last.get("tokens"))}
+
+
+def _phase_rows(phases: list[TrainingPhase]) -> list[str]:
+    """The card's table of training phases; nothing when one recipe ran throughout without propagate."""
+    if len(phases) < 2 and not any(p.propagate_exits for p in phases):
+        return []
+    rows = ["Training phases (the recipe changed between resumes; `exit_total` / `beta_kl` are the weights of the "
+            "early-exit losses and of their distillation, see `adaptive/training/losses.py`; – where the log did not record "
+            "them: the flags did not exist yet). *Propagate in the loop*: "
+            "positions whose exit head is confident lend the deeper layers K/V computed from their exit state, as the "
+            "runtime's `propagate` policy does (see `adaptive/training/stack.py`).", "",
+            "| tokens | exit_total | beta_kl | propagate in the loop |", "|---|---:|---:|---|"]
+    for p in phases:
+        span = f"{p.from_tokens:,} – {p.to_tokens:,}" if p.to_tokens is not None else f"{p.from_tokens:,} –"
+        prop = (f"exits after layers {p.propagate_exits}, thresholds drawn from {p.propagate_threshold}"
+                if p.propagate_exits else "off")
+        rows.append(f"| {span} | {_fmt(p.exit_total, 'g')} | {_fmt(p.beta_kl, 'g')} | {prop} |")
+    return rows + [""]
 
 
 def _hardware() -> str:
@@ -252,12 +298,9 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             f"| hardware | {_hardware()}; torch threads {', '.join(map(str, log.get('threads', []))) or '?'} |",
             f"| validation loss (final layer) | {_fmt(info.get('val_nats'))} nats/token, {_fmt(info.get('val_bpb'))} bits/byte "
             f"on {info.get('val_tokens', '?')} tokens (training's own evaluation) |",
-            f"| objective | `{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |",
-            *([f"| propagate in the loop | from token {log['propagate']['from_tokens']:,} on, exits after layers "
-               f"{log['propagate']['exit_layers']}, thresholds drawn from {log['propagate']['threshold_range']}: "
-               "positions whose exit head is confident lend the deeper layers K/V computed from their exit "
-               "state, as the runtime's `propagate` policy does (see `adaptive/training/stack.py`) |"]
-              if log.get("propagate") else []), "",
+            f"| objective{' (last phase)' if len(log.get('phases', [])) > 1 else ''} | "
+            f"`{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |",
+            "", *_phase_rows(log.get("phases", [])),
             "Training finished" if final else
             "**Training had not finished when this card was written; the numbers are of an intermediate checkpoint.**",
             ""]
