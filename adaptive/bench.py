@@ -162,8 +162,9 @@ def run(args) -> dict:
     ee_knobs = {k: v for k, v in (("measure", args.measure), ("kv_policy", args.kv_policy)) if v is not None}
     rows = [] if args.no_hf else [Row("hf_generate", "hf")]
     if not args.no_hf and args.hf_assistant:
-        light = rt.paths["light"]
-        rows.append(Row(f"hf_assistant_early_exit@{light}", "hf", {"assistant_early_exit": light}))
+        # HF's layer-skip assistant at each of our shallow paths' depths: ours is compared with its best
+        for depth in sorted({rt.paths["light"], rt.paths["standard"]} - {rt.spec.num_layers}):
+            rows.append(Row(f"hf_assistant_early_exit@{depth}", "hf", {"assistant_early_exit": depth}))
         rows.append(Row("hf_prompt_lookup@10", "hf", {"prompt_lookup_num_tokens": 10}))
     rows.append(Row("full", "full"))
     if not args.no_early_exit:
@@ -277,6 +278,13 @@ def format_table(report: dict) -> str:
     worst = [f"{r['name']} {r['worst_vs_full']:.3f}" for r in report["rows"] if r.get("worst_vs_full") is not None]
     if worst:
         lines.append("slowest prompt vs full (time ratio): " + ", ".join(worst))
+    assistants = [r for r in report["rows"] if r["name"].startswith("hf_assistant_early_exit")]
+    if assistants:
+        best = max(assistants, key=lambda r: r["tokens_per_s"])
+        ours = [f"{r['name']} {r['tokens_per_s'] / best['tokens_per_s']:.2f}x" for r in report["rows"]
+                if r["mode"] == "speculative"]
+        if ours:
+            lines.append(f"vs the fastest HF assistant row ({best['name']}): " + ", ".join(ours))
     for r in report["rows"]:
         if r.get("served_by"):
             lines.append(f"  {r['name']} served by {r['served_by']}")

@@ -47,11 +47,13 @@ def test_bench_on_random_llama(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["hf_generate", "hf_assistant_early_exit@2", "hf_prompt_lookup@10", "full", "early_exit@0.5",
-                          "speculative_self", "speculative_lookup"]
+    assert list(rows) == ["hf_generate", "hf_assistant_early_exit@2", "hf_assistant_early_exit@4", "hf_prompt_lookup@10",
+                          "full", "early_exit@0.5", "speculative_self", "speculative_lookup"]
+    assert "vs the fastest HF assistant row (hf_assistant_early_exit@" in proc.stdout
     full = rows["full"]
     assert full["agreement"] == 1.0 and full["compute_fraction"] == 1.0 and full["tokens_per_s"] > 0
-    for name in ("hf_generate", "hf_assistant_early_exit@2", "hf_prompt_lookup@10", "speculative_self", "speculative_lookup"):
+    for name in ("hf_generate", "hf_assistant_early_exit@2", "hf_assistant_early_exit@4", "hf_prompt_lookup@10",
+                 "speculative_self", "speculative_lookup"):
         assert rows[name]["exact_prompts"] == 1.0  # lossless greedy methods reproduce full depth
     assert rows["speculative_self"]["mean_accepted"] is not None
 

@@ -219,3 +219,38 @@ def test_controller_switches_off_and_probes_again():
     assert ctl.predicted_speedup(2)[0] > 1.0
     ctl.off_for = 0
     assert ctl.plan() == 2
+
+
+def test_round_timings_judge_every_side_by_the_median():
+    from adaptive.speculative import RoundTimings
+
+    t = RoundTimings(window=5)
+    assert t.get(("full",)) == 1.0  # nothing measured yet: the start-up costs stand
+    for measured in (1.0, 1.2, 9.0, 1.1, 1.3):  # one scheduler spike among ordinary steps
+        t.record(("full",), measured, 1.0)
+        t.record(("draft", 4), measured, 1.0)
+    assert t.get(("full",)) == pytest.approx(1.2) and t.get(("draft", 4)) == t.get(("full",))
+    for _ in range(5):  # only the window's latest ratios count
+        t.record(("full",), 2.0, 1.0)
+    assert t.get(("full",)) == pytest.approx(2.0) and t.count[("full",)] == 10
+    t.record(("full",), 1.0, 0.0)  # no prediction: nothing to compare against
+    assert t.count[("full",)] == 10
+
+
+def test_controller_follows_the_requests_own_acceptance():
+    """The runtime-wide rate is only a prior: a request whose drafts keep failing turns speculation off."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import REQUEST_PRIOR, AcceptanceStats, SpeculationController
+
+    host = HostCosts(layer_ms={1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2}, head_ms={1: 0.5, 2: 0.5, 4: 0.55, 8: 0.6}, num_layers=8)
+    stats = AcceptanceStats({4: 0.9})
+    stats.record(4, [0.9] * 1000, [True] * 900 + [False] * 100)  # earlier requests: 90% accepted
+    ctl = SpeculationController(host, 8, stats, depths=(4,))
+    assert ctl.alpha(4) == pytest.approx(stats.alpha(4))
+    assert ctl.predicted_speedup(4)[0] > 1.0
+    ctl.observe(4, [False] * 40)  # this request: every draft rejected (only the latest 32 are kept)
+    assert len(ctl.recent[4]) == 32
+    assert ctl.alpha(4) == pytest.approx(REQUEST_PRIOR * stats.alpha(4) / (32 + REQUEST_PRIOR))
+    assert ctl.predicted_speedup(4)[0] < 1.0
+    fresh = SpeculationController(host, 8, stats, depths=(4,))  # the next request starts from the prior again
+    assert fresh.alpha(4) == pytest.approx(stats.alpha(4))
