@@ -177,6 +177,7 @@ class SpeculationController:
         self._memo: dict[tuple, float] = {}
         self.rounds_planned = 0
         self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
+        self.last_gain: float | None = None  # the latest plan's predicted speedup (None: not evaluated)
         # This request's latest verdicts per path: acceptance varies by prompt far more than the
         # runtime-wide rate (which after a few requests barely moves) can follow.
         self.recent: dict[int, list[bool]] = {}
@@ -261,7 +262,7 @@ class SpeculationController:
         plain steps (they emit a token like any full-depth step; only the chance to speculate is lost).
         """
         self.rounds_planned += 1
-        self.plain_reason = "off"
+        self.plain_reason, self.last_gain = "off", None
         if self.fixed_length is None and (self.timings.count.get(("full",), 0) < MEASURE_FIRST
                                           or self.rounds_planned % MEASURE_EVERY == 0):
             self.plain_reason = "measure"
@@ -270,6 +271,7 @@ class SpeculationController:
             self.off_for -= 1
             return None
         gain, depth = max((self.predicted_speedup(d)[0], d) for d in self.depths)
+        self.last_gain = gain
         if gain < MIN_PREDICTED_GAIN and self.fixed_length is None:
             if self.probe_due:  # explore once: without new rounds the estimate could never recover
                 self.probe_due = False
@@ -543,7 +545,7 @@ class SpeculativeDecoder(Decoder):
         limit = min(remaining, self.max_len - pos)  # positions pos..pos+k-1 must fit in the cache
         start = time.perf_counter()
         draft: Draft | None = None
-        self.controller.plain_reason = "off"
+        self.controller.plain_reason, self.controller.last_gain = "off", None
         if limit >= 2:  # a one-token draft can never emit more than a plain step
             if self.free_drafter is not None:  # free to try; falls back to model drafting when nothing matches
                 draft = self.free_drafter.draft(self, t0, limit)
@@ -593,5 +595,5 @@ class SpeculativeDecoder(Decoder):
             depth=draft.depth if draft else 0, drafted=list(draft.tokens) if draft else [], accepted=accepted,
             stop_reason=draft.stop_reason if draft else self.controller.plain_reason, draft_ms=draft_ms, verify_ms=verify_ms,
             q_probs=list(draft.q_probs) if draft else [], p_probs=p_probs,
-            predicted_accept=list(draft.predicted_accept) if draft else []))
+            predicted_accept=list(draft.predicted_accept) if draft else [], predicted_gain=self.controller.last_gain))
         return emitted, macs

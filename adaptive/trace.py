@@ -99,6 +99,9 @@ class SpecRound:
     q_probs: list[float]  # the draft's probability of each drafted token
     p_probs: list[float]  # the verifier's probability of each drafted token
     predicted_accept: list[float] = field(default_factory=list)  # the controller's P(accept) per draft
+    # The controller's predicted speedup over plain steps when it planned this round (speculation runs
+    # at >= 1); None where it was not evaluated: a timing step, a pause, a prompt-lookup round.
+    predicted_gain: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, index: int = 0) -> "SpecRound":
@@ -109,6 +112,9 @@ class SpecRound:
             raise TraceFormatError(f"round {index}: unexpected or missing fields")
         if not isinstance(d["drafted"], list) or not isinstance(d["accepted"], int) or not 0 <= d["accepted"] <= len(d["drafted"]):
             raise TraceFormatError(f"round {index}: 'accepted' must count a prefix of 'drafted'")
+        gain = d.get("predicted_gain")
+        if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0):
+            raise TraceFormatError(f"round {index}: 'predicted_gain' must be a number >= 0 or null")
         try:
             return cls(**d)
         except TypeError as e:

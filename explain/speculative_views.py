@@ -331,8 +331,8 @@ def _add_q_vs_p(fig: go.Figure, result: GenerationResult, token_text: TokenText 
 
 
 # ---- rounds table -----------------------------------------------------------------------------------------
-ROUND_COLUMNS = ("round", "position", "drafter", "depth", "drafted", "accepted", "stop reason", "draft ms",
-                 "verify ms", "drafts")
+ROUND_COLUMNS = ("round", "position", "drafter", "depth", "drafted", "accepted", "stop reason", "predicted gain",
+                 "draft ms", "verify ms", "drafts")
 
 
 def rounds_table_html(result: GenerationResult, token_text: TokenText | None = None) -> str:
@@ -352,7 +352,8 @@ def rounds_table_html(result: GenerationResult, token_text: TokenText | None = N
                 colour = REJECTED_COLOUR if j == r.accepted else DISCARDED_COLOUR
                 drafts.append(f'<s style="color:{colour}">{shown}</s>')
         cells = (r.index, r.position, html.escape(r.drafter), r.depth, len(r.drafted), r.accepted,
-                 html.escape(r.stop_reason), f"{r.draft_ms:.2f}", f"{r.verify_ms:.2f}", " ".join(drafts))
+                 html.escape(r.stop_reason), "–" if r.predicted_gain is None else f"{r.predicted_gain:.2f}",
+                 f"{r.draft_ms:.2f}", f"{r.verify_ms:.2f}", " ".join(drafts))
         rows.append("<tr>" + "".join(f'<td style="padding:1px 6px">{c}</td>' for c in cells) + "</tr>")
     return (f'<div class="air-spec-rounds" style="max-height:320px;overflow:auto;font-size:12px">'
             f'<table style="border-collapse:collapse;font-family:ui-monospace,monospace">'

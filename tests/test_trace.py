@@ -38,3 +38,17 @@ def test_stream_yields_the_same_records():
 def test_bad_trace_files(payload, message):
     with pytest.raises(TraceFormatError, match=message):
         GenerationResult.from_json(payload)
+
+
+def test_speculative_rounds_keep_the_predicted_gain_and_reject_a_bad_one():
+    rt = Runtime.from_model(make_model("llama"))
+    res = rt.generate(random_prompt(5), max_new_tokens=24, mode="speculative", stop_at_eos=False)
+    gains = [r.predicted_gain for r in res.rounds]
+    assert any(g is not None and g >= 0 for g in gains)  # the controller's verdict is recorded where it was made
+    assert all(r.predicted_gain is None for r in res.rounds if r.stop_reason == "measure")  # timing steps: none
+    back = GenerationResult.from_json(res.to_json())
+    assert [r.predicted_gain for r in back.rounds] == gains
+    payload = json.loads(res.to_json())
+    payload["rounds"][0]["predicted_gain"] = "fast"
+    with pytest.raises(TraceFormatError, match="predicted_gain"):
+        GenerationResult.from_json(json.dumps(payload))

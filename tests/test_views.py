@@ -172,9 +172,9 @@ def make_speculative() -> GenerationResult:
 
     rounds = [
         SpecRound(index=0, position=3, drafter="self", depth=2, drafted=[5, 6, 7], accepted=1, stop_reason="max_len",
-                  draft_ms=1.0, verify_ms=2.0, q_probs=[0.9, 0.6, 0.5], p_probs=[0.8, 0.1]),
+                  draft_ms=1.0, verify_ms=2.0, q_probs=[0.9, 0.6, 0.5], p_probs=[0.8, 0.1], predicted_gain=1.234),
         SpecRound(index=1, position=5, drafter="none", depth=0, drafted=[], accepted=0, stop_reason="off",
-                  draft_ms=0.0, verify_ms=1.5, q_probs=[], p_probs=[]),
+                  draft_ms=0.0, verify_ms=1.5, q_probs=[], p_probs=[], predicted_gain=0.9),
         SpecRound(index=2, position=6, drafter="lookup", depth=0, drafted=[11, 12], accepted=2,
                   stop_reason="predicted_reject", draft_ms=0.1, verify_ms=2.5, q_probs=[1.0, 1.0], p_probs=[0.7, 0.4]),
         SpecRound(index=3, position=8, drafter="self", depth=2, drafted=[13], accepted=0, stop_reason="eos",
@@ -274,7 +274,10 @@ def test_rounds_table_and_speculative_ledger():
     assert "predicted_reject" in table and "<td" in table and "&lt;script&gt;" in table and "<script>" not in table
     row0 = table.split("<tbody>")[1].split("</tr>")[0]
     cells = [c.split(">", 1)[1].split("</td")[0] for c in row0.split("<td")[1:]]
-    assert cells[:9] == ["0", "3", "self", "2", "3", "1", "max_len", "1.00", "2.00"]
+    assert cells[:10] == ["0", "3", "self", "2", "3", "1", "max_len", "1.23", "1.00", "2.00"]
+    rows = table.split("<tbody>")[1].split("</tr>")
+    assert "<td style=\"padding:1px 6px\">off</td><td style=\"padding:1px 6px\">0.90</td>" in rows[1]  # why it was off
+    assert ">lookup<" in rows[2] and ">predicted_reject</td><td style=\"padding:1px 6px\">–<" in rows[2]  # not evaluated
     text = views.ledger_markdown(res, None)
     assert "| layers run per token (mean) | 4.00 / 4 |" in text
     assert "| compute fraction (MACs, all overheads) | 1.250 |" in text
