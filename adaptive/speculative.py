@@ -18,9 +18,10 @@ token because t_k's hidden state is never computed). Hence E[tokens] = sum_{j<k}
 
 The ``SpeculationController`` picks the draft depth among the multi-scale paths from running
 acceptance (the request's own latest verdicts, with the runtime-wide rate as a prior) and per-layer
-costs measured on this host (corrected by what rounds and plain steps really took), stops drafting when the predicted probability
-that the whole draft survives no longer pays for another draft step (SpecDec++'s rule, derived from
-the measured costs), and switches speculation off (k = 0, a plain step) when its predicted gain is < 1.
+costs measured on this host (corrected by what rounds and plain steps really took), stops drafting
+when the predicted probability that the whole draft survives no longer pays for another draft step
+(SpecDec++'s rule, derived from the measured costs), and switches speculation off (k = 0, a plain
+step) when its predicted gain is < 1.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ MEASURE_FIRST = 3  # plain steps a runtime measures before its first speculative
 MEASURE_EVERY = 16  # and then one round in this many, to follow changes in machine load
 # Speculate only when the predicted gain clears this. It was 1.1 while plain steps were judged by a
 # more optimistic statistic than rounds (see RoundTimings); with one statistic for both, 1.0 ran faster
-# in the same process on 12 test prompts (1.26x full vs 1.11x at 1.1) and no prompt was more than 6%
-# slower than full at either setting.
+# in the same process on 12 test prompts (1.26x full's tokens/s vs 1.11x at 1.1; slowest prompt 1.06x
+# vs 1.26x full's time: single runs on a noisy host, so only the direction is trusted).
 MIN_PREDICTED_GAIN = 1.0
 FIRST_PAUSE, MAX_PAUSE = 8, 64  # plain steps between exploratory rounds while speculation is off
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
