@@ -163,7 +163,7 @@ def run(args) -> dict:
     rows = [] if args.no_hf else [Row("hf_generate", "hf")]
     if not args.no_hf and args.hf_assistant:
         # HF's layer-skip assistant at each of our shallow paths' depths: ours is compared with its best
-        for depth in sorted({rt.paths["light"], rt.paths["standard"]} - {rt.spec.num_layers}):
+        for depth in rt.draft_depths:
             rows.append(Row(f"hf_assistant_early_exit@{depth}", "hf", {"assistant_early_exit": depth}))
         rows.append(Row("hf_prompt_lookup@10", "hf", {"prompt_lookup_num_tokens": 10}))
     rows.append(Row("full", "full"))

@@ -89,6 +89,12 @@ class Runtime:
         L = self.spec.num_layers
         return {"light": max(1, L // 4), "standard": max(1, L // 2), "full": L}
 
+    @property
+    def draft_depths(self) -> tuple[int, ...]:
+        """The distinct depths of the shallow paths (below full depth): what self-drafting chooses from."""
+        L = self.spec.num_layers
+        return tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
+
     def host_costs(self) -> HostCosts:
         """Per-layer and head wall times on this host, measured once on first use."""
         if self._host_costs is None:
@@ -238,8 +244,7 @@ class Runtime:
             raise InvalidRequestError(f"draft_vocab_size must be an integer >= 0 (0 = full vocabulary), got {vocab_size!r}")
         draft_ids = self._shortlist(vocab_size, prompt_ids)
         draft_head_ms = self.draft_head_ms(int(draft_ids.numel())) if draft_ids is not None else None
-        depths = tuple(sorted({d for name, d in self.paths.items() if name != "full" and d < L}))
-        controller = SpeculationController(self.host_costs(), L, self.acceptance, depths, max_draft=max_draft,
+        controller = SpeculationController(self.host_costs(), L, self.acceptance, self.draft_depths, max_draft=max_draft,
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
                                            draft_head_ms=draft_head_ms, timings=self.round_timings)
         use_store = knobs.get("datastore", True)

@@ -1011,8 +1011,7 @@ def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dic
     """Agreement of the draft head (light and standard depths, shortlist) with the final layer."""
     table = next((t for t in tables if t.key == (draft_vocab_size, True)), tables[0])
     L = rt.spec.num_layers
-    depths = sorted({d for name, d in rt.paths.items() if name != "full" and d < L})
-    return {str(d): round(float((table.top1[d] == table.top1[L]).mean()), 4) for d in depths}
+    return {str(d): round(float((table.top1[d] == table.top1[L]).mean()), 4) for d in rt.draft_depths}
 
 
 def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
