@@ -48,8 +48,13 @@ def test_bench_on_random_llama(tmp_path):
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ["hf_generate", "hf_assistant_early_exit@2", "hf_assistant_early_exit@4", "hf_prompt_lookup@10",
-                          "full", "early_exit@0.5", "speculative_self", "speculative_lookup"]
+                          "full", "early_exit@0.5", "speculative_self", "speculative_lookup", "full_control"]
     assert "vs the fastest HF assistant row (hf_assistant_early_exit@" in proc.stdout
+    # the control row is full again: lossless, and its per-prompt ratio is the noise yardstick
+    control = rows["full_control"]
+    assert control["exact_prompts"] == 1.0 and len(control["prompt_vs_full"]) == 1
+    assert control["worst_vs_full"] == control["prompt_vs_full"][0] > 0
+    assert "full_control is full decoded again" in proc.stdout
     full = rows["full"]
     assert full["agreement"] == 1.0 and full["compute_fraction"] == 1.0 and full["tokens_per_s"] > 0
     for name in ("hf_generate", "hf_assistant_early_exit@2", "hf_assistant_early_exit@4", "hf_prompt_lookup@10",
