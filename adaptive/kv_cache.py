@@ -20,13 +20,21 @@ class CacheHoleError(RuntimeError):
 
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", for_autograd: bool = False):
+        """``for_autograd``: one tensor per layer instead of views into one, for training through the cache
+        (autograd versions a whole tensor, so a write to layer l+1 of a shared tensor would invalidate the
+        K/V layer l saved for its backward pass). ``write_layers`` then writes layer by layer."""
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)  # (L, B, Hkv, T, hd)
+        self.max_len = max_len
+        self.fill = [0] * num_layers
+        if for_autograd:
+            self.k = self.v = None
+            self.k_layers = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v_layers = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(num_layers)]
+            return
         # One tensor for all layers: the propagate policy fills several layers with a single write.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.fill = [0] * num_layers
         # Per-layer views (B, Hkv, T, hd): one narrow per access instead of a multi-axis index.
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
 
@@ -52,8 +60,13 @@ class KVCache:
         for layer in range(first_layer, last):
             if start > self.fill[layer]:
                 raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
-        self.k[first_layer:last, :, :, start:end] = k
-        self.v[first_layer:last, :, :, start:end] = v
+        if self.k is None:  # one tensor per layer (for_autograd)
+            for i, layer in enumerate(range(first_layer, last)):
+                self.k_layers[layer][:, :, start:end] = k[i]
+                self.v_layers[layer][:, :, start:end] = v[i]
+        else:
+            self.k[first_layer:last, :, :, start:end] = k
+            self.v[first_layer:last, :, :, start:end] = v
         for layer in range(first_layer, last):
             self.fill[layer] = max(self.fill[layer], end)
 

@@ -344,10 +344,10 @@ class LeanModel:
             h = self.layer(index, h, pos, cache, frame)
         return h
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, for_autograd: bool = False) -> KVCache:
         spec = self.spec
         return KVCache(spec.num_layers, batch_size, spec.num_kv_heads, max_len or spec.max_positions,
-                       spec.head_dim, dtype=self.dtype, device=self.device)
+                       spec.head_dim, dtype=self.dtype, device=self.device, for_autograd=for_autograd)
 
     # ---- propagate KV policy ----------------------------------------------------------------------
     def kv_projection_stack(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,9 +113,13 @@ def test_a_broken_or_mismatched_fill_file_is_a_clear_error(tmp_path):
 
 
 def test_fit_kv_fill_command_writes_a_file_the_runtime_loads(tmp_path, tiny_checkpoint):
-    model_dir, proc = run_command_on_copy(tmp_path, tiny_checkpoint, "fit-kv-fill", "--windows", "20", "--seq-len", "32")
+    model_dir, proc = run_command_on_copy(tmp_path, tiny_checkpoint, "fit-kv-fill", "--windows", "20", "--seq-len", "32",
+                                          "--refine-steps", "2", "--refine-batch", "1",
+                                          "--refine-run-dir", str(tmp_path / "refine"))
     assert proc.returncode == 0, proc.stderr
     assert "relative to the layer projections" in proc.stdout
+    assert "held-out full-depth tokens that the filled K/V flip" in proc.stdout
+    assert (tmp_path / "refine" / "refine_state.safetensors").is_file()
     rt = Runtime.from_pretrained(model_dir)
     assert rt.model.kv_fill is not None and rt.model.kv_fill.relative_error
 
@@ -143,3 +147,70 @@ def test_a_certificate_holds_only_for_the_fill_it_was_made_with(tmp_path):
     assert again.generate(random_prompt(5), max_new_tokens=3, mode="early_exit", **knobs).stats["certificate"] is not None
     again.model.set_kv_fill(None)  # other maps at run time: the certificate no longer covers the request
     assert again.generate(random_prompt(5), max_new_tokens=3, mode="early_exit", **knobs).stats["certificate"] is None
+
+
+def test_the_autograd_cache_stores_and_reads_like_the_shared_one():
+    from adaptive.kv_cache import KVCache
+    g = torch.Generator().manual_seed(0)
+    caches = [KVCache(3, 1, 2, 8, 4), KVCache(3, 1, 2, 8, 4, for_autograd=True)]
+    k, v = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
+    k2, v2 = torch.randn(2, 1, 2, 1, 4, generator=g), torch.randn(2, 1, 2, 1, 4, generator=g)
+    for cache in caches:
+        cache.write(0, 0, k, v)
+        cache.write(1, 0, k, v)
+        cache.write(2, 0, k, v)
+        cache.write_layers(1, 3, k2, v2)  # layers 1 and 2 at position 3
+    for layer in range(3):
+        end = 4 if layer else 3
+        for a, b in zip(caches[0].keys_values(layer, 0, end), caches[1].keys_values(layer, 0, end)):
+            assert torch.equal(a, b)
+    assert caches[0].fill == caches[1].fill == [3, 4, 4]
+
+
+def _refine_setup():
+    """A tiny random Llama, a stream of random windows, and an exit setting under which about half of the
+    positions after the prompt exit after one layer (so deeper tokens read filled K/V)."""
+    from adaptive.training.fit_kv_fill import RefineSetting
+    rt = Runtime.from_model(make_model("llama"))
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, rt.spec.vocab_size, (400,), generator=g)
+    with torch.no_grad():
+        h = rt.model.run_layers(rt.model.embed(stream[None, :64], 0), 0, 1, 0, rt.model.new_cache(1, 64))
+        conf = torch.softmax(rt.heads.logits(h, 1)[0], -1).max(-1).values
+    setting = RefineSetting(((1, float(conf.median())),), "max_prob", 0, True, prompt_len=8, jitter=(0.0, 0.0))
+    return rt, stream, setting
+
+
+def test_refining_the_fill_lowers_the_damage_it_was_trained_on(tmp_path):
+    from adaptive.training.fit_kv_fill import damage, refine
+    rt, stream, setting = _refine_setup()
+    stream = stream[:40]  # one window of 40 tokens: refine draws it every time
+    fill = projection_fill(rt)
+    rt.model.set_kv_fill(fill)
+    before, flips, deep = damage(rt, stream[None], setting)
+    assert before is not None and deep > 0  # some positions exited and some ran full depth after them
+    refined, report = refine(rt, fill, stream, [stream[None]], setting, steps=12, batch=1, lr=3e-3, seq_len=40,
+                             run_dir=tmp_path / "run", progress=False)
+    rt.model.set_kv_fill(refined)
+    with torch.no_grad():
+        after, _, _ = damage(rt, stream[None], setting)
+    assert float(after) < 0.8 * float(before), (float(before), float(after))
+    assert report["train_kl_last"] < report["train_kl_first"]
+    assert report["held_out_deep_tokens_before"] == deep and report["held_out_flips_before"] == flips
+    # only the maps of layers deeper than the exit point (k = 1) were trained; the file keeps the rest
+    untouched = [i for i, (k, _) in enumerate(fill_pairs(rt.spec.num_layers)) if k != 1]
+    assert torch.equal(refined.weight[untouched], fill.weight[untouched])
+
+
+def test_an_interrupted_refinement_resumes_where_it_stopped(tmp_path, capsys):
+    import json
+    from adaptive.training.fit_kv_fill import refine
+    rt, stream, setting = _refine_setup()
+    args = dict(held_out=[stream[None, :40]], setting=setting, batch=1, lr=1e-3, seq_len=40, run_dir=tmp_path / "run",
+                progress=False, checkpoint_every=1)
+    refine(rt, projection_fill(rt), stream, steps=2, **args)
+    first = json.loads((tmp_path / "run" / "refine_state.json").read_text())["losses"]
+    _, report = refine(rt, projection_fill(rt), stream, steps=4, **args)
+    assert "resuming the K/V fill refinement from step 2" in capsys.readouterr().out
+    losses = json.loads((tmp_path / "run" / "refine_state.json").read_text())["losses"]
+    assert report["steps"] == 4 and len(losses) == 4 and losses[:2] == first

@@ -10,14 +10,24 @@ Everything is accumulated as Gram matrices in float64, so memory does not grow w
 minute on two CPU cores for 512 windows of 256 tokens on the bundled model, nothing to resume. A tenth
 of the windows is held out: the file records, per exit point, the held-out fill error (squared K/V
 error summed over the filled layers) relative to the projection's.
+
+A smaller K/V error is not the same as less damage to the tokens that read it, so ``--refine-steps``
+then trains the maps on the damage itself (``refine``): windows are decoded as ``propagate`` decodes them
+(the model's default exits and thresholds, replayed layer by layer as calibration does), and the loss is
+the KL divergence of the final layer from the undamaged model's at the positions that run full depth,
+through the frozen model, with only the maps trained. Progress bar, checkpoints, resume.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
+from ..config import LOGIT_MEASURES
+from ..draft_vocab import shortlist
+from ..exits import make_measure
 from ..kv_fill import KV_FILL_FILE, KVFill, fill_pairs
 from ..runtime import Runtime
 from .train_exits import prepare
@@ -32,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty (per fitted position)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    g = p.add_argument_group("refine (train the maps on downstream damage)")
+    g.add_argument("--refine-steps", type=int, default=0, help="optimizer steps (0: least squares only)")
+    g.add_argument("--refine-batch", type=int, default=4, help="windows per step")
+    g.add_argument("--refine-lr", type=float, default=2e-4)
+    g.add_argument("--refine-run-dir", default=None,
+                   help="checkpoint folder to resume from (default: runs/kv-fill/<model name>)")
 
 
 @torch.inference_mode()
@@ -112,19 +128,212 @@ def fit(rt: Runtime, windows: list[torch.Tensor], held_out: list[torch.Tensor], 
 
 
 def run(args) -> dict:
-    """Fit and save the file; returns what finalize records."""
+    """Fit (and refine) and save the file; returns what finalize records."""
     rt, out, stream, seq_len = prepare(args, KV_FILL_FILE)
     if rt.spec.num_layers < 3:
         raise SystemExit("error: a K/V fill needs a model with at least 3 layers")
+    steps = getattr(args, "refine_steps", 0)
+    if steps < 0 or getattr(args, "refine_batch", 1) < 1 or not getattr(args, "refine_lr", 1.0) > 0:
+        raise SystemExit("error: --refine-steps must be >= 0, --refine-batch >= 1 and --refine-lr > 0")
     gen = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(0, len(stream) - seq_len, (args.windows,), generator=gen).tolist()
     windows = [stream[s:s + seq_len][None] for s in starts]  # each (1, T)
     held = max(1, len(windows) // 10)
+    rt.model.set_kv_fill(None)  # fitted from the model's own states, whatever fill it ships now
     fill = fit(rt, windows[held:], windows[:held], args.ridge)
+    report = {"file": str(out), "fitted_on": fill.fitted_on, "relative_error": fill.relative_error}
+    if steps:
+        from pathlib import Path
+
+        run_dir = Path(args.refine_run_dir) if args.refine_run_dir else Path("runs/kv-fill") / Path(rt.directory).name
+        fill, report["refine"] = refine(rt, fill, stream, windows[:held], RefineSetting.from_runtime(rt), steps,
+                                        args.refine_batch, args.refine_lr, seq_len, run_dir, seed=args.seed)
     fill.save(out, rt.spec.hidden_size)
     print(f"K/V fill maps -> {out}")
     print("held-out fill error relative to the layer projections, per exit point:", fill.relative_error)
-    return {"file": str(out), "fitted_on": fill.fitted_on, "relative_error": fill.relative_error}
+    if steps:
+        r = report["refine"]
+        print(f"held-out full-depth tokens that the filled K/V flip: {r['held_out_flips_before']} of "
+              f"{r['held_out_deep_tokens_before']} with the least-squares maps, {r['held_out_flips_after']} of "
+              f"{r['held_out_deep_tokens_after']} refined")
+    return report
+
+
+# ---- refine: train the maps on the damage they do downstream ----------------------------------------
+@dataclass(frozen=True)
+class RefineSetting:
+    """Which tokens exit where while the maps are refined: the model's default early exit."""
+
+    thresholds: tuple[tuple[int, float], ...]  # (exit point k, its threshold), ascending k
+    measure: str
+    exit_vocab_size: int  # exit heads read this shortlist (plus the window's prompt tokens); 0: all rows
+    adapters: bool
+    prompt_len: int = 96  # leading positions of a window that act as the prompt: full depth, no exit
+    jitter: tuple[float, float] = (-0.06, 0.03)  # thresholds move by a uniform draw from this per window,
+    # so the maps serve the neighbourhood the calibration later picks from, not one threshold
+
+    @classmethod
+    def from_runtime(cls, rt: Runtime) -> "RefineSetting":
+        cfg = rt.early_exit_config()
+        if cfg.kv_policy != "propagate" or cfg.measure not in LOGIT_MEASURES:
+            raise SystemExit(f"error: refining the K/V fill needs the model's default early exit to be propagate with "
+                             f"a logit measure, not {cfg.kv_policy} / {cfg.measure}")
+        points = sorted(cfg.exit_points(rt.spec.num_layers))
+        return cls(tuple((k, cfg.threshold_at(k)) for k in points), cfg.measure, cfg.exit_vocab_size,
+                   cfg.exit_adapters)
+
+
+def damaged_forward(rt: Runtime, ids: torch.Tensor, setting: RefineSetting, shift: float = 0.0):
+    """Replay ``propagate`` decoding of ids (1, T) with the model's current fill maps, gradients flowing
+    into them: positions after the prompt exit at the first exit point whose confidence reaches its
+    threshold + ``shift`` (decided without gradients, from the states this very pass computes, as
+    ``calibrate_exits.replay_propagate`` does), and deeper layers read the K/V filled from their exit state.
+    Returns (final-layer logits (T, V), exit layer per position (T,), L where none)."""
+    model, L = rt.model, rt.spec.num_layers
+    T = ids.shape[1]
+    heads = rt.heads.for_request(setting.adapters)
+    rows = model.w.lm_head
+    if setting.exit_vocab_size and rt.draft_ranking:  # as the runtime does: no ranking, no shortlist
+        prompt = ids[0, :setting.prompt_len].tolist()
+        rows = rows.index_select(0, shortlist(rt.draft_ranking, setting.exit_vocab_size, prompt))
+    measure, thresholds = make_measure(setting.measure), dict(setting.thresholds)
+    may_exit = torch.arange(T) >= setting.prompt_len
+    exit_layer = torch.full((T,), L)
+    cache = model.new_cache(1, T, for_autograd=True)
+    h = model.embed(ids, 0)  # (1, T, d)
+    source = h  # (1, T, d): each exited position's exit state, the source of its filled K/V
+    for layer in range(L):
+        prev = h
+        exited = bool((exit_layer < layer).any())
+        h = model.layer(layer, h, 0, cache, kv_source=source if exited else None, kv_exit=exit_layer)
+        k = layer + 1
+        if k in thresholds:
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(model.final_norm(heads.adapt(h[0], k)), rows)  # (T, rows)
+                conf = measure.score(logits, h[0], prev[0], layer=k).reshape(T)
+                now = may_exit & (exit_layer == L) & (conf >= thresholds[k] + shift)
+            source = torch.where(now[None, :, None], h.detach(), source)
+            exit_layer[now] = k
+    return model.head(h)[0].float(), exit_layer
+
+
+@torch.inference_mode()
+def _undamaged_log_probs(rt: Runtime, ids: torch.Tensor) -> torch.Tensor:
+    cache = rt.model.new_cache(1, ids.shape[1])
+    h = rt.model.run_layers(rt.model.embed(ids, 0), 0, rt.spec.num_layers, 0, cache)
+    return torch.log_softmax(rt.model.head(h)[0].float(), dim=-1)  # (T, V)
+
+
+def damage(rt: Runtime, ids: torch.Tensor, setting: RefineSetting, shift: float = 0.0):
+    """(mean KL of the damaged final layer from the undamaged one over the positions that run full depth,
+    how many of them change their argmax, how many there are) for one window (1, T)."""
+    teacher = _undamaged_log_probs(rt, ids).clone()  # (T, V); clone: out of inference mode, for autograd
+    logits, exit_layer = damaged_forward(rt, ids, setting, shift)
+    deep = (exit_layer == rt.spec.num_layers) & (torch.arange(ids.shape[1]) >= setting.prompt_len)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    kl = (teacher.exp() * (teacher - log_probs)).sum(-1)[deep]  # (deep,)
+    flips = int((log_probs.argmax(-1) != teacher.argmax(-1))[deep].sum())
+    return (kl.mean() if len(kl) else None), flips, int(deep.sum())
+
+
+def _held_out_flips(rt: Runtime, windows: list[torch.Tensor], setting: RefineSetting) -> tuple[int, int]:
+    flips = deep = 0
+    with torch.no_grad():
+        for ids in windows:
+            _, f, n = damage(rt, ids, setting)
+            flips, deep = flips + f, deep + n
+    return flips, deep
+
+
+def _weights_digest(rt: Runtime) -> str:
+    """Names the checkpoint a refinement belongs to, so a retrained model never resumes another's run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (rt.model.w.embed, rt.model.w.layers[0].q_w, rt.model.w.layers[-1].down_w):
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def refine(rt: Runtime, fill: KVFill, stream: torch.Tensor, held_out: list[torch.Tensor], setting: RefineSetting,
+           steps: int, batch: int, lr: float, seq_len: int, run_dir, seed: int = 0,
+           checkpoint_every: int = 50, progress: bool = True) -> tuple[KVFill, dict]:
+    """Train ``fill``'s maps (Adam, ``batch`` windows of ``stream`` per step) on ``damage``; resumes from
+    ``run_dir`` when it holds a checkpoint of the same model and setting. Returns the refined fill and a
+    report with the held-out flips before and after (measured, same windows and setting)."""
+    import json
+    import random
+
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    model = rt.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path, meta_path = run_dir / "refine_state.safetensors", run_dir / "refine_state.json"
+    identity = {"model": str(rt.directory), "weights": _weights_digest(rt), "start": fill.digest,
+                "setting": repr(setting), "lr": lr, "batch": batch, "seed": seed}
+    weight, bias = torch.nn.Parameter(fill.weight.clone()), torch.nn.Parameter(fill.bias.clone())
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    model.set_kv_fill(KVFill(fill.weight, fill.bias, fill.num_layers))
+    before = _held_out_flips(rt, held_out, setting)
+    step, losses = 0, []
+    if meta_path.is_file() and state_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("identity") == identity:
+            tensors = load_file(str(state_path))
+            with torch.no_grad():
+                weight.copy_(tensors["weight"])
+                bias.copy_(tensors["bias"])
+            if "adam_step" in tensors:  # (absent while no step has had anything to learn from)
+                moments = {i: {"step": tensors["adam_step"].clone(), "exp_avg": tensors[f"avg_{i}"],
+                               "exp_avg_sq": tensors[f"sq_{i}"]} for i in (0, 1)}
+                opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
+            step, losses = meta["step"], meta["losses"]
+            print(f"resuming the K/V fill refinement from step {step} ({run_dir})")
+    gen = torch.Generator().manual_seed(seed + 7919 * step)  # a resumed run draws new windows, not the same again
+    rng = random.Random(seed + step)
+    model.set_kv_fill(KVFill(weight, bias, fill.num_layers))  # the parameters themselves: gradients reach them
+
+    def save() -> None:
+        tensors = {"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous()}
+        moments = opt.state_dict()["state"]  # {0: weight's, 1: bias's}; empty before the first real step
+        if moments:
+            tensors["adam_step"] = moments[0]["step"]
+            for i in (0, 1):
+                tensors[f"avg_{i}"], tensors[f"sq_{i}"] = moments[i]["exp_avg"], moments[i]["exp_avg_sq"]
+        save_file(tensors, str(state_path))
+        meta_path.write_text(json.dumps({"identity": identity, "step": step, "losses": losses}))
+
+    with tqdm(total=steps, initial=step, desc="K/V fill refine", disable=not progress) as bar:
+        while step < steps:
+            opt.zero_grad()
+            total = 0.0
+            for _ in range(batch):
+                start = int(torch.randint(0, len(stream) - seq_len + 1, (1,), generator=gen))
+                kl, _, _ = damage(rt, stream[start:start + seq_len][None], setting, rng.uniform(*setting.jitter))
+                # (nothing to learn from where no deeper position read a map: no exit, or only exits that
+                # fill nothing approximate)
+                if kl is not None and kl.requires_grad:
+                    (kl / batch).backward()
+                    total += float(kl.detach()) / batch
+            opt.step()
+            model.set_kv_fill(KVFill(weight, bias, fill.num_layers))  # drop the stacks built from old values
+            step += 1
+            losses.append(round(total, 6))
+            bar.update(1)
+            bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.5f}")
+            if step % checkpoint_every == 0 or step == steps:
+                save()
+    refined = KVFill(weight.detach().clone(), bias.detach().clone(), fill.num_layers,
+                     f"{fill.fitted_on}; refined on downstream damage: {steps} steps x {batch} windows of {seq_len}",
+                     dict(fill.relative_error))
+    model.set_kv_fill(refined)
+    after = _held_out_flips(rt, held_out, setting)
+    head = max(1, len(losses) // 10)
+    return refined, {"steps": steps, "batch": batch, "lr": lr, "setting": repr(setting),
+                     "train_kl_first": sum(losses[:head]) / head, "train_kl_last": sum(losses[-head:]) / head,
+                     "held_out_flips_before": before[0], "held_out_deep_tokens_before": before[1],
+                     "held_out_flips_after": after[0], "held_out_deep_tokens_after": after[1]}
 
 
 def main(args) -> int:
