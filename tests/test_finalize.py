@@ -299,13 +299,16 @@ def test_the_card_names_the_held_out_check_and_the_kv_fill(tmp_path, tiny_checkp
     keep = {**cal["finalists"][0], "method": "held-out", "sim_agreement": 0.995, "sim_compute": 0.6,
             "agreement": 0.992, "compute_fraction": 0.61}
     cal.update(holdout_prompts=24, holdout=[miss, keep], holdout_passed=True)
-    report["kv_fill"] = {"fitted_on": "1000 positions in 4 windows", "relative_error": {"1": 0.61, "2": 0.7}}
+    report["kv_fill"] = {"fitted_on": "1000 positions in 4 windows", "relative_error": {"1": 0.61, "2": 0.7},
+                         "refine": {"steps": 20, "batch": 4, "held_out_flips_before": 30, "held_out_deep_tokens_before": 4000,
+                                    "held_out_flips_after": 21, "held_out_deep_tokens_after": 3990}}
     cal["misses"] = {"exit after 2": [3, 700], "full depth": [12, 500]}
     cal["finalists"].append({**cal["finalists"][0], "knobs": {**cal["chosen"], "vocab_exit": 0.68, "vocab_exit_size": 2048}})
     card = model_card.write_card(model_dir, report, tmp_path / "log.jsonl").read_text()
     assert ("max_prob [2] at 0.85 (selection 0.9940 at 0.550): 0.9870 at 0.560; max_prob [2] at 0.9 (selection "
             "0.9950 at 0.600): 0.9920 at 0.610. Kept: the last one") in card
     assert "fitted on 1000 positions in 4 windows" in card and "1: 0.61, 2: 0.70" in card
+    assert "(20 steps of 4 windows" in card and "went from 30 of 4,000 to 21 of 3,990" in card
     assert "| exit after 2 | 700 | 3 |\n| full depth | 500 | 12 |" in card
     assert "| 0.68 (2048 rows) |" in card  # a vocabulary exit over a shortlist of its own
     cal["holdout_passed"] = False
@@ -319,7 +322,8 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     finalize.add_arguments(parser)
     # the trainer stages (exits, classifier, certify) have their own tests; here: the pipeline around them
     args = parser.parse_args(["--model", str(model_dir), "--skip-draft-vocab", "--skip-datastore", "--skip-exits", "--skip-classifier",
-                              "--skip-certify", "--with-kv-fill", "--kv-fill-windows", "6", "--eval-windows", "2",
+                              "--skip-certify", "--with-kv-fill", "--kv-fill-windows", "6", "--kv-fill-refine-steps", "2",
+                              "--kv-fill-run-dir", str(tmp_path / "kv-fill"), "--eval-windows", "2",
                               "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
                               "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",
                               "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl"),
@@ -327,7 +331,8 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
     assert finalize.main(args) == 0
     report = json.loads((model_dir / model_card.REPORT_FILE).read_text())
     assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds", "gate", "kv_fill"}
-    assert (model_dir / "kv_fill.safetensors").is_file()
+    assert (model_dir / "kv_fill.safetensors").is_file() and report["kv_fill"]["refine"]["steps"] == 2
+    assert (tmp_path / "kv-fill" / "refine_state.json").is_file()
     assert report["gate"]["prompts"] == 8 and (model_dir / "prompt_gate.safetensors").is_file()
     assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()

@@ -6,9 +6,9 @@ Stages, in order, each skippable (``--skip-<stage>``) or, where marked, opt-in (
   datastore    corpus 3-grams for lookup drafting (``build_datastore``) -> ``ngram_datastore.safetensors``
   exits        tuned-lens exit adapters (``train_exits``) -> ``exit_adapters.safetensors``
   classifier   learned exit classifier (``train_exit_classifier``) -> ``exit_classifier.safetensors``
-  kv-fill      least-squares K/V fill maps of ``propagate`` (``fit_kv_fill``) -> ``kv_fill.safetensors``;
-               opt-in (``--with-kv-fill``): on the bundled model's retrained weights it moved replayed
-               agreement by -0.3 to +0.3 points depending on the prompts, no reliable gain
+  kv-fill      K/V fill maps of ``propagate`` (``fit_kv_fill``): least squares, then trained on the damage
+               they do downstream (``--kv-fill-refine-steps``) -> ``kv_fill.safetensors``; opt-in
+               (``--with-kv-fill``; see ``adaptive/kv_fill.py`` for what it measured on the bundled model)
   evaluate     per-layer loss and agreement on the test split, before and after adapters
   calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
   certify      Learn-then-Test certificate for the calibrated family (``ltt_calibrate``)
@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label agreement over this exit shortlist (0: full vocabulary)")
     g = p.add_argument_group("kv-fill")
     g.add_argument("--kv-fill-windows", type=int, default=512, help="training windows of 256 tokens for the fit")
+    g.add_argument("--kv-fill-refine-steps", type=int, default=2000,
+                   help="then train the maps on downstream damage for this many steps of 4 windows (0: fit only)")
+    g.add_argument("--kv-fill-run-dir", default=None,
+                   help="refinement checkpoints (default: runs/kv-fill/<name>-<weights hash>)")
     g = p.add_argument_group("certify")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--delta", type=float, default=0.1)
@@ -182,7 +186,9 @@ def main(args) -> int:
 
             report["kv_fill"] = fit_kv_fill.run(argparse.Namespace(
                 model=str(model_dir), text=None, out=None, windows=args.kv_fill_windows, seq_len=256, ridge=1e-3,
-                seed=0, threads=args.threads))
+                seed=0, threads=args.threads, refine_steps=args.kv_fill_refine_steps, refine_batch=4,
+                refine_lr=2e-4,
+                refine_run_dir=args.kv_fill_run_dir or f"runs/kv-fill/{model_dir.name}-{weights_hash(model_dir)}"))
         elif stage == "certify":
             from . import ltt_calibrate
 

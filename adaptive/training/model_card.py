@@ -224,6 +224,18 @@ def _threshold_text(knobs: dict) -> str:
     return f"{knobs['threshold']:.4g}" + (f" ({extra})" if extra else "")
 
 
+def _refine_text(refine: dict | None) -> str:
+    """The K/V fill refinement (``fit_kv_fill.refine``), when the maps had one."""
+    if not refine:
+        return ""
+    return (f" The least-squares maps were then trained on the damage itself ({refine['steps']} steps of "
+            f"{refine['batch']} windows: KL of the final layer to the undamaged model at the tokens that run every "
+            f"layer, with the model's default exits replayed; `fit-kv-fill --refine-steps`): on the fit's held-out "
+            f"windows, full-depth tokens whose argmax the filled K/V flip went from {refine['held_out_flips_before']} "
+            f"of {refine['held_out_deep_tokens_before']:,} to {refine['held_out_flips_after']} of "
+            f"{refine['held_out_deep_tokens_after']:,}.")
+
+
 def _vocab_exit_text(knobs: dict) -> str:
     """'–', '0.68' or, over a shortlist of its own, '0.68 (2048 rows)'."""
     size = knobs.get("vocab_exit_size") or 0
@@ -394,7 +406,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                     "the train split; `adaptive/kv_fill.py`) instead of each layer's own projection, at the same MACs. "
                     "Held-out squared K/V error relative to the projections, per exit point k: "
                     + ", ".join(f"{k}: {v:.2f}" for k, v in fill["relative_error"].items())
-                    + ". Every `propagate` figure on this card was measured with these maps.", ""]
+                    + "." + _refine_text(fill.get("refine"))
+                    + " Every `propagate` figure on this card was measured with these maps.", ""]
     dec = report.get("decoding")
     if dec:
         rows = dec["rows"]
