@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-fill-refine-steps", type=int, default=2000,
                    help="then train the maps on downstream damage for this many steps of 4 windows (0: fit only)")
     g.add_argument("--kv-fill-run-dir", default=None,
-                   help="refinement checkpoints (default: runs/kv-fill/<name>-<weights hash>)")
+                   help="refinement checkpoints (default: fit-kv-fill's, runs/kv-fill/<model name>; a run of other "
+                        "weights is never resumed)")
     g = p.add_argument_group("certify")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--delta", type=float, default=0.1)
@@ -187,8 +188,7 @@ def main(args) -> int:
             report["kv_fill"] = fit_kv_fill.run(argparse.Namespace(
                 model=str(model_dir), text=None, out=None, windows=args.kv_fill_windows, seq_len=256, ridge=1e-3,
                 seed=0, threads=args.threads, refine_steps=args.kv_fill_refine_steps, refine_batch=4,
-                refine_lr=2e-4,
-                refine_run_dir=args.kv_fill_run_dir or f"runs/kv-fill/{model_dir.name}-{weights_hash(model_dir)}"))
+                refine_lr=2e-4, refine_run_dir=args.kv_fill_run_dir))
         elif stage == "certify":
             from . import ltt_calibrate
 

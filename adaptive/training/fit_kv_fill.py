@@ -132,8 +132,8 @@ def run(args) -> dict:
     rt, out, stream, seq_len = prepare(args, KV_FILL_FILE)
     if rt.spec.num_layers < 3:
         raise SystemExit("error: a K/V fill needs a model with at least 3 layers")
-    steps = getattr(args, "refine_steps", 0)
-    if steps < 0 or getattr(args, "refine_batch", 1) < 1 or not getattr(args, "refine_lr", 1.0) > 0:
+    steps = args.refine_steps
+    if steps < 0 or args.refine_batch < 1 or not args.refine_lr > 0:
         raise SystemExit("error: --refine-steps must be >= 0, --refine-batch >= 1 and --refine-lr > 0")
     gen = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(0, len(stream) - seq_len, (args.windows,), generator=gen).tolist()
