@@ -287,6 +287,14 @@ def test_model_card_renders_every_section(tmp_path, tiny_checkpoint):
     card = model_card.write_card(model_dir, _report(), log).read_text()
     assert "resumed 1 times" in card and "exits after layers [4, 6]" in card and "[3]" not in card
     assert "**Held-out check** on" not in card and "*K/V fill* (`propagate`)" not in card
+    # a clone has no runs/ folder: the summary finalize keeps in the report renders the same training section
+    kept = {**_report(), "training_log": model_card.training_summary(log)}
+    json.loads(json.dumps(kept["training_log"]))  # the report is JSON
+    section = card.split("## Training")[1].split("## Corpus")[0]
+    log.unlink()
+    assert model_card.write_card(model_dir, kept, log).read_text().split("## Training")[1].split("## Corpus")[0] == section
+    card = model_card.write_card(model_dir, _report(), log).read_text()
+    assert "No training log was at hand" in card and "had not finished" not in card and "Training finished" not in card
 
 
 def test_the_card_names_the_held_out_check_and_the_kv_fill(tmp_path, tiny_checkpoint):

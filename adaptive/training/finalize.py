@@ -241,6 +241,9 @@ def main(args) -> int:
         timings[stage] = round(time.time() - start, 1)
         save()
         print(f"[finalize] {stage} took {timings[stage] / 60:.1f} min", flush=True)
+    # keep the training log's summary with the report: a card re-rendered from a clone has no runs/ folder
+    report["training_log"] = model_card.training_summary(log_path) or report.get("training_log", {})
+    save()
     path = model_card.write_card(model_dir, report, log_path)
     print(f"wrote {path}; stage times (s): {json.dumps(timings)}")
     return 0

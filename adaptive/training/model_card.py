@@ -178,6 +178,29 @@ def _training_log(log_path: Path) -> dict:
             "phases": training_phases(starts, last.get("tokens"))}
 
 
+# sidecars a finalize stage writes only where it ran: (file, what the card's Files table says of it)
+OPTIONAL_FILES = (
+    ("ngram_datastore.safetensors", "corpus 3-grams of the train split for `lookup` drafting (`build_datastore`)"),
+    ("kv_fill.safetensors", "learned K/V fill of `propagate`: one linear map per (exit point, skipped layer), "
+                            "see `adaptive/kv_fill.py`"),
+    ("prompt_gate.safetensors", "the prompt-level gate that picks the light / standard / full path (`train_gate`)"),
+)
+
+
+def training_summary(log_path: Path) -> dict:
+    """The training log's summary as JSON, for the report: the log lives in ``runs/`` on the machine that
+    trained (never in the repository), so a card re-rendered from a clone reads this copy instead.
+    ``hardware`` is the machine reading the log, i.e. the one that trained. Empty when there is no log."""
+    log = _training_log(log_path)
+    if not log:
+        return {}
+    final = log["final"]
+    return {"finished": final is not None,
+            "seconds": final.get("seconds") if final else log["last_seconds"],
+            "restarts": log["restarts"], "threads": log["threads"], "hardware": _hardware(),
+            "phases": [asdict(p) for p in log["phases"]]}
+
+
 def _phase_rows(phases: list[TrainingPhase]) -> list[str]:
     """The card's table of training phases; nothing when one recipe ran throughout without propagate."""
     if len(phases) < 2 and not any(p.propagate_exits for p in phases):
@@ -278,7 +301,10 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
     info = _read_json(model_dir / "training_info.json")
-    log = _training_log(Path(log_path) if log_path else default_log_path(model_dir))
+    # the log where this machine has it, else the copy finalize kept in the report
+    log = (training_summary(Path(log_path) if log_path else default_log_path(model_dir))
+           or report.get("training_log", {}))
+    phases = [TrainingPhase(**p) for p in log.get("phases", [])]
     defaults = _read_json(model_dir / "adaptive_defaults.json")
     name = model_dir.name
     size_mb = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()) / 1e6
@@ -300,21 +326,21 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             f"| tied embeddings | {cfg.get('tie_word_embeddings')} |",
             f"| parameters | {info.get('params', 0):,} |",
             f"| files | {size_mb:.1f} MB in this folder |", ""]
-    final = log.get("final") or {}
-    seconds = final.get("seconds", log.get("last_seconds"))
+    seconds = log.get("seconds")
     resumed = f", resumed {log['restarts']} times" if log.get("restarts") else ""
     out += ["## Training", "", "| | |", "|---|---|",
             f"| tokens seen | {info.get('tokens', 0):,} ({info.get('step')} steps) |",
             f"| training time | {_fmt((seconds or 0) / 60, '.1f')} min wall clock"
             f"{resumed} |",
-            f"| hardware | {_hardware()}; torch threads {', '.join(map(str, log.get('threads', []))) or '?'} |",
+            f"| hardware | {log.get('hardware', '?')}; torch threads {', '.join(map(str, log.get('threads', []))) or '?'} |",
             f"| validation loss (final layer) | {_fmt(info.get('val_nats'))} nats/token, {_fmt(info.get('val_bpb'))} bits/byte "
             f"on {info.get('val_tokens', '?')} tokens (training's own evaluation) |",
-            f"| objective{' (last phase)' if len(log.get('phases', [])) > 1 else ''} | "
+            f"| objective{' (last phase)' if len(phases) > 1 else ''} | "
             f"`{json.dumps(info.get('objective', {}))}` (see `adaptive/training/losses.py`) |",
-            "", *_phase_rows(log.get("phases", [])),
-            "Training finished" if final else
-            "**Training had not finished when this card was written; the numbers are of an intermediate checkpoint.**",
+            "", *_phase_rows(phases),
+            "Training finished" if log.get("finished") else
+            "**Training had not finished when this card was written; the numbers are of an intermediate checkpoint.**"
+            if log else "*No training log was at hand when this card was written.*",
             ""]
 
     out += ["## Corpus and split", "",
@@ -492,19 +518,21 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             "calibration-set hash, held-out agreement) |",
             "| `adaptive_defaults.json` | per-mode default knobs: `early_exit` (threshold, measure, exit_layers, "
             "exit_vocab_size, kv_policy, min_layer) and `speculative` (draft_vocab_size, acceptance_priors by depth) |",
+            *[f"| `{name}` | {what} |" for name, what in OPTIONAL_FILES if (model_dir / name).is_file()],
             f"| `{REPORT_FILE}` | every measurement on this card, as JSON |",
             "| `README.md` | this card |", "",
             "## Reproduce", "",
             "```bash",
             "python -m adaptive train-model                      # the checkpoint (resumable; see Training for this one's time)",
             f"python -m adaptive finalize-model --model {_shown_path(model_dir)}"
+            f"{' --with-kv-fill' if report.get('kv_fill') else ''}"
             "   # draft vocab, datastore, exit adapters, exit classifier, evaluation, calibration, certificate, gate, this card",
             "```", "",
             "`train-model` writes the arguments of every (re)start to `runs/<model>/log.jsonl` (not shipped); the "
             "Training table above names this model's restarts. "
             "Stages can be skipped (`--skip-draft-vocab`, `--skip-datastore`, `--skip-exits`, `--skip-classifier`, "
             "`--skip-evaluate`, `--skip-calibrate`, `--skip-certify`, `--skip-gate`, `--skip-card`) and the learned "
-            "K/V fill added (`--with-kv-fill`, experimental); the card is re-rendered from the stored report. Speed "
+            "K/V fill added (`--with-kv-fill`, opt-in); the card is re-rendered from the stored report. Speed "
             "numbers depend on the host; losses, agreements and compute fractions are deterministic.", ""]
     return "\n".join(out)
 
