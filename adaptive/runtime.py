@@ -21,7 +21,7 @@ from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
 from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
-from .speculative import AcceptanceStats, DraftModelDrafter, RoundTimings, SpeculationController, SpeculativeDecoder
+from .speculative import CALIBRATED_PRIOR_WEIGHT, AcceptanceStats, DraftModelDrafter, RoundTimings, SpeculationController, SpeculativeDecoder
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .calibration import CERTIFICATE_FILE, PROJECTION_FILL, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
@@ -79,7 +79,8 @@ class Runtime:
         self._draft_head_ms: dict[int, float] = {}
         self._draft_runtimes: dict[str, "Runtime"] = {}
         priors = {int(k): float(v) for k, v in self.defaults.get("speculative", {}).get("acceptance_priors", {}).items()}
-        self.acceptance = AcceptanceStats(priors)  # running acceptance, shared by every request
+        # running acceptance, shared by every request; calibrated priors are measured, so they weigh more
+        self.acceptance = AcceptanceStats(priors, CALIBRATED_PRIOR_WEIGHT)
         self.round_timings = RoundTimings()  # measured / predicted round costs, shared by every request
         self.scheduler = Scheduler(self)  # mode="auto": running costs and audits, shared by every request
 

@@ -46,6 +46,7 @@ DRAFTERS = ("self", "lookup", "draft_model")
 DRAFT_MODEL_KEY, LOOKUP_KEY, DATASTORE_KEY = 0, -1, -2  # "depth" keys of the non-self drafters in the controller
 _CONFIDENCE_BINS = 10
 MEASURE_FIRST = 3  # plain steps a runtime measures before its first speculative round
+MIN_TIMINGS = 3  # measured rounds of a kind before their median corrects the start-up costs
 MEASURE_EVERY = 16  # and then one round in this many, to follow changes in machine load
 # Speculate only when the predicted gain clears this. It was 1.1 while plain steps were judged by a
 # more optimistic statistic than rounds (see RoundTimings); with one statistic for both, 1.0 ran faster
@@ -53,6 +54,12 @@ MEASURE_EVERY = 16  # and then one round in this many, to follow changes in mach
 # vs 1.26x full's time: single runs on a noisy host, so only the direction is trusted).
 MIN_PREDICTED_GAIN = 1.0
 FIRST_PAUSE, MAX_PAUSE = 8, 64  # plain steps between exploratory rounds while speculation is off
+# What a runtime-wide acceptance prior is worth, in observed verdicts. A guess (0.5) gives way at once. A
+# model's calibrated priors (``adaptive_defaults.json``: agreement of each path over thousands of
+# validation tokens) must not: with 8, one hard first prompt (1 of 4 drafts accepted) dragged depth 4's
+# 0.89 to 0.68, speculation switched off, and since a switched-off runtime gathers almost no verdicts it
+# stayed off for the next requests that would have accepted 85-99% of their drafts.
+GUESS_PRIOR_WEIGHT, CALIBRATED_PRIOR_WEIGHT = 8, 64
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
 
 
@@ -91,17 +98,19 @@ class AcceptanceStats:
     because the app serves several sessions from one runtime.
     """
 
-    def __init__(self, priors: dict[int, float]):
+    def __init__(self, priors: dict[int, float], prior_weight: int = GUESS_PRIOR_WEIGHT):
         self.lock = threading.Lock()
         self.priors = dict(priors)
+        self.prior_weight = prior_weight  # observations a prior is worth (see CALIBRATED_PRIOR_WEIGHT)
         self.counts: dict[int, list[int]] = {}  # depth -> [accepted, evaluated]
         self.bins: dict[int, list[list[int]]] = {}  # depth -> bin -> [accepted, evaluated]
 
     def alpha(self, depth: int) -> float:
-        """Acceptance rate at ``depth`` with a prior worth 8 observations."""
+        """Acceptance rate at ``depth``: the running count, with the prior worth ``prior_weight``
+        observations (a depth without a prior: 0.5, worth ``GUESS_PRIOR_WEIGHT``)."""
         accepted, total = self.counts.get(depth, [0, 0])
-        prior = self.priors.get(depth, 0.5)
-        return (accepted + 8 * prior) / (total + 8)
+        weight = self.prior_weight if depth in self.priors else GUESS_PRIOR_WEIGHT
+        return (accepted + weight * self.priors.get(depth, 0.5)) / (total + weight)
 
     def predict(self, depth: int, confidence: float) -> float:
         """P(the verifier accepts a draft token whose draft confidence is ``confidence``)."""
@@ -146,7 +155,11 @@ class RoundTimings:
         self.median: dict[tuple, float] = {}  # their median, kept ready: asked for per drafted token
 
     def get(self, key: tuple) -> float:
-        """The typical measured / predicted ratio for ``key`` (1.0 before any measurement)."""
+        """The typical measured / predicted ratio for ``key``: 1.0 (the start-up costs stand) until
+        ``MIN_TIMINGS`` rounds were measured, so one first-call spike (a fresh runtime's first depth-2
+        draft took 32x its prediction) cannot switch speculation off on its own."""
+        if self.count.get(key, 0) < MIN_TIMINGS:
+            return 1.0
         return self.median.get(key, 1.0)
 
     def record(self, key: tuple, measured_ms: float, predicted_ms: float) -> None:

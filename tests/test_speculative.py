@@ -226,6 +226,11 @@ def test_round_timings_judge_every_side_by_the_median():
 
     t = RoundTimings(window=5)
     assert t.get(("full",)) == 1.0  # nothing measured yet: the start-up costs stand
+    t.record(("verify", 2), 32.0, 1.0)  # a first-call spike alone does not overrule them
+    t.record(("verify", 2), 1.5, 1.0)
+    assert t.get(("verify", 2)) == 1.0
+    t.record(("verify", 2), 1.4, 1.0)
+    assert t.get(("verify", 2)) == pytest.approx(1.5)  # from the third round on, the median of what ran
     for measured in (1.0, 1.2, 9.0, 1.1, 1.3):  # one scheduler spike among ordinary steps
         t.record(("full",), measured, 1.0)
         t.record(("draft", 4), measured, 1.0)
@@ -254,3 +259,16 @@ def test_controller_follows_the_requests_own_acceptance():
     assert ctl.predicted_speedup(4)[0] < 1.0
     fresh = SpeculationController(host, 8, stats, depths=(4,))  # the next request starts from the prior again
     assert fresh.alpha(4) == pytest.approx(stats.alpha(4))
+
+
+def test_a_calibrated_prior_outweighs_one_hard_prompt():
+    """A model's calibrated acceptance priors are measured over thousands of tokens: the first request's
+    few rejections must not turn speculation off for every request after it (a guess gives way at once)."""
+    from adaptive.speculative import CALIBRATED_PRIOR_WEIGHT, AcceptanceStats
+
+    calibrated, guessed = AcceptanceStats({4: 0.89}, CALIBRATED_PRIOR_WEIGHT), AcceptanceStats({})
+    for stats in (calibrated, guessed):
+        stats.record(4, [0.5] * 4, [True, False, False, False])  # a hard first prompt
+    assert calibrated.alpha(4) > 0.85 and guessed.alpha(4) < 0.45
+    calibrated.record(4, [0.5] * 640, [False] * 640)  # what a runtime measures does take over
+    assert calibrated.alpha(4) < 0.1
