@@ -45,9 +45,10 @@ from .trace import SpecRound
 DRAFTERS = ("self", "lookup", "draft_model")
 DRAFT_MODEL_KEY, LOOKUP_KEY, DATASTORE_KEY = 0, -1, -2  # "depth" keys of the non-self drafters in the controller
 _CONFIDENCE_BINS = 10
-MEASURE_FIRST = 3  # plain steps a runtime measures before its first speculative round
-MIN_TIMINGS = 3  # measured rounds of a kind before their median corrects the start-up costs
-MEASURE_EVERY = 16  # and then one round in this many, to follow changes in machine load
+# Measured rounds of a kind before their median corrects the start-up costs; a fresh runtime also takes
+# this many plain steps before its first speculative round, so the full step it compares against is measured
+MIN_TIMINGS = 3
+MEASURE_EVERY = 16  # and then one plain step in this many rounds, to follow changes in machine load
 # Speculate only when the predicted gain clears this. It was 1.1 while plain steps were judged by a
 # more optimistic statistic than rounds (see RoundTimings); with one statistic for both, 1.0 ran faster
 # in the same process on 12 test prompts (1.26x full's tokens/s vs 1.11x at 1.1; slowest prompt 1.06x
@@ -277,7 +278,7 @@ class SpeculationController:
         """
         self.rounds_planned += 1
         self.plain_reason, self.last_gain = "off", None
-        if self.fixed_length is None and (self.timings.count.get(("full",), 0) < MEASURE_FIRST
+        if self.fixed_length is None and (self.timings.count.get(("full",), 0) < MIN_TIMINGS
                                           or self.rounds_planned % MEASURE_EVERY == 0):
             self.plain_reason = "measure"
             return None

@@ -162,22 +162,6 @@ def training_phases(starts: list[dict], final_tokens: int | None) -> list[Traini
     return phases
 
 
-def _training_log(log_path: Path) -> dict:
-    """Summary of the training log: final record, total wall seconds, threads per (re)start, recipe phases."""
-    if not log_path.is_file():
-        return {}
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    ends = [i for i, r in enumerate(records) if r.get("kind") == "final"]
-    if ends:  # a run resumed after the shipped export finished is not part of that model
-        records = records[:ends[-1] + 1]
-    starts = [r for r in records if r.get("kind") == "start"]
-    last = records[-1] if records else {}
-    final = last if ends else None
-    return {"final": final, "last_seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
-            "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None}),
-            "phases": training_phases(starts, last.get("tokens"))}
-
-
 # sidecars a finalize stage writes only where it ran: (file, what the card's Files table says of it)
 OPTIONAL_FILES = (
     ("ngram_datastore.safetensors", "corpus 3-grams of the train split for `lookup` drafting (`build_datastore`)"),
@@ -188,17 +172,21 @@ OPTIONAL_FILES = (
 
 
 def training_summary(log_path: Path) -> dict:
-    """The training log's summary as JSON, for the report: the log lives in ``runs/`` on the machine that
-    trained (never in the repository), so a card re-rendered from a clone reads this copy instead.
-    ``hardware`` is the machine reading the log, i.e. the one that trained. Empty when there is no log."""
-    log = _training_log(log_path)
-    if not log:
+    """The training log's summary as JSON: finished or not, wall seconds, restarts, threads per (re)start,
+    recipe phases, and ``hardware``: the machine reading the log, i.e. the one that trained. Empty when there
+    is no log. Kept in the report too: the log lives in ``runs/`` on the machine that trained (never in the
+    repository), so a card re-rendered from a clone reads that copy instead."""
+    if not log_path.is_file():
         return {}
-    final = log["final"]
-    return {"finished": final is not None,
-            "seconds": final.get("seconds") if final else log["last_seconds"],
-            "restarts": log["restarts"], "threads": log["threads"], "hardware": _hardware(),
-            "phases": [asdict(p) for p in log["phases"]]}
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    ends = [i for i, r in enumerate(records) if r.get("kind") == "final"]
+    if ends:  # a run resumed after the shipped export finished is not part of that model
+        records = records[:ends[-1] + 1]
+    starts = [r for r in records if r.get("kind") == "start"]
+    last = records[-1] if records else {}
+    return {"finished": bool(ends), "seconds": last.get("seconds"), "restarts": max(0, len(starts) - 1),
+            "threads": sorted({r.get("args", {}).get("threads") for r in starts} - {None}), "hardware": _hardware(),
+            "phases": [asdict(p) for p in training_phases(starts, last.get("tokens"))]}
 
 
 def _phase_rows(phases: list[TrainingPhase]) -> list[str]:
