@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .runtime import ASSETS_DIR, Runtime
+from .speculation_ceiling import depth_ceilings
 
 CONTROL_ROW = "full_control"
 RANDOM_LLAMA = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
@@ -66,6 +67,11 @@ class Row:
     easy_ms_per_token: float | None = None  # wall ms/token over the "easy" prompts (each prompt's median time)
     hard_ms_per_token: float | None = None  # ... and over the rest (medium + hard)
     served_by: dict | None = None  # auto rows: which candidate served how many prompts
+    # speculative rows, per prompt (first repeat): plain steps, drafted rounds, accepted per drafted round
+    prompt_speculation: list | None = None
+    # self-drafting rows: per draft depth, the bound its measured step costs put on the speedup
+    # (``speculation_ceiling.DepthCeiling`` as dicts)
+    ceilings: list | None = None
     repeat_tokens_per_s: list = field(default_factory=list)
 
 
@@ -194,16 +200,18 @@ def run(args) -> dict:
         difficulty = difficulty[:args.num_prompts]
 
     def decode(row: Row, prompt: list[int]):
+        """(new token ids, stats or None for HF rows, speculative rounds)."""
         if row.mode == "hf":
-            return _hf_generate(hf, prompt, n, **row.options), None
+            return _hf_generate(hf, prompt, n, **row.options), None, []
         res = rt.generate(prompt, max_new_tokens=n, mode=row.mode, stop_at_eos=False, **row.options)
-        return res.token_ids, res.stats
+        return res.token_ids, res.stats, res.rounds
 
     # Warm-up: first calls pay for allocation and lazy initialisation.
     for row in rows:
         decode(row, prompts[0])
     outputs: dict[str, list] = {row.name: [] for row in rows}
     stats: dict[str, list] = {row.name: [] for row in rows}
+    rounds: dict[str, list] = {row.name: [] for row in rows}  # first repeat, every prompt's rounds
     from tqdm import tqdm
 
     per_prompt: dict[str, list[list[float]]] = {row.name: [[] for _ in prompts] for row in rows}  # seconds
@@ -212,13 +220,14 @@ def run(args) -> dict:
         for i, prompt in enumerate(prompts):
             for row in rows:
                 start = time.perf_counter()
-                tokens, st = decode(row, prompt)
+                tokens, st, row_rounds = decode(row, prompt)
                 seconds = time.perf_counter() - start
                 elapsed[row.name] += seconds
                 per_prompt[row.name][i].append(seconds)
                 if rep == 0:
                     outputs[row.name].append(tokens)
                     stats[row.name].append(st)
+                    rounds[row.name].extend(row_rounds)
         for row in rows:
             row.repeat_tokens_per_s.append(len(prompts) * n / elapsed[row.name])
     median_seconds = {name: [statistics.median(t) for t in times] for name, times in per_prompt.items()}
@@ -246,6 +255,9 @@ def run(args) -> dict:
         if row.mode == "speculative":
             row.mean_accepted = statistics.fmean(s["mean_accepted_per_round"] for s in stats[row.name])
             row.acceptance_rate = statistics.fmean(s["acceptance_rate"] for s in stats[row.name])
+            row.prompt_speculation = [{k: s[k] for k in ("plain_steps", "speculative_rounds", "mean_accepted_per_round",
+                                                         "acceptance_rate", "draft_depth_histogram")}
+                                      for s in stats[row.name]]
         if row.mode == "auto":
             # teacher-forced agreement of whatever served each prompt, on full depth's prefixes
             # (speculation is lossless: its free-running matches are the count; it takes no follow=)
@@ -269,6 +281,8 @@ def run(args) -> dict:
     for row in rows:
         row.ratio_to_hf = row.tokens_per_s / hf_row.tokens_per_s if hf_row else None
         row.ratio_to_full = row.tokens_per_s / full_row.tokens_per_s
+        if row.mode == "speculative":
+            row.ceilings = [asdict(c) for c in depth_ceilings(rounds[row.name], full_row.ms_per_token)] or None
     return {"model": description, "max_new_tokens": n, "prompts": len(prompts), "repeats": args.repeats,
             "batch_size": 1, "greedy": True, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
@@ -305,6 +319,16 @@ def format_table(report: dict) -> str:
         if ours:
             lines.append(f"vs the fastest HF assistant row ({best['name']}): " + ", ".join(ours))
     for r in report["rows"]:
+        for c in r.get("ceilings") or []:
+            lines.append(f"  {r['name']} depth {c['depth']} ({c['rounds']} rounds): draft {c['draft_ms_per_token']:.2f} ms/token, "
+                         f"verify {c['verify_ms']:.2f} ms at k={c['length']}; every draft accepted would give "
+                         f"{c['ceiling']:.2f}x full, its measured acceptance {c['acceptance']:.2f} gives {c['at_measured_acceptance']:.2f}x")
+        if r.get("prompt_speculation"):
+            plain = [f"{p['plain_steps'] / max(1, p['plain_steps'] + p['speculative_rounds']):.2f}"
+                     for p in r["prompt_speculation"]]
+            accepted = [f"{p['mean_accepted_per_round']:.1f}" for p in r["prompt_speculation"]]
+            lines.append(f"  {r['name']} per prompt: plain-step share of rounds {' '.join(plain)}; "
+                         f"accepted per drafted round {' '.join(accepted)}")
         if r.get("served_by"):
             lines.append(f"  {r['name']} served by {r['served_by']}")
     return "\n".join(lines)

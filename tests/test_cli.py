@@ -61,6 +61,10 @@ def test_bench_on_random_llama(tmp_path):
                  "speculative_self", "speculative_lookup"):
         assert rows[name]["exact_prompts"] == 1.0  # lossless greedy methods reproduce full depth
     assert rows["speculative_self"]["mean_accepted"] is not None
+    (summary,) = rows["speculative_self"]["prompt_speculation"]  # one prompt
+    assert summary["plain_steps"] + summary["speculative_rounds"] >= 1 and 0 <= summary["acceptance_rate"] <= 1
+    assert "speculative_self per prompt: plain-step share of rounds" in proc.stdout
+    assert "ceilings" in rows["speculative_self"]  # None here: 4 tokens leave too few rounds to time
 
 
 def test_bench_reports_early_exit_compute_on_the_teacher_forced_tokens(tmp_path, tiny_checkpoint):

@@ -272,3 +272,27 @@ def test_a_calibrated_prior_outweighs_one_hard_prompt():
     assert calibrated.alpha(4) > 0.85 and guessed.alpha(4) < 0.45
     calibrated.record(4, [0.5] * 640, [False] * 640)  # what a runtime measures does take over
     assert calibrated.alpha(4) < 0.1
+
+
+def _round(depth, drafted, accepted, draft_ms, verify_ms, drafter="self"):
+    from adaptive.trace import SpecRound
+    return SpecRound(index=0, position=0, drafter=drafter, depth=depth, drafted=list(range(drafted)), accepted=accepted,
+                     stop_reason="max_len", draft_ms=draft_ms, verify_ms=verify_ms, q_probs=[], p_probs=[])
+
+
+def test_speculation_ceiling_from_measured_rounds():
+    from adaptive.speculation_ceiling import depth_ceilings
+    # depth 4: 1 ms per drafted token, a 4-token verification takes 2 ms (median of 2.0, 2.0, 9.0);
+    # accepted 4 + 4 + 2 of 4 + 4 + 3 judged (the third round's 4th draft came after its rejection)
+    rounds = [_round(4, 4, 4, 4.0, 2.0), _round(4, 4, 4, 4.0, 9.0), _round(4, 4, 2, 4.0, 2.0),
+              _round(2, 4, 4, 1.0, 1.0), _round(2, 4, 4, 1.0, 1.0),  # depth 2: too few rounds of one length
+              _round(0, 4, 4, 0.0, 1.0, drafter="lookup"),  # not the model's own shallow path
+              _round(0, 0, 0, 0.0, 1.3, drafter="none")]  # a plain step
+    (c,) = depth_ceilings(rounds, full_ms_per_token=2.0)
+    alpha = 10 / 11
+    assert (c.depth, c.rounds, c.length) == (4, 3, 4)
+    assert c.draft_ms_per_token == pytest.approx(1.0) and c.verify_ms == pytest.approx(2.0)
+    assert c.acceptance == pytest.approx(alpha)
+    assert c.ceiling == pytest.approx(4 * 2.0 / (4 * 1.0 + 2.0))
+    assert c.at_measured_acceptance == pytest.approx((1 + alpha + alpha ** 2 + alpha ** 3) * 2.0 / 6.0)
+    assert c.at_measured_acceptance < c.ceiling
