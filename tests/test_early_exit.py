@@ -334,3 +334,16 @@ def test_exit_adapters_off_reads_the_logit_lens_and_pays_no_adapter():
     assert on.stats["exit_adapters"] is True and on.stats["macs"] != lens.stats["macs"]
     with pytest.raises(InvalidRequestError, match="exit_adapters"):
         adapted.generate(prompt, exit_adapters="no", **knobs)
+
+
+def test_layer_span_costs_are_the_sum_of_their_layers():
+    # the closed form (no sliding windows) and the per-layer sum (windows) must charge the same MACs
+    plain = CostModel(layer_weight_macs=1000, attention_macs_per_key=7, head_macs=5, kv_fill_macs=3,
+                      adapter_macs=2, num_layers=4, sliding_windows=(None,) * 4)
+    windowed = CostModel(layer_weight_macs=1000, attention_macs_per_key=7, head_macs=5, kv_fill_macs=3,
+                         adapter_macs=2, num_layers=4, sliding_windows=(None, 4, None, 4))
+    for c in (plain, windowed):
+        for start, end, pos in ((0, 4, 0), (1, 3, 9), (2, 2, 5), (0, 4, 100)):
+            assert c.layers_macs(start, end, pos) == sum(c.layer_macs(i, pos) for i in range(start, end))
+    assert plain.layers_macs(0, 4, 9) == 4 * (1000 + 7 * 10)
+    assert windowed.layers_macs(0, 4, 9) == 2 * (1000 + 7 * 10) + 2 * (1000 + 7 * 4)
