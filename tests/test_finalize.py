@@ -171,6 +171,12 @@ def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tin
     defaults = json.loads((model_dir / "adaptive_defaults.json").read_text())
     assert defaults["other"] == {"x": 1} and defaults["speculative"]["drafter"] == "self"
     assert defaults["early_exit"] == cal.chosen and set(defaults["speculative"]["acceptance_priors"]) == {"1", "2"}
+    # the priors alone, refreshed from what the report records: the same prompts, so the same numbers
+    assert C.refresh_acceptance_priors(rt, cal.to_dict(), progress=False) == cal.acceptance_priors
+    C.write_acceptance_priors(model_dir, {"1": 0.25})
+    rewritten = json.loads((model_dir / "adaptive_defaults.json").read_text())
+    assert rewritten["speculative"]["acceptance_priors"] == {"1": 0.25}
+    assert {k: v for k, v in rewritten.items() if k != "speculative"} == {k: v for k, v in defaults.items() if k != "speculative"}
     # The runtime accepts what was written.
     rt = Runtime.from_pretrained(model_dir)
     assert rt.generate([1, 2, 3], 4, mode="early_exit").stats["measure"] == cal.chosen["measure"]
@@ -335,15 +341,32 @@ def test_finalize_runs_its_stages_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint
                               "--eval-window", "16", "--cal-prompts", "2", "--cal-new-tokens", "8",
                               "--confirm-minutes", "0.1", "--card-prompts", "1", "--card-new-tokens", "4",
                               "--card-repeats", "1", "--log", str(tmp_path / "none.jsonl"),
-                              "--gate-prompts", "8", "--gate-tokens", "6", "--gate-run-dir", str(tmp_path / "gate")])
+                              "--gate-prompts", "8", "--gate-tokens", "6", "--gate-run-dir", str(tmp_path / "gate"),
+                              "--with-speculative-priors"])
     assert finalize.main(args) == 0
     report = json.loads((model_dir / model_card.REPORT_FILE).read_text())
+    # the refresh after calibrate re-reads the same prompts: the same priors, in the defaults and the report
+    priors = json.loads((model_dir / "adaptive_defaults.json").read_text())["speculative"]["acceptance_priors"]
+    assert set(priors) == {"1", "2"} and priors == report["calibration"]["acceptance_priors"]
+    assert "speculative-priors" in report["seconds"]
     assert set(report) >= {"evaluation", "calibration", "decoding", "completions", "seconds", "gate", "kv_fill"}
     assert (model_dir / "kv_fill.safetensors").is_file() and report["kv_fill"]["refine"]["steps"] == 2
     assert (tmp_path / "kv-fill" / "refine_state.json").is_file()
     assert report["gate"]["prompts"] == 8 and (model_dir / "prompt_gate.safetensors").is_file()
     assert json.loads((model_dir / "adaptive_defaults.json").read_text())["early_exit"] == report["calibration"]["chosen"]
     assert "## Early-exit decoding on test prompts" in (model_dir / "README.md").read_text()
+
+
+def test_refreshing_the_priors_needs_a_calibration(tmp_path, tiny_checkpoint):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    parser = argparse.ArgumentParser()
+    finalize.add_arguments(parser)
+    stages = [f"--skip-{s}" for s in finalize.STAGES if s not in finalize.OPT_IN_STAGES]
+    args = parser.parse_args(["--model", str(model_dir), *stages, "--with-speculative-priors",
+                              "--log", str(tmp_path / "none.jsonl")])
+    with pytest.raises(SystemExit, match="run the calibrate stage first"):
+        finalize.main(args)
 
 
 def test_a_failed_certification_removes_the_old_certificate_and_says_so(tmp_path, tiny_checkpoint):

@@ -1026,15 +1026,46 @@ def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
     return [k["threshold"]]
 
 
-def write_defaults(model_dir: str | Path, cal: Calibration) -> Path:
-    """Merge the early_exit section and the speculative priors into adaptive_defaults.json."""
+def refresh_acceptance_priors(rt, calibration: dict, progress: bool = True) -> dict[str, float]:
+    """The speculative acceptance priors alone, for every draft depth the runtime has now.
+
+    Same prompts and tables as ``calibrate`` (the split, prompt count, context range, new tokens, seed
+    and draft shortlist its report recorded), so the depths it covered come out unchanged; for when the
+    set of draft depths changes and the early-exit search (a quarter of an hour) need not run again.
+    """
+    low, high = calibration["context"]
+    cases = sample_prompts(rt, calibration["split"], calibration["num_prompts"], low, high, calibration["seed"])
+    add_references(rt, cases, calibration["new_tokens"], progress)
+    size = calibration["draft_vocab_size"]
+    # with the full vocabulary first, as calibrate builds them: its fallback when the shortlist cannot be
+    # built (a checkpoint without a draft vocabulary)
+    tables, _, _ = build_tables(rt, cases, sorted({0, size}), progress=progress)
+    return _acceptance_priors(rt, tables, size)
+
+
+def _update_defaults(model_dir: str | Path, update) -> Path:
+    """Apply ``update`` to adaptive_defaults.json (created if missing), keeping every other section."""
     from ..runtime import DEFAULTS_FILE
 
     path = Path(model_dir) / DEFAULTS_FILE
     defaults = json.loads(path.read_text()) if path.is_file() else {}
-    defaults["early_exit"] = cal.chosen
-    spec = defaults.setdefault("speculative", {})
-    spec["draft_vocab_size"] = cal.draft_vocab_size
-    spec["acceptance_priors"] = cal.acceptance_priors
+    update(defaults)
     path.write_text(json.dumps(defaults, indent=2) + "\n")
     return path
+
+
+def write_defaults(model_dir: str | Path, cal: Calibration) -> Path:
+    """Merge the early_exit section and the speculative priors into adaptive_defaults.json."""
+    def update(defaults: dict) -> None:
+        defaults["early_exit"] = cal.chosen
+        spec = defaults.setdefault("speculative", {})
+        spec["draft_vocab_size"] = cal.draft_vocab_size
+        spec["acceptance_priors"] = cal.acceptance_priors
+
+    return _update_defaults(model_dir, update)
+
+
+def write_acceptance_priors(model_dir: str | Path, priors: dict[str, float]) -> Path:
+    """Replace only the speculative acceptance priors in adaptive_defaults.json."""
+    return _update_defaults(model_dir, lambda defaults: defaults.setdefault("speculative", {}).update(
+        acceptance_priors=priors))

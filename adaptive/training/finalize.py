@@ -11,6 +11,10 @@ Stages, in order, each skippable (``--skip-<stage>``) or, where marked, opt-in (
                (``--with-kv-fill``; see ``adaptive/kv_fill.py`` for what it measured on the bundled model)
   evaluate     per-layer loss and agreement on the test split, before and after adapters
   calibrate    the default early-exit setting and speculative priors -> ``adaptive_defaults.json``
+  speculative-priors
+               only the speculative priors, for the runtime's current draft depths, on the calibration
+               prompts the report records (``refresh_acceptance_priors``); opt-in (``--with-speculative-priors``):
+               calibrate computes them too, this is for when the draft depths change
   certify      Learn-then-Test certificate for the calibrated family (``ltt_calibrate``)
                -> ``calibration_certificate.json`` (the default setting itself is left as calibrated)
   gate         the prompt-level gate from real runs of every path (``train_gate``) -> ``prompt_gate.safetensors``
@@ -32,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-OPT_IN_STAGES = ("kv-fill",)  # run only when asked for (see above)
-STAGES = ("draft-vocab", "datastore", "exits", "classifier", "kv-fill", "evaluate", "calibrate", "certify", "gate", "card")
+OPT_IN_STAGES = ("kv-fill", "speculative-priors")  # run only when asked for (see above)
+STAGES = ("draft-vocab", "datastore", "exits", "classifier", "kv-fill", "evaluate", "calibrate", "speculative-priors",
+          "certify", "gate", "card")
 
 
 def _margin(text: str) -> float:
@@ -232,6 +237,15 @@ def main(args) -> int:
             report["calibration"] = cal.to_dict()
             print(f"chosen {json.dumps(cal.chosen)}: agreement {cal.agreement:.4f}, compute fraction "
                   f"{cal.compute_fraction:.3f}, meets target: {cal.meets_target}; priors {cal.acceptance_priors}")
+        elif stage == "speculative-priors":
+            if not report.get("calibration"):
+                raise SystemExit("error: the speculative-priors stage reuses the calibration prompts, and "
+                                 f"{report_path} has no calibration yet: run the calibrate stage first")
+            rt = Runtime.from_pretrained(model_dir)
+            priors = calibrate_exits.refresh_acceptance_priors(rt, report["calibration"])
+            calibrate_exits.write_acceptance_priors(model_dir, priors)
+            print(f"acceptance priors {report['calibration']['acceptance_priors']} -> {priors}")
+            report["calibration"]["acceptance_priors"] = priors
         elif stage == "card":
             cal = report.get("calibration")
             thresholds = cal["neighbour_thresholds"] if cal else [0.8, 0.9, 0.95]
