@@ -92,8 +92,9 @@ class SpecRound:
     depth: int  # layers the draft ran (0: no shallow path, the verifier ran every layer)
     drafted: list[int]  # proposed tokens t1..tk
     accepted: int  # length of the accepted prefix
-    stop_reason: str  # why drafting stopped: "max_len", "predicted_reject", "eos", "context", "no_match", "off",
-    # or "measure" (a plain step taken to time the full step it is compared against)
+    stop_reason: str  # why drafting stopped: "max_len", "predicted_reject", "length_cap" (the request's ramp,
+    # see FIRST_LENGTH_CAP), "eos", "context", "no_match", "off", or "measure" (a plain step taken to time the
+    # full step it is compared against)
     draft_ms: float
     verify_ms: float
     q_probs: list[float]  # the draft's probability of each drafted token

@@ -309,3 +309,43 @@ def test_draft_depths_run_from_the_light_to_the_standard_path(layers, depths):
     assert rt.draft_depths == depths
     assert not depths or (depths[0], depths[-1]) == (rt.paths["light"], rt.paths["standard"])
 
+
+def test_a_request_ramps_its_draft_length_up_from_two():
+    """A model drafter drafts at most 2 tokens in a request's first round and after each pause (a failed
+    round then costs about one step), doubling after every round that had a draft accepted; prompt lookup
+    drafts cost nothing and a fixed draft_length is the user's choice, so neither is capped."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import FIRST_LENGTH_CAP, LOOKUP_KEY, AcceptanceStats, SpeculationController
+
+    # per-layer and head costs that hardly grow with the positions verified (batch-1 decoding's regime)
+    host = HostCosts(layer_ms={1: 0.1, 2: 0.1, 4: 0.11, 8: 0.12}, head_ms={1: 0.1, 2: 0.1, 4: 0.11, 8: 0.12}, num_layers=8)
+    stats = AcceptanceStats({4: 0.99}, prior_weight=1000)
+    ctl = SpeculationController(host, 8, stats, depths=(4,))
+    assert FIRST_LENGTH_CAP == 2 and ctl.keep_drafting(4, 1, 1.0) and not ctl.keep_drafting(4, 2, 1.0)
+    assert ctl.keep_drafting(LOOKUP_KEY, 5, 1.0)
+    ctl.observe(4, [False])  # first draft rejected: still 2
+    assert not ctl.keep_drafting(4, 2, 1.0)
+    ctl.observe(4, [True, False])  # one accepted: 4, then 8 (max_draft)
+    assert ctl.keep_drafting(4, 3, 1.0) and not ctl.keep_drafting(4, 4, 1.0)
+    ctl.observe(4, [True, True, True, True])
+    assert ctl.keep_drafting(4, 7, 1.0) and not ctl.keep_drafting(4, 8, 1.0)
+    ctl.observe(4, [True] * 8)
+    assert ctl.length_cap == 8
+    ctl.recent[4] = [False] * 32  # this request's drafts now all fail: speculation switches off ...
+    for _ in range(3):
+        ctl.record_round(None, 0, 0.0, ctl.raw_full_step())
+    ctl.rounds_planned = 1
+    assert ctl.plan() is None and ctl.off_for > 0
+    assert not ctl.keep_drafting(4, 2, 1.0)  # ... and the probe after the pause starts at 2 again
+    fixed = SpeculationController(host, 8, stats, depths=(4,), fixed_length=6)
+    assert fixed.keep_drafting(4, 5, 1.0) and not fixed.keep_drafting(4, 6, 1.0)
+
+
+def test_a_capped_round_says_so_in_its_trace(tiny_checkpoint):
+    from adaptive.speculative import AcceptanceStats
+
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    rt.acceptance = AcceptanceStats({1: 0.99, 2: 0.99}, prior_weight=1000)  # drafts look certain to pass
+    res = rt.generate([1, 2, 3, 4], max_new_tokens=40, mode="speculative", stop_at_eos=False)
+    drafted = [r for r in res.rounds if r.drafted]
+    assert drafted[0].stop_reason == "length_cap" and len(drafted[0].drafted) == 2
