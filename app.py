@@ -565,7 +565,7 @@ def build_app() -> gr.Blocks:
                     draft_model = gr.Textbox(label="Draft model path (drafter draft_model: same tokenizer)",
                                              placeholder="a local checkpoint directory")
                     with gr.Row():
-                        draft_depth = gr.Slider(0, 32, value=0, step=1, label="Draft depth (0 = adaptive: L/4 or L/2)")
+                        draft_depth = gr.Slider(0, 32, value=0, step=1, label="Draft depth (0 = adaptive: L/4 .. L/2)")
                         draft_length = gr.Slider(0, 16, value=0, step=1, label="Draft length (0 = adaptive)")
                     with gr.Row():
                         max_draft = gr.Slider(1, 16, value=8, step=1, label="Longest adaptive draft")
