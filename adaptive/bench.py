@@ -320,9 +320,10 @@ def format_table(report: dict) -> str:
             lines.append(f"vs the fastest HF assistant row ({best['name']}): " + ", ".join(ours))
     for r in report["rows"]:
         for c in r.get("ceilings") or []:
-            lines.append(f"  {r['name']} depth {c['depth']} ({c['rounds']} rounds): draft {c['draft_ms_per_token']:.2f} ms/token, "
-                         f"verify {c['verify_ms']:.2f} ms at k={c['length']}; every draft accepted would give "
-                         f"{c['ceiling']:.2f}x full, its measured acceptance {c['acceptance']:.2f} gives {c['at_measured_acceptance']:.2f}x")
+            lines.append(f"  {r['name']} depth {c['depth']} ({c['rounds']} rounds): draft "
+                         f"{c['draft_ms_per_token']:.2f} ms/token, verify {c['verify_ms']:.2f} ms at k={c['length']}; "
+                         f"every draft accepted would give {c['ceiling']:.2f}x full, its measured acceptance "
+                         f"{c['acceptance']:.2f} gives {c['at_measured_acceptance']:.2f}x")
         if r.get("prompt_speculation"):
             plain = [f"{p['plain_steps'] / max(1, p['plain_steps'] + p['speculative_rounds']):.2f}"
                      for p in r["prompt_speculation"]]

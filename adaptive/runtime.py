@@ -96,7 +96,8 @@ class Runtime:
         them (every one on a small model). A depth between the paths can draft better per unit of cost
         than either: on the bundled 8-layer model the exit after 3 layers agrees with full depth on 0.864
         of calibration tokens, nearly the 0.887 after 4, at three quarters of the draft cost, and adding
-        it took self-speculation from 1.09-1.10x to 1.14x full's tokens/s in the benchmark (2 threads, 5 repeats)."""
+        it took self-speculation from 1.09-1.10x to 1.14x full's tokens/s in the benchmark (2 threads,
+        5 repeats)."""
         L = self.spec.num_layers
         if L < 2:
             return ()  # no shallow path to draft with

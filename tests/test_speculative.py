@@ -318,7 +318,8 @@ def test_a_request_ramps_its_draft_length_up_from_two():
     from adaptive.speculative import FIRST_LENGTH_CAP, LOOKUP_KEY, AcceptanceStats, SpeculationController
 
     # per-layer and head costs that hardly grow with the positions verified (batch-1 decoding's regime)
-    host = HostCosts(layer_ms={1: 0.1, 2: 0.1, 4: 0.11, 8: 0.12}, head_ms={1: 0.1, 2: 0.1, 4: 0.11, 8: 0.12}, num_layers=8)
+    flat = {1: 0.1, 2: 0.1, 4: 0.11, 8: 0.12}
+    host = HostCosts(layer_ms=flat, head_ms=flat, num_layers=8)
     stats = AcceptanceStats({4: 0.99}, prior_weight=1000)
     ctl = SpeculationController(host, 8, stats, depths=(4,))
     assert FIRST_LENGTH_CAP == 2 and ctl.keep_drafting(4, 1, 1.0) and not ctl.keep_drafting(4, 2, 1.0)
