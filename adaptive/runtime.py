@@ -101,7 +101,7 @@ class Runtime:
         L = self.spec.num_layers
         if L < 2:
             return ()  # no shallow path to draft with
-        light, standard = (min(d, L - 1) for d in (self.paths["light"], self.paths["standard"]))
+        light, standard = self.paths["light"], self.paths["standard"]  # both below L once L >= 2
         step = max(1, -(-(standard - light) // 4))  # ceil: at most 5 depths, whatever the model's size
         return tuple(sorted({*range(light, standard, step), standard}))
 

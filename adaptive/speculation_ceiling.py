@@ -18,6 +18,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from .speculative import expected_tokens
+
 MIN_ROUNDS = 3  # rounds of one (depth, length) before their median verify time is trusted
 
 
@@ -31,10 +33,6 @@ class DepthCeiling:
     acceptance: float  # judged drafts accepted (drafts after a round's first rejection are never judged)
     ceiling: float  # x full's tokens/s if every draft were accepted
     at_measured_acceptance: float  # x full's tokens/s at the measured acceptance (its own best k), same costs
-
-
-def _expected_tokens(alpha: float, k: int) -> float:
-    return sum(alpha ** j for j in range(k))
 
 
 def depth_ceilings(rounds, full_ms_per_token: float) -> list[DepthCeiling]:
@@ -61,6 +59,6 @@ def depth_ceilings(rounds, full_ms_per_token: float) -> list[DepthCeiling]:
         k, verify = max(candidates, key=lambda kv: speedup(kv[0], *kv))
         out.append(DepthCeiling(depth=depth, rounds=len(rs), draft_ms_per_token=draft_ms, length=k,
                                 verify_ms=verify, acceptance=alpha, ceiling=speedup(k, k, verify),
-                                at_measured_acceptance=max(speedup(_expected_tokens(alpha, c), c, v)
+                                at_measured_acceptance=max(speedup(expected_tokens(alpha, c), c, v)
                                                            for c, v in candidates)))
     return out

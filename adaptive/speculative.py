@@ -96,6 +96,11 @@ class Emitted:
     source: str  # "draft", "correction" or "verified"
 
 
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a round of k drafts emits on average when each is accepted with probability alpha."""
+    return sum(alpha ** j for j in range(k))
+
+
 # ---- acceptance statistics shared across requests -----------------------------------------------------
 
 class AcceptanceStats:
@@ -274,15 +279,12 @@ class SpeculationController:
         flags = self.recent.get(depth, [])
         return (sum(flags) + REQUEST_PRIOR * self.stats.alpha(depth)) / (len(flags) + REQUEST_PRIOR)
 
-    def expected_tokens(self, alpha: float, k: int) -> float:
-        return sum(alpha ** j for j in range(k))
-
     def predicted_speedup(self, depth: int) -> tuple[float, int]:
         """(tokens per full-step time, best draft length) at ``depth`` under the running acceptance."""
         alpha, full = self.alpha(depth), self.full_step()
         best = (0.0, 0)
         for k in range(1, self.max_draft + 1):
-            gain = self.expected_tokens(alpha, k) * full / (k * self.draft_step_ms(depth) + self.verify_ms(depth, k))
+            gain = expected_tokens(alpha, k) * full / (k * self.draft_step_ms(depth) + self.verify_ms(depth, k))
             best = max(best, (gain, k))
         return best
 
@@ -318,16 +320,22 @@ class SpeculationController:
         return depth
 
     def keep_drafting(self, depth: int, drafted: int, survive: float) -> bool:
-        """Draft one more token while P(all drafted so far are accepted) x (a full step saved) pays
-        for one draft step plus one more verified position (the rule SpecDec++ learns, here from costs)."""
+        return self.draft_stop(depth, drafted, survive) is None
+
+    def draft_stop(self, depth: int, drafted: int, survive: float) -> str | None:
+        """Why drafting stops after ``drafted`` tokens, or None to draft one more. One more is drafted
+        while P(all drafted so far are accepted) x (a full step saved) pays for one draft step plus one
+        more verified position (the rule SpecDec++ learns, here from costs)."""
         if drafted >= self.max_draft:
-            return False
+            return "max_len"
         if self.fixed_length is not None:
-            return True
+            return None
         if depth >= DRAFT_MODEL_KEY and drafted >= self.length_cap:  # model drafts cost time; lookups do not
-            return False
+            return "length_cap"
         marginal_verify = self.verify_ms(depth, drafted + 1) - self.verify_ms(depth, drafted)
-        return survive * self.full_step() > self.draft_step_ms(depth) + marginal_verify
+        if survive * self.full_step() > self.draft_step_ms(depth) + marginal_verify:
+            return None
+        return "predicted_reject"
 
 
 # ---- drafters ------------------------------------------------------------------------------------------
@@ -360,12 +368,7 @@ class DraftLog:
             return "eos"
         if n >= limit:
             return "max_len"
-        ctl = dec.controller
-        if not ctl.keep_drafting(self.stats_key, n, self.survive):
-            if n >= ctl.max_draft:
-                return "max_len"
-            return "length_cap" if ctl.fixed_length is None and n >= ctl.length_cap else "predicted_reject"
-        return None
+        return dec.controller.draft_stop(self.stats_key, n, self.survive)
 
     def draft(self, depth: int, hidden: torch.Tensor | None, stop: str, macs: int, drafter: str) -> Draft:
         return Draft(tokens=self.tokens, q=self.q, q_probs=self.q_probs, depth=depth, hidden=hidden,
