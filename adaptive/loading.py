@@ -7,6 +7,7 @@ checkpoint's weights are read with safetensors (never pickle) and cast to the re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -187,24 +188,38 @@ def weights_from_state(config, state: Mapping[str, torch.Tensor], dtype: torch.d
     return _llama_weights(config, _Weights(state, dtype, origin))
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights: model.safetensors, or its index's shards."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
-        files = [single]
-    elif index.is_file():
+        return [single]
+    if index.is_file():
         try:
             shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = [directory / name for name in shard_names]
-    else:
-        raise CheckpointError(f"{directory} has no model.safetensors (only safetensors checkpoints are read, never pickle)")
+        return [directory / name for name in shard_names]
+    raise CheckpointError(f"{directory} has no model.safetensors (only safetensors checkpoints are read, never pickle)")
+
+
+def weights_hash(directory: Path) -> str:
+    """First 12 hex digits of sha256 over the checkpoint's weight files (not its sidecars): names the
+    training runs that belong to these weights, so a retrained model never resumes another's run."""
+    h = hashlib.sha256()
+    for path in weight_files(Path(directory)):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(directory):
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:

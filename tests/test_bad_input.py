@@ -85,6 +85,37 @@ def test_missing_weight_is_named(tmp_path, tiny_checkpoint):
         Runtime.from_pretrained(target)
 
 
+def test_a_sharded_checkpoint_loads_and_is_named_by_its_weight_files_only(tmp_path):
+    """Shards listed in model.safetensors.index.json load as one checkpoint; weights_hash (which names
+    training runs) covers every shard and nothing else, so writing a sidecar never orphans a run."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adaptive.loading import weight_files, weights_hash
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = weight_files(tmp_path)
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    ids = torch.tensor([random_prompt(6)])
+    rt = Runtime.from_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(ids).logits[0, -1]
+        h = rt.model.run_layers(rt.model.embed(ids, 0), 0, rt.spec.num_layers, 0, rt.model.new_cache(1, 6))
+        assert torch.allclose(rt.model.head(h[0, -1]), expected, atol=1e-5)
+    before = weights_hash(tmp_path)
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "exit_adapters.safetensors"))  # a sidecar
+    assert weights_hash(tmp_path) == before
+    state = load_file(str(shards[-1]))
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3
+    save_file(state, str(shards[-1]), metadata={"format": "pt"})
+    assert weights_hash(tmp_path) != before
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        weights_hash(tmp_path)
+
+
 def test_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(UnsupportedModelError, match="BertForMaskedLM.*supported architectures: LlamaForCausalLM"):

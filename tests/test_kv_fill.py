@@ -167,11 +167,12 @@ def test_the_autograd_cache_stores_and_reads_like_the_shared_one():
     assert caches[0].fill == caches[1].fill == [3, 4, 4]
 
 
-def _refine_setup():
-    """A tiny random Llama, a stream of random windows, and an exit setting under which about half of the
-    positions after the prompt exit after one layer (so deeper tokens read filled K/V)."""
+def _refine_setup(tmp_path):
+    """A tiny random Llama (saved: a refinement is named by its weight files), a stream of random windows,
+    and an exit setting under which about half of the positions after the prompt exit after one layer (so
+    deeper tokens read filled K/V)."""
     from adaptive.training.fit_kv_fill import RefineSetting
-    rt = Runtime.from_model(make_model("llama"))
+    rt = saved_llama(tmp_path / "tiny")
     g = torch.Generator().manual_seed(0)
     stream = torch.randint(0, rt.spec.vocab_size, (400,), generator=g)
     with torch.no_grad():
@@ -183,7 +184,7 @@ def _refine_setup():
 
 def test_refining_the_fill_lowers_the_damage_it_was_trained_on(tmp_path):
     from adaptive.training.fit_kv_fill import damage, refine
-    rt, stream, setting = _refine_setup()
+    rt, stream, setting = _refine_setup(tmp_path)
     stream = stream[:40]  # one window of 40 tokens: refine draws it every time
     fill = projection_fill(rt)
     rt.model.set_kv_fill(fill)
@@ -205,7 +206,7 @@ def test_refining_the_fill_lowers_the_damage_it_was_trained_on(tmp_path):
 def test_an_interrupted_refinement_resumes_where_it_stopped(tmp_path, capsys):
     import json
     from adaptive.training.fit_kv_fill import refine
-    rt, stream, setting = _refine_setup()
+    rt, stream, setting = _refine_setup(tmp_path)
     args = dict(held_out=[stream[None, :40]], setting=setting, batch=1, lr=1e-3, seq_len=40, run_dir=tmp_path / "run",
                 progress=False, checkpoint_every=1)
     refine(rt, projection_fill(rt), stream, steps=2, **args)

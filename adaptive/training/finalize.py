@@ -29,12 +29,13 @@ included.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
+
+from ..loading import weights_hash
 
 OPT_IN_STAGES = ("kv-fill", "speculative-priors")  # run only when asked for (see above)
 STAGES = ("draft-vocab", "datastore", "exits", "classifier", "kv-fill", "evaluate", "calibrate", "speculative-priors",
@@ -117,15 +118,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def rt_hidden(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
-
-
-def weights_hash(model_dir: Path) -> str:
-    """First 12 hex digits of sha256 over model.safetensors: names this checkpoint's adapter run."""
-    h = hashlib.sha256()
-    with open(model_dir / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 def _warn_if_training(model_dir: Path, log_path: Path) -> None:

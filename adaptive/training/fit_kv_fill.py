@@ -29,6 +29,7 @@ from ..config import LOGIT_MEASURES
 from ..draft_vocab import shortlist
 from ..exits import make_measure
 from ..kv_fill import KV_FILL_FILE, KVFill, fill_pairs
+from ..loading import weights_hash
 from ..runtime import Runtime
 from .train_exits import prepare
 
@@ -245,16 +246,6 @@ def _held_out_flips(rt: Runtime, windows: list[torch.Tensor], setting: RefineSet
     return flips, deep
 
 
-def _weights_digest(rt: Runtime) -> str:
-    """Names the checkpoint a refinement belongs to, so a retrained model never resumes another's run."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in (rt.model.w.embed, rt.model.w.layers[0].q_w, rt.model.w.layers[-1].down_w):
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def refine(rt: Runtime, fill: KVFill, stream: torch.Tensor, held_out: list[torch.Tensor], setting: RefineSetting,
            steps: int, batch: int, lr: float, seq_len: int, run_dir, seed: int = 0,
            checkpoint_every: int = 50, progress: bool = True) -> tuple[KVFill, dict]:
@@ -267,10 +258,13 @@ def refine(rt: Runtime, fill: KVFill, stream: torch.Tensor, held_out: list[torch
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
+    if rt.directory is None:
+        raise ValueError("refining the K/V fill needs a runtime loaded from a checkpoint directory: "
+                         "its weight files name the run, so that a retrained model never resumes another's")
     model = rt.model
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path, meta_path = run_dir / "refine_state.safetensors", run_dir / "refine_state.json"
-    identity = {"model": str(rt.directory), "weights": _weights_digest(rt), "start": fill.digest,
+    identity = {"model": str(rt.directory), "weights": weights_hash(rt.directory), "start": fill.digest,
                 "setting": repr(setting), "lr": lr, "batch": batch, "seed": seed}
     weight, bias = torch.nn.Parameter(fill.weight.clone()), torch.nn.Parameter(fill.bias.clone())
     opt = torch.optim.Adam([weight, bias], lr=lr)
