@@ -92,6 +92,36 @@ def test_replayed_propagate_with_a_learned_fill_equals_real_decoding(tiny_checkp
     assert replayed != pytest.approx(without, rel=1e-9)  # the replay really read the learned maps
 
 
+def test_the_refinements_damaged_pass_exits_and_predicts_as_real_decoding(tiny_checkpoint):
+    """fit_kv_fill trains through damaged_forward: its exit per position and its final-depth tokens are
+    those of real teacher-forced propagate decoding with the same (learned) fill maps and thresholds."""
+    from adaptive.training.fit_kv_fill import RefineSetting, damaged_forward
+    rt = Runtime.from_pretrained(tiny_checkpoint)
+    fill = projection_fill(rt)
+    fill.weight = fill.weight + 0.5 * torch.randn(fill.weight.shape, generator=torch.Generator().manual_seed(2))
+    rt.model.set_kv_fill(fill)
+    L = rt.spec.num_layers
+    cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
+    C.add_references(rt, cases, 16, progress=False)
+    tables, _, _ = C.build_tables(rt, cases, (0,), progress=False)
+    fam = C.Family("max_prob", (1, 2), 0, "propagate")
+    thr = float(np.median(tables[0].conf["max_prob"][[1, 2]]))
+    exits = set()
+    for c in cases:
+        P, N = len(c.prompt_ids), len(c.reference)
+        setting = RefineSetting(((1, thr), (2, thr)), "max_prob", 0, True, prompt_len=P, jitter=(0.0, 0.0))
+        with torch.no_grad():
+            logits, exit_layer = damaged_forward(rt, torch.tensor([c.prompt_ids + c.reference]), setting)
+        real = rt.generate(c.prompt_ids, N, mode="early_exit", stop_at_eos=False, follow=c.reference,
+                           **fam.knobs(thr))
+        # real token i is predicted at position P-1+i (token 0 by the prefill, at full depth)
+        assert exit_layer[P - 1:P - 1 + N].tolist() == [t.exit_layer for t in real.traces]
+        deep = [i for i, t in enumerate(real.traces) if t.exit_layer == L]
+        assert [int(logits[P - 1 + i].argmax()) for i in deep] == [real.token_ids[i] for i in deep]
+        exits |= set(exit_layer.tolist())
+    assert exits == {1, 2, L}  # some positions exited at each point, others ran full depth
+
+
 def test_a_broken_or_mismatched_fill_file_is_a_clear_error(tmp_path):
     rt = saved_llama(tmp_path)
     path = tmp_path / KV_FILL_FILE

@@ -213,15 +213,52 @@ def build_tables(rt, cases: list[PromptCase], vocab_sizes=DEFAULT_VOCAB_SIZES,
     return tables, sim_costs, final_match
 
 
+@dataclass
+class ReplayPass:
+    """Hidden states of one replayed ``propagate`` pass over a sequence (1, S)."""
+
+    final: torch.Tensor  # (1, S, d) after all L layers
+    before_final: torch.Tensor  # (1, S, d) after L-1 layers (the last layer's input)
+    exit_layer: torch.Tensor  # (S,) layers each position ran before it exited (L: none)
+
+
+def replay_pass(model, ids: torch.Tensor, cache, may_exit: torch.Tensor, wants_exit) -> ReplayPass:
+    """``propagate`` decoding of ids (1, S) replayed in one layer-by-layer pass.
+
+    After each k < L layers, ``wants_exit(k, h, prev)`` (states after k and k-1 layers, (1, S, d)) returns
+    the positions whose exit confidence reaches the threshold ((S,) bool), or None where k is no exit
+    point; those in ``may_exit`` that have not exited yet exit after k layers. The decision is sound in
+    one pass because a position's states after k layers only depend on earlier positions' K/V below k,
+    which are final by then. From the next layer on, an exited position's K/V are computed from its exit
+    state (``LeanModel.layer(kv_source=..., kv_exit=...)``), as ``propagate_kv`` fills them (with the
+    model's learned fill maps when it has them). Calibration replays real decoding this way, and
+    ``fit_kv_fill`` trains the fill maps through it (the exit states are detached: only the maps learn).
+    """
+    L = model.spec.num_layers
+    exit_layer = torch.full((ids.shape[1],), L)
+    h = prev = model.embed(ids, 0)  # (1, S, d)
+    source = h  # (1, S, d): the K/V source of each exited position (its exit state)
+    for layer in range(L):
+        prev = h
+        exited = bool((exit_layer < layer).any())
+        h = model.layer(layer, h, 0, cache, kv_source=source if exited else None, kv_exit=exit_layer)
+        k = layer + 1
+        if k == L:
+            break
+        wants = wants_exit(k, h, prev)
+        if wants is not None:
+            now = wants & may_exit & (exit_layer == L)
+            source = torch.where(now[None, :, None], h.detach(), source)
+            exit_layer[now] = k
+    return ReplayPass(h, prev, exit_layer)
+
+
 @torch.inference_mode()
 def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: float) -> SimTable:
     """The SimTable of one ``propagate`` setting (logit measures), built from hidden states that read
-    exactly the K/V real decoding would have: each case is replayed in one layer-by-layer pass over
-    prompt + reference. A position's exit is decided when its states reach the exit point, from states
-    that only depend on earlier positions' K/V at lower layers, which are already final by then; from
-    that layer on its K/V are computed from the exit state (``LeanModel.layer(kv_source=..., kv_exit=...)``),
-    as ``propagate_kv`` fills them (with the model's learned fill maps when it has them). So ``simulate`` on this table at ``threshold`` gives the agreement,
-    exits and compute of teacher-forced decoding (``decode_forced``) without the token-by-token loop.
+    exactly the K/V real decoding would have: each case is replayed in one pass over prompt + reference
+    (``replay_pass``). So ``simulate`` on this table at ``threshold`` gives the agreement, exits and
+    compute of teacher-forced decoding (``decode_forced``) without the token-by-token loop.
     Rows of other thresholds are meaningless: every threshold needs its own replay."""
     if family.measure not in LOGIT_MEASURES or family.kv_policy != "propagate":
         raise ValueError("replay covers propagate settings with a logit measure")
@@ -243,31 +280,25 @@ def replay_propagate(rt, cases: list[PromptCase], family: "Family", threshold: f
         steps = slice(first, first + N)
         may_exit = torch.zeros(len(seq), dtype=torch.bool)
         may_exit[first + 1:first + N] = True  # decode steps; the prefill's token takes full depth
-        exit_layer = torch.full((len(seq),), L)  # (S,) layers each position ran before it exited (L: none)
-        cache = model.new_cache(1, len(seq))
-        h = model.embed(torch.tensor([seq], device=model.device), 0)  # (1, S, d)
-        source = h  # (1, S, d): the K/V source of each exited position (its exit state)
-        for layer in range(L):
-            prev = h
-            exited = bool((exit_layer < layer).any())
-            h = model.layer(layer, h, 0, cache, kv_source=source if exited else None, kv_exit=exit_layer)
-            k = layer + 1
-            if k == L:
-                break
+
+        def read_exit(k: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+            """Records every depth's exit readout; decides at the family's exit points."""
             hs = h[0, steps].float()  # (N, d)
             logits, top1[k, p], check[k, p] = _read_exit(rt, hs, k, ids, w, heads)
             conf[k, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
-            if k in exits:
-                now = torch.zeros(len(seq), dtype=torch.bool)
-                now[steps] = torch.as_tensor(conf[k, p] >= threshold + offsets.get(k, 0.0))
-                now &= may_exit & (exit_layer == L)
-                source = torch.where(now[None, :, None], h, source)
-                exit_layer[now] = k
-        hs = h[0, steps].float()
+            if k not in exits:
+                return None
+            wants = torch.zeros(len(seq), dtype=torch.bool)
+            wants[steps] = torch.as_tensor(conf[k, p] >= threshold + offsets.get(k, 0.0))
+            return wants
+
+        replayed = replay_pass(model, torch.tensor([seq], device=model.device), model.new_cache(1, len(seq)),
+                               may_exit, read_exit)
+        hs = replayed.final[0, steps].float()
         top1[L, p] = model.head(hs).argmax(-1).numpy()
         if vocab_size:  # the vocabulary exit's check at full depth
             logits, vocab_top1[p], check[L, p] = _read_exit(rt, hs, L, vids, vw)
-            conf[L, p] = measure.score(logits, hs, prev[0, steps].float()).numpy()
+            conf[L, p] = measure.score(logits, hs, replayed.before_final[0, steps].float()).numpy()
     return SimTable(size, {family.measure: conf}, top1, check, 0, vocab_top1,
                     reference=np.array([c.reference for c in cases]), adapters=family.exit_adapters)
 

@@ -31,6 +31,7 @@ from ..exits import make_measure
 from ..kv_fill import KV_FILL_FILE, KVFill, fill_pairs
 from ..loading import weights_hash
 from ..runtime import Runtime
+from .calibrate_exits import replay_pass
 from .train_exits import prepare
 
 
@@ -186,36 +187,29 @@ class RefineSetting:
 
 def damaged_forward(rt: Runtime, ids: torch.Tensor, setting: RefineSetting, shift: float = 0.0):
     """Replay ``propagate`` decoding of ids (1, T) with the model's current fill maps, gradients flowing
-    into them: positions after the prompt exit at the first exit point whose confidence reaches its
-    threshold + ``shift`` (decided without gradients, from the states this very pass computes, as
-    ``calibrate_exits.replay_propagate`` does), and deeper layers read the K/V filled from their exit state.
+    into them (``calibrate_exits.replay_pass``): positions after the prompt exit at the first exit point
+    whose confidence reaches its threshold + ``shift``, decided without gradients from the states this
+    very pass computes, and deeper layers read the K/V filled from their exit state.
     Returns (final-layer logits (T, V), exit layer per position (T,), L where none)."""
-    model, L = rt.model, rt.spec.num_layers
-    T = ids.shape[1]
+    model, T = rt.model, ids.shape[1]
     heads = rt.heads.for_request(setting.adapters)
     rows = model.w.lm_head
     if setting.exit_vocab_size and rt.draft_ranking:  # as the runtime does: no ranking, no shortlist
         prompt = ids[0, :setting.prompt_len].tolist()
         rows = rows.index_select(0, shortlist(rt.draft_ranking, setting.exit_vocab_size, prompt))
     measure, thresholds = make_measure(setting.measure), dict(setting.thresholds)
-    may_exit = torch.arange(T) >= setting.prompt_len
-    exit_layer = torch.full((T,), L)
-    cache = model.new_cache(1, T, for_autograd=True)
-    h = model.embed(ids, 0)  # (1, T, d)
-    source = h  # (1, T, d): each exited position's exit state, the source of its filled K/V
-    for layer in range(L):
-        prev = h
-        exited = bool((exit_layer < layer).any())
-        h = model.layer(layer, h, 0, cache, kv_source=source if exited else None, kv_exit=exit_layer)
-        k = layer + 1
-        if k in thresholds:
-            with torch.no_grad():
-                logits = torch.nn.functional.linear(model.final_norm(heads.adapt(h[0], k)), rows)  # (T, rows)
-                conf = measure.score(logits, h[0], prev[0], layer=k).reshape(T)
-                now = may_exit & (exit_layer == L) & (conf >= thresholds[k] + shift)
-            source = torch.where(now[None, :, None], h.detach(), source)
-            exit_layer[now] = k
-    return model.head(h)[0].float(), exit_layer
+
+    def confident(k: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        if k not in thresholds:
+            return None
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(model.final_norm(heads.adapt(h[0], k)), rows)  # (T, rows)
+            conf = measure.score(logits, h[0], prev[0], layer=k).reshape(T)
+        return conf >= thresholds[k] + shift
+
+    replayed = replay_pass(model, ids, model.new_cache(1, T, for_autograd=True),
+                           torch.arange(T) >= setting.prompt_len, confident)
+    return model.head(replayed.final)[0].float(), replayed.exit_layer
 
 
 @torch.inference_mode()
