@@ -590,6 +590,7 @@ class Runtime:
         rounds = decoder.rounds if isinstance(decoder, SpeculativeDecoder) else []
         if rounds:
             stats.update(_speculation_stats(rounds))
+            stats["draft_vocab_added"] = decoder.draft_head.size - stats["draft_vocab"]  # emitted tokens that joined
         return GenerationResult(token_ids=token_ids, text=self.decode(token_ids), traces=traces, stats=stats,
                                 prompt_ids=prompt_ids, prompt_text=prompt_text, stop_reason=stop_reason, rounds=rounds)
 

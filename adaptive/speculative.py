@@ -67,6 +67,7 @@ FIRST_LENGTH_CAP = 2
 # 0.89 to 0.68, speculation switched off, and since a switched-off runtime gathers almost no verdicts it
 # stayed off for the next requests that would have accepted 85-99% of their drafts.
 GUESS_PRIOR_WEIGHT, CALIBRATED_PRIOR_WEIGHT = 8, 64
+DRAFT_SHORTLIST_SPARE = 256  # room for tokens the sequence adds to the draft shortlist before a copy
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
 
 
@@ -519,7 +520,8 @@ class SpeculativeDecoder(Decoder):
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
         self.free_drafter = LookupDrafter(datastore=datastore) if drafter == "lookup" else None
         self.draft_model = draft_model
-        self.draft_head = ShortlistHead(heads, draft_ids)
+        # The draft shortlist grows with the sequence: every emitted token joins it (ShortlistHead.add).
+        self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
@@ -584,6 +586,9 @@ class SpeculativeDecoder(Decoder):
         """One draft-verify round from t0; returns the emitted tokens and the MACs spent."""
         model, L, pos = self.model, self.model.spec.num_layers, self.pos
         limit = min(remaining, self.max_len - pos)  # positions pos..pos+k-1 must fit in the cache
+        # Every token of the sequence joins the draft shortlist before the next round drafts (t0 is new
+        # only in the first round: the prefill's token; emitted tokens join at the end of each round).
+        self.draft_head.add([t0])
         start = time.perf_counter()
         draft: Draft | None = None
         self.controller.plain_reason, self.controller.last_gain = "off", None
@@ -630,6 +635,7 @@ class SpeculativeDecoder(Decoder):
         if self.draft_model is not None:
             self.draft_model.rollback(new_pos)
         self.context.extend([t0] + [e.token for e in emitted[:-1]])
+        self.draft_head.add([e.token for e in emitted])  # after the round: each draft's q stays as drawn
         self.pos = new_pos
         self.rounds.append(SpecRound(
             index=len(self.rounds), position=pos, drafter=draft.drafter if draft else "none",

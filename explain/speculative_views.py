@@ -224,6 +224,8 @@ def headline(result: GenerationResult) -> str:
              if k in result.stats]
     if knobs:
         parts.append("knobs: " + ", ".join(knobs))
+    if result.stats.get("draft_vocab_added"):
+        parts.append(f"{result.stats['draft_vocab_added']} emitted tokens joined the draft shortlist")
     return html.escape("; ".join(parts) + ".")
 
 

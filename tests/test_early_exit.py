@@ -239,6 +239,29 @@ def test_shortlist_head_completes_the_full_heads_logits():
     assert head.macs(L, rt.spec.hidden_size, 0) + head.rest_macs(rt.spec.hidden_size) == rt.costs.head_macs
 
 
+def test_a_shortlist_grows_by_the_tokens_added_and_stays_exact():
+    """ShortlistHead.add: new tokens become columns (past its spare room too: the buffer is copied), known
+    ones are ignored, and logits, token ids and ``complete`` match the full head on the grown shortlist."""
+    from adaptive.exits import ShortlistHead
+
+    rt = Runtime.from_model(make_model("llama"))
+    L = rt.spec.num_layers
+    head = ShortlistHead(rt.heads, torch.tensor([5, 1, 40]), spare=2)
+    h = torch.randn(1, 1, rt.spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    full = rt.model.head(h)[0, 0]
+    head.complete(h, head.logits(h, L))  # caches the rows outside, which must be rebuilt after a growth
+    head.add([1, 7, 7, 90])  # 1 is known, 7 twice: 7 and 90 join, filling the spare room
+    head.add([40, 11, 12, 13])  # past the room: a new buffer
+    assert head.ids.tolist() == [5, 1, 40, 7, 90, 11, 12, 13] and head.size == 8
+    logits = head.logits(h, L)
+    torch.testing.assert_close(logits, full[head.ids], rtol=1e-5, atol=1e-5)
+    assert head.token(int(logits.argmax())) == int(head.ids[full[head.ids].argmax()]) and head.token(4) == 90
+    torch.testing.assert_close(head.complete(h, logits), full, rtol=1e-5, atol=1e-5)
+    everything = ShortlistHead(rt.heads, None)
+    everything.add([3])  # a full-vocabulary head has every token already
+    assert everything.size == rt.spec.vocab_size
+
+
 @pytest.mark.parametrize("knobs", [dict(exit_vocab_size=0), dict(exit_vocab_size=20, measure="cosine"),
                                    dict(exit_vocab_size=20, vocab_exit=1.5)])
 def test_vocabulary_exit_needs_a_shortlist_a_logit_measure_and_a_threshold_in_range(knobs):

@@ -312,3 +312,13 @@ def test_vocabulary_exits_are_marked_in_the_token_view():
     page = token_view_html(res)
     assert page.count("underline dotted") == 1 + 3  # the legend + three tokens
     assert "full LM head was skipped" in token_tooltip(res, 1) and "skipped" not in token_tooltip(res, 0)
+
+
+def test_the_speculative_headline_says_how_many_emitted_tokens_joined_the_draft_shortlist():
+    from explain import speculative_views as sv
+
+    res = make_speculative()
+    assert "joined the draft shortlist" not in sv.headline(res)  # none joined (or an older trace)
+    res.stats["draft_vocab_added"] = 3
+    line = sv.headline(res)
+    assert "knobs: drafter=self" in line and "3 emitted tokens joined the draft shortlist" in line
