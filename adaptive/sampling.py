@@ -39,5 +39,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> int:
         """Pick one token id from logits (V,)."""
         if self.config.greedy:
-            return int(torch.argmax(logits))
+            # max(dim) gives argmax's index (the first of tied maxima, as documented for both) at under
+            # half its cost on this CPU: 5.9 against 12.5 us over 8192 fp32 logits, once per token.
+            return int(logits.max(dim=-1).indices)
         return int(torch.multinomial(self.distribution(logits), 1, generator=self.generator))

@@ -52,3 +52,12 @@ def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
     counts = torch.bincount(torch.tensor([sampler.sample(logits) for _ in range(3000)]), minlength=3)
     assert torch.allclose(counts / 3000.0, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_greedy_picks_the_first_of_tied_maxima_like_argmax():
+    greedy = Sampler(SamplingConfig(temperature=0.0))
+    logits = torch.zeros(8192)
+    logits[[4000, 77, 5000]] = 3.0  # three tied maxima: the lowest id wins, as torch.argmax picks it
+    assert greedy.sample(logits) == 77 == int(torch.argmax(logits))
+    rows = torch.randn(64, 8192).round()  # many ties among rounded values
+    assert [greedy.sample(r) for r in rows] == rows.argmax(-1).tolist()
