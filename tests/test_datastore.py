@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from adaptive import Runtime
 from adaptive.datastore import DATASTORE_FILE, NgramStore
