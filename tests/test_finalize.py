@@ -154,6 +154,33 @@ def test_replayed_propagate_equals_real_decoding(tiny_rt):
         C.replay_propagate(rt, cases, C.Family("cosine", (1,), 0, "propagate"), 0.5)
 
 
+def test_acceptance_priors_are_what_self_drafting_one_token_a_round_accepts(tiny_rt):
+    """The prior of depth d is the drafter's agreement as it runs: drafting one token per round at depth d
+    along the same greedy continuations accepts exactly that share of drafts (up to float ties), with a
+    shortlist that reference tokens join once produced (none of them is in the frequent tokens here)."""
+    rt = tiny_rt
+    cases = C.sample_prompts(rt, "validation", 3, 20, 30, seed=0)
+    C.add_references(rt, cases, 16, progress=False)
+    produced = {t for c in cases for t in c.reference}
+    rt.draft_ranking = [t for t in range(rt.spec.vocab_size) if t not in produced]
+    priors = C._acceptance_priors(rt, cases, 24)
+    assert set(priors) == {str(d) for d in rt.draft_depths}
+    joined = 0  # accepted drafts of tokens neither frequent nor in the prompt: draftable only once produced
+    for d in rt.draft_depths:
+        accepted = drafted = 0
+        for c in cases:
+            # N + 1 new tokens: the greedy reference plus one; the steps predicting reference[1:] are drafted
+            res = rt.generate(c.prompt_ids, len(c.reference) + 1, mode="speculative", stop_at_eos=False,
+                              draft_depth=d, draft_length=1, draft_vocab_size=24)
+            assert res.token_ids[:-1] == c.reference
+            assert [len(r.drafted) for r in res.rounds] == [1] * (len(c.reference) - 1) + [0]
+            accepted += sum(r.accepted for r in res.rounds)
+            drafted += len(c.reference) - 1
+            joined += sum(r.accepted for r in res.rounds if r.drafted and r.drafted[0] not in c.prompt_ids)
+        assert abs(priors[str(d)] * drafted - accepted) <= 1, (d, priors[str(d)], accepted / drafted)
+    assert joined > 0
+
+
 def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tiny_checkpoint):
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_checkpoint, model_dir)

@@ -731,7 +731,7 @@ def calibrate(rt, target: float = 0.99, margin: float | None = None, split: str 
         goal = min(1.0, target + margin)
         found, simulated = search(searched, costs, goal, progress=progress)
     times["simulation"] = time.time() - t0
-    priors = _acceptance_priors(rt, tables, draft_vocab_size)
+    priors = _acceptance_priors(rt, cases, draft_vocab_size)
 
     t0 = time.time()
     replayed, replays = replay_search(found, replay, goal,
@@ -1038,11 +1038,34 @@ def refine_offsets(found: list[tuple[float, SimResult, int]], passes: list[Measu
     return out, runs
 
 
-def _acceptance_priors(rt, tables: list[SimTable], draft_vocab_size: int) -> dict[str, float]:
-    """Agreement of the draft head (light and standard depths, shortlist) with the final layer."""
-    table = next((t for t in tables if t.key == (draft_vocab_size, True)), tables[0])
-    L = rt.spec.num_layers
-    return {str(d): round(float((table.top1[d] == table.top1[L]).mean()), 4) for d in rt.draft_depths}
+@torch.inference_mode()
+def _acceptance_priors(rt, cases: list[PromptCase], draft_vocab_size: int) -> dict[str, float]:
+    """Teacher-forced agreement with full depth of the self drafter's head after d layers, for every draft
+    depth d, read as the drafter reads it: over the draft shortlist of ``draft_vocab_size`` frequent tokens
+    plus the prompt's (the full vocabulary without a draft vocabulary), which every token of the sequence
+    joins once produced (``ShortlistHead.add``), so the step predicting reference[i] may also draft
+    reference[:i]. Counted over the steps that can be drafted: all but the prefill's token."""
+    L, V = rt.spec.num_layers, rt.spec.vocab_size
+    agree = {d: 0 for d in rt.draft_depths}
+    steps = 0
+    for c in cases:
+        states = readout(rt, c)[:, 1:]  # (L+1, N-1, d): the steps predicting reference[1:]
+        target = rt.model.head(states[L]).argmax(-1)  # full depth's own pick (the reference, but for ties)
+        ids = rt._shortlist(draft_vocab_size, c.prompt_ids)  # as the runtime builds the draft head's
+        allowed = None
+        if ids is not None:
+            allowed = torch.zeros(len(c.reference), V, dtype=torch.bool)  # row i: step predicting reference[i]
+            allowed[:, ids] = True
+            for i, token in enumerate(c.reference):
+                allowed[i + 1:, token] = True  # produced at step i, draftable from step i + 1 on
+            allowed = allowed[1:]
+        for d in agree:
+            logits = rt.heads.logits(states[d], d)  # (N-1, V)
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            agree[d] += int((logits.argmax(-1) == target).sum())
+        steps += states.shape[1]
+    return {str(d): round(a / steps, 4) for d, a in agree.items()}
 
 
 def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
@@ -1067,11 +1090,7 @@ def refresh_acceptance_priors(rt, calibration: dict, progress: bool = True) -> d
     low, high = calibration["context"]
     cases = sample_prompts(rt, calibration["split"], calibration["num_prompts"], low, high, calibration["seed"])
     add_references(rt, cases, calibration["new_tokens"], progress)
-    size = calibration["draft_vocab_size"]
-    # with the full vocabulary first, as calibrate builds them: its fallback when the shortlist cannot be
-    # built (a checkpoint without a draft vocabulary)
-    tables, _, _ = build_tables(rt, cases, sorted({0, size}), progress=progress)
-    return _acceptance_priors(rt, tables, size)
+    return _acceptance_priors(rt, cases, calibration["draft_vocab_size"])
 
 
 def _update_defaults(model_dir: str | Path, update) -> Path:

@@ -447,9 +447,10 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
         sp = defaults["speculative"]
         out += ["## Speculative decoding priors", "",
                 f"`speculative`: `{json.dumps(sp)}` — `acceptance_priors[d]` is the measured teacher-forced agreement of "
-                f"the exit head after d layers (over the {sp.get('draft_vocab_size')}-token draft shortlist plus the prompt's "
-                "tokens) with the final layer on the calibration prompts; the runtime starts from it and updates it "
-                "as requests run.", ""]
+                f"the exit head after d layers with the final layer on the calibration prompts, read as the drafter "
+                f"reads it: over the {sp.get('draft_vocab_size')}-token draft shortlist plus the prompt's tokens, which "
+                "every produced token joins, at every step but the prefill's; the runtime starts from it and updates "
+                "it as requests run.", ""]
 
     cert = report.get("certificate")
     if cert is None and "certificate" in report:  # the stage ran and certified nothing
