@@ -651,7 +651,7 @@ def _speculation_stats(rounds) -> dict[str, Any]:
     drafted_rounds = [r for r in rounds if r.drafted]
     by_position: list[list[int]] = []  # position -> [accepted, judged]
     for r in drafted_rounds:
-        for j in range(min(r.accepted + 1, len(r.drafted))):
+        for j in range(r.judged):
             while len(by_position) <= j:
                 by_position.append([0, 0])
             by_position[j][0] += j < r.accepted

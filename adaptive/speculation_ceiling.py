@@ -45,7 +45,7 @@ def depth_ceilings(rounds, full_ms_per_token: float) -> list[DepthCeiling]:
     for depth, rs in sorted(by_depth.items()):
         drafted = sum(len(r.drafted) for r in rs)
         draft_ms = sum(r.draft_ms for r in rs) / drafted
-        judged = sum(min(r.accepted + 1, len(r.drafted)) for r in rs)
+        judged = sum(r.judged for r in rs)
         alpha = sum(r.accepted for r in rs) / judged
         verify_by_length: dict[int, list[float]] = {}
         for r in rs:

@@ -104,6 +104,11 @@ class SpecRound:
     # at >= 1); None where it was not evaluated: a timing step, a pause, a prompt-lookup round.
     predicted_gain: float | None = None
 
+    @property
+    def judged(self) -> int:
+        """Drafts the verifier judged: the accepted prefix and the first rejection (later ones never were)."""
+        return min(self.accepted + 1, len(self.drafted))
+
     @classmethod
     def from_dict(cls, d: Any, index: int = 0) -> "SpecRound":
         if not isinstance(d, dict):

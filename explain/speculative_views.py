@@ -103,10 +103,9 @@ def judgements(result: GenerationResult) -> list[Judgement]:
     """Every drafted token the verifier judged, in generation order."""
     out = []
     for r in result.rounds:
-        accepted = min(max(r.accepted, 0), len(r.drafted))
-        for j in range(min(accepted + 1, len(r.drafted))):  # drafts after the first rejection were never judged
+        for j in range(r.judged):  # drafts after the first rejection were never judged
             out.append(Judgement(round=r.index, slot=j, position=r.position + 1 + j, token_id=r.drafted[j],
-                                 accepted=j < accepted, drafter=r.drafter,
+                                 accepted=j < r.accepted, drafter=r.drafter,
                                  q=r.q_probs[j] if j < len(r.q_probs) else math.nan,
                                  p=r.p_probs[j] if j < len(r.p_probs) else None))
     return out

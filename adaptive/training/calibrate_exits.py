@@ -1083,9 +1083,9 @@ def _neighbours(found, best: Measured, count: int = 2) -> list[float]:
 def refresh_acceptance_priors(rt, calibration: dict, progress: bool = True) -> dict[str, float]:
     """The speculative acceptance priors alone, for every draft depth the runtime has now.
 
-    Same prompts and tables as ``calibrate`` (the split, prompt count, context range, new tokens, seed
-    and draft shortlist its report recorded), so the depths it covered come out unchanged; for when the
-    set of draft depths changes and the early-exit search (a quarter of an hour) need not run again.
+    Same prompts and references as ``calibrate`` (the split, prompt count, context range, new tokens,
+    seed and draft shortlist its report recorded), so the depths it covered come out unchanged; for when
+    the set of draft depths changes and the early-exit search (a quarter of an hour) need not run again.
     """
     low, high = calibration["context"]
     cases = sample_prompts(rt, calibration["split"], calibration["num_prompts"], low, high, calibration["seed"])
