@@ -101,6 +101,8 @@ def add_arguments(p) -> None:
     p.add_argument("--audit-rate", type=float, default=0.1, help="audit rate of the auto rows")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="a full_control row (our full decoder again): the noise yardstick for per-prompt ratios")
+    p.add_argument("--python-layers", action="store_true",
+                   help="run our decoder layers in Python instead of the C++ loop (adaptive/native_layers.py)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
 
 
@@ -172,6 +174,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     rt, hf, prompts, description = _build(args)
+    rt.model.use_native = not getattr(args, "python_layers", False)
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     n = args.max_new_tokens
@@ -286,6 +289,7 @@ def run(args) -> dict:
     return {"model": description, "max_new_tokens": n, "prompts": len(prompts), "repeats": args.repeats,
             "batch_size": 1, "greedy": True, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+            "layer_code": rt.model.layer_backend(),
             "early_exit_defaults": {k: v for k, v in rt.early_exit_config(**ee_knobs).__dict__.items() if k != "num_layers"},
             "exit_heads": rt.heads.source, "rows": [asdict(r) for r in rows]}
 
@@ -298,7 +302,8 @@ def format_table(report: dict) -> str:
     head = (f"{'row':<28}{'tok/s':>9}{'ms/tok':>9}{'x HF':>7}{'x full':>8}{'layers':>8}{'compute':>9}{'agree':>8}"
             f"{'exact':>7}{'acc/rnd':>9}{'slower':>8}{'easy ms':>9}{'hard ms':>9}")
     lines = [f"model {report['model']}, {report['prompts']} prompts x {report['max_new_tokens']} tokens, "
-             f"median of {report['repeats']} repeats, batch 1, greedy, {report['torch_threads']} threads", head]
+             f"median of {report['repeats']} repeats, batch 1, greedy, {report['torch_threads']} threads, "
+             f"layers: {report.get('layer_code', 'python')}", head]
     for r in report["rows"]:
         lines.append(f"{r['name']:<28}{r['tokens_per_s']:>9.1f}{r['ms_per_token']:>9.2f}{_fmt(r['ratio_to_hf'], '>7.2f')}"
                      f"{_fmt(r['ratio_to_full'], '>8.2f')}{_fmt(r['layers_run_mean'], '>8.2f')}"

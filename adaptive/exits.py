@@ -34,8 +34,12 @@ class ExitHeads:
         self.source: str = "logit lens"
         self._plain: ExitHeads | None = None  # built on first use by ``plain``
 
+    def adapter(self, layers_run: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight in the mat-vec layout, bias) of the adapter after ``layers_run`` layers, or None."""
+        return self.adapters.get(layers_run) if layers_run < self.model.spec.num_layers else None
+
     def adapt(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
-        adapter = self.adapters.get(layers_run) if layers_run < self.model.spec.num_layers else None
+        adapter = self.adapter(layers_run)
         if adapter is None:
             return h
         w, b = adapter

@@ -27,6 +27,7 @@ class KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)  # (L, B, Hkv, T, hd)
         self.max_len = max_len
         self.fill = [0] * num_layers
+        self.native = None  # these buffers as the C++ layer loop holds them (native_layers.py), made on first use
         if for_autograd:
             self.k = self.v = None
             self.k_layers = [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(num_layers)]

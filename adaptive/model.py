@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelSpec
+from . import native_layers
 from .kv_cache import KVCache
 from .kv_fill import KVFill
 
@@ -198,6 +199,29 @@ class LeanModel:
         self._norm_eps = torch.tensor(spec.norm_eps, dtype=torch.float32, device=self.device)
         # (in, out) views of every projection, made once: ``w.T`` per call is two dispatches.
         self._mm = [_transposed_projections(lw) for lw in weights.layers]
+        # The C++ layer loop (native_layers.py), bound on first use; False: not tried yet, None: unavailable.
+        self.use_native = True  # False keeps this model's layers in Python (A/B checks, debugging)
+        self._native: native_layers.NativeLayers | None | bool = False
+
+    # ---- which code runs the layers -------------------------------------------------------------
+    def _native_layers(self) -> "native_layers.NativeLayers | None":
+        if self._native is False:
+            ext = native_layers.extension()
+            self._native = native_layers.NativeLayers(self, ext) if ext is not None else None
+        return self._native
+
+    def native_for(self, cache, pads: torch.Tensor | None) -> "native_layers.NativeLayers | None":
+        """The C++ loop, when it can run this pass: a KVCache (attribution passes a stand-in), no padded
+        rows, and nothing recording autograd."""
+        if not self.use_native or pads is not None or torch.is_grad_enabled() or type(cache) is not KVCache:
+            return None
+        return self._native_layers()
+
+    def layer_backend(self) -> str:
+        """What runs this model's decoder layers at inference: "native" or "python (why)"."""
+        if not self.use_native:
+            return "python (switched off for this model)"
+        return "native" if self._native_layers() is not None else native_layers.status()
 
     # ---- pieces ---------------------------------------------------------------------------------
     def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -275,6 +299,10 @@ class LeanModel:
             qk = torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate), frame.sin)
         return qk[:, :H], qk[:, H:], v
 
+    def attention_scale(self, index: int) -> float:
+        """Softmax scale of layer ``index``: the checkpoint's, else 1/sqrt(head_dim)."""
+        return self.w.layers[index].attn_scale or 1.0 / math.sqrt(self.spec.head_dim)
+
     def _attention_mask(self, pos: int, T: int, key_start: int, window: int | None) -> torch.Tensor:
         """Boolean (T, S) mask: query pos+i may see key key_start+j iff causal and inside the window."""
         q_pos = torch.arange(pos, pos + T, device=self.device)[:, None]
@@ -297,6 +325,9 @@ class LeanModel:
         activations, matmuls straight into the stored (in, out) weight layout, residual adds fused into
         the output projections (addmm), RoPE rows and masks shared across layers through ``frame``.
         """
+        native = None if kv_source is not None else self.native_for(cache, frame.pads if frame is not None else None)
+        if native is not None:
+            return native.run_layers(h, index, index + 1, pos, cache)
         spec, lw, mm = self.spec, self.w.layers[index], self._mm[index]
         B, T, d = h.shape
         H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -320,7 +351,7 @@ class LeanModel:
             else:
                 mask = frame.mask(self, key_start, window)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              scale=lw.attn_scale or 1.0 / math.sqrt(hd),
+                                              scale=self.attention_scale(index),
                                               enable_gqa=Hkv != H)  # (B, H, T, hd)
         attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
         h = _project(attn, mm["o_w"], lw.o_b, residual=h)
@@ -339,6 +370,9 @@ class LeanModel:
     def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache,
                    pads: torch.Tensor | None = None) -> torch.Tensor:
         """Layers [start, end) on hidden states (B, T, d) of positions [pos, pos+T) (slots, with ``pads``)."""
+        native = self.native_for(cache, pads)
+        if native is not None:
+            return native.run_layers(h, start, end, pos, cache)
         frame = self.frame(pos, h.shape[1], pads)
         for index in range(start, end):
             h = self.layer(index, h, pos, cache, frame)

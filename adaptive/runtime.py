@@ -642,7 +642,9 @@ class Runtime:
             "vocab_exits": sum(t.full_head_skipped for t in traces),  # full depth, full head skipped
             "tokens_per_s": n / total_s, "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
             "ms_per_token": 1000 * total_s / n, "prefill_ms": 1000 * prefill_s, "total_ms": 1000 * total_s,
-            "macs": macs, "full_macs": full, "prefill_macs": totals.prefill_macs, **settings,
+            "macs": macs, "full_macs": full, "prefill_macs": totals.prefill_macs,
+            "layer_code": self.model.layer_backend(),  # "native" (the C++ loop) or "python (why)"
+            **settings,
         }
 
 

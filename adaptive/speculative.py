@@ -40,6 +40,7 @@ from .errors import InvalidRequestError
 from .exits import ExitHeads, ShortlistHead
 from .host_costs import HostCosts
 from .model import LeanModel
+from .native_layers import NativeLayers
 from .sampling import Sampler
 from .trace import SpecRound
 
@@ -383,15 +384,20 @@ class SelfDrafter:
     name = "self"
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
-        model, pos = dec.model, dec.pos
+        model, pos, head = dec.model, dec.pos, dec.draft_head
         log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, "max_len"
+        native = dec.native_draft()
         for j in range(limit):
-            ids = torch.tensor([[token]], device=model.device)
-            h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
+            if native is not None:  # the same step in one C++ call: bit-identical, without ~10 Python-side ops
+                h, conf, token = native.draft_greedy(token, pos + j, depth, dec.cache, head.heads.adapter(depth),
+                                                     head.weight_t, head.ids)
+                q, q_tok = None, conf
+            else:
+                ids = torch.tensor([[token]], device=model.device)
+                h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
+                token, q, q_tok, conf = dec.draw(head.logits(h, depth), head.ids)
             hiddens.append(h)
-            logits = dec.draft_head.logits(h, depth)
-            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * dec.draft_head.size
-            token, q, q_tok, conf = dec.draw(logits, dec.draft_head.ids)
+            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * head.size
             log.add(dec, token, q, q_tok, conf)
             reason = log.stop_reason(dec, limit)
             if reason:
@@ -547,6 +553,13 @@ class SpeculativeDecoder(Decoder):
             q = torch.zeros(self.model.spec.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
             pick = int(ids[pick])
         return pick, q, q_tok, conf
+
+    def native_draft(self) -> NativeLayers | None:
+        """The C++ greedy draft step (``NativeLayers.draft_greedy``) where it computes what ``draw`` would:
+        greedy decoding, a shortlist draft head, and the C++ layer loop available."""
+        if not self.sampler.config.greedy or self.draft_head.weight_t is None:
+            return None
+        return self.model.native_for(self.cache, None)
 
     def _accept(self, draft: Draft, logits: torch.Tensor) -> tuple[int, int, list[float]]:
         """(accepted prefix length, the verifier's token after it or -1, p(t_i) per draft).

@@ -1,0 +1,228 @@
+// The decoder-layer loop of adaptive/model.py (LeanModel.layer), written against ATen from C++.
+//
+// Why: at batch 1 on a CPU a layer is ~35 small torch calls, and from Python each one pays argument
+// parsing and a Python tensor object on top of the kernel itself. Calling the same ATen functions from
+// C++ skips that. Every call below is the one LeanModel.layer makes, in the same order and on the same
+// views, so the results are bit-identical to the Python path (tests/test_native_layers.py checks
+// equality, not closeness); only the interpreter overhead between them goes away.
+//
+// Scope: what LeanModel.layer does without its two extras, left-padded batch rows (``pads``) and
+// replayed propagate K/V (``kv_source``), which stay in Python. The cache's fill-level bookkeeping also
+// stays in Python (adaptive/native_layers.py) so that there is one place that enforces it.
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+namespace {
+
+// x (N, in) @ wt (+ b) (+ residual), for a weight given as its (in, out) transpose: model.py's _project.
+Tensor project(const Tensor& x, const Tensor& wt, const OptTensor& b, const Tensor* residual = nullptr) {
+  if (residual == nullptr) {
+    return b ? at::addmm(*b, x, wt) : at::mm(x, wt);
+  }
+  Tensor out = at::addmm(*residual, x, wt);
+  return b ? out.add_(*b) : out;
+}
+
+}  // namespace
+
+// One decoder layer's tensors. Projections are (in, out) views, as LeanModel._mm holds them; a layer
+// has either the fused qkv / gate_up matrices or the separate ones (weights shared with another model).
+struct NativeLayer {
+  Tensor attn_norm_w, mlp_norm_w, o_t, down_t;
+  OptTensor attn_norm_b, mlp_norm_b, o_b, down_b;
+  OptTensor qkv_t, qkv_b, q_t, q_b, k_t, k_b, v_t, v_b;
+  OptTensor gate_up_t, gate_up_b, gate_t, gate_b, up_t, up_b;
+  double scale;    // softmax scale
+  int64_t window;  // sliding window, or -1 for full attention
+};
+
+// The K/V buffers of one KVCache: per-layer (B, Hkv, max_len, hd) tensors. Bound once per cache.
+struct NativeKV {
+  std::vector<Tensor> k, v;
+  NativeKV(std::vector<Tensor> k_layers, std::vector<Tensor> v_layers)
+      : k(std::move(k_layers)), v(std::move(v_layers)) {}
+};
+
+class NativeModel {
+ public:
+  NativeModel(std::vector<NativeLayer> layers, Tensor embed, OptTensor pos_embed, Tensor final_norm_w,
+              OptTensor final_norm_b, OptTensor cos, OptTensor sin, OptTensor rotate,
+              Tensor inv_width, Tensor norm_eps, double eps, std::string norm_kind, std::string activation,
+              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim)
+      : layers_(std::move(layers)), embed_(std::move(embed)), pos_embed_(std::move(pos_embed)),
+        final_norm_w_(std::move(final_norm_w)), final_norm_b_(std::move(final_norm_b)),
+        cos_(std::move(cos)), sin_(std::move(sin)), rotate_(std::move(rotate)),
+        inv_width_(std::move(inv_width)), norm_eps_(std::move(norm_eps)), eps_(eps),
+        norm_kind_(std::move(norm_kind)), activation_(std::move(activation)),
+        H_(num_heads), Hkv_(num_kv_heads), hd_(head_dim) {
+    TORCH_CHECK(norm_kind_ == "rms" || norm_kind_ == "layer", "unknown norm kind ", norm_kind_);
+    TORCH_CHECK(activation_ == "silu" || activation_ == "gelu" || activation_ == "gelu_tanh",
+                "unknown activation ", activation_);
+  }
+
+  // Layers [start, end) on hidden states h (B, T, d) of positions [pos, pos + T); writes their K/V.
+  // The caller has checked that the cache holds positions [0, pos) of these layers and room up to pos + T.
+  Tensor run_layers(Tensor h, int64_t start, int64_t end, int64_t pos, NativeKV& kv) const {
+    TORCH_CHECK(0 <= start && start <= end && end <= static_cast<int64_t>(layers_.size()), "bad layer range");
+    const int64_t B = h.size(0), T = h.size(1), d = h.size(2);
+    OptTensor cos, sin;  // the frame's RoPE rows (T, hd), shared by every layer of the pass
+    if (cos_) {
+      cos = cos_->narrow(0, pos, T);
+      sin = sin_->narrow(0, pos, T);
+    }
+    std::map<std::pair<int64_t, int64_t>, Tensor> masks;  // (key_start, window) -> (T, S), as Frame.mask
+    for (int64_t index = start; index < end; ++index) {
+      h = layer(index, h, B, T, d, pos, kv, cos, sin, masks);
+    }
+    return h;
+  }
+
+  // One greedy self-draft step (speculative.py's SelfDrafter.draft with SpeculativeDecoder.draw): token at
+  // position pos through the embedding and layers [0, depth), the exit adapter (if any), the final norm
+  // and a shortlist head (d, n) with its vocabulary ids (n,). Returns (hidden after depth layers (1, 1, d),
+  // draft confidence = max softmax probability, the drafted token id); the same calls as the Python.
+  std::tuple<Tensor, double, int64_t> draft_greedy(int64_t token, int64_t pos, int64_t depth, NativeKV& kv,
+                                                   const OptTensor& adapter_w, const OptTensor& adapter_b,
+                                                   const Tensor& head_t, const Tensor& head_ids) const {
+    Tensor ids = at::full({1, 1}, token, at::TensorOptions().dtype(at::kLong).device(embed_.device()));
+    Tensor h = at::embedding(embed_, ids);  // (1, 1, d): LeanModel.embed
+    if (pos_embed_) h = h + pos_embed_->narrow(0, pos, 1);
+    h = run_layers(h, 0, depth, pos, kv);
+    Tensor adapted = adapter_w ? h + at::linear(h, *adapter_w, adapter_b) : h;  // ExitHeads.adapt
+    Tensor x = norm(adapted, final_norm_w_, final_norm_b_);
+    Tensor logits = at::mm(x.view({1, -1}), head_t).select(0, 0);  // (n,): ShortlistHead.logits
+    auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max
+    const double confidence = std::get<0>(best).item<double>();
+    const int64_t index = std::get<1>(best).item<int64_t>();
+    return {h, confidence, head_ids[index].item<int64_t>()};
+  }
+
+ private:
+  Tensor norm(const Tensor& x, const Tensor& w, const OptTensor& b) const {
+    const int64_t d = x.size(-1);
+    if (norm_kind_ == "rms") {
+      if (x.scalar_type() == at::kFloat) {  // model.py's fp32 RMSNorm: the same six calls
+        Tensor mean_square = (x * x).sum(-1, true).mul_(inv_width_);
+        return x * at::rsqrt(mean_square.add_(norm_eps_)) * w;
+      }
+      return at::rms_norm(x, {d}, w, eps_);
+    }
+    return at::layer_norm(x, {d}, w, b, eps_);
+  }
+
+  Tensor act(const Tensor& x) const {
+    if (activation_ == "silu") return at::silu(x);
+    return at::gelu(x, activation_ == "gelu" ? "none" : "tanh");
+  }
+
+  Tensor attention_mask(int64_t pos, int64_t T, int64_t key_start, int64_t window, const Tensor& like) const {
+    auto opts = at::TensorOptions().dtype(at::kLong).device(like.device());
+    Tensor q_pos = at::arange(pos, pos + T, opts).unsqueeze(1);          // (T, 1)
+    Tensor k_pos = at::arange(key_start, pos + T, opts).unsqueeze(0);    // (1, S)
+    Tensor allowed = k_pos <= q_pos;
+    if (window >= 0) allowed.bitwise_and_(k_pos > q_pos - window);
+    return allowed;
+  }
+
+  Tensor layer(int64_t index, Tensor h, int64_t B, int64_t T, int64_t d, int64_t pos, NativeKV& kv,
+               const OptTensor& cos, const OptTensor& sin,
+               std::map<std::pair<int64_t, int64_t>, Tensor>& masks) const {
+    const NativeLayer& lw = layers_[index];
+    h = h.view({B * T, d});  // (B*T, d)
+
+    // q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied: model.py's _qkv
+    Tensor x = norm(h, lw.attn_norm_w, lw.attn_norm_b);
+    Tensor qkv = lw.qkv_t ? project(x, *lw.qkv_t, lw.qkv_b)
+                          : at::cat({project(x, *lw.q_t, lw.q_b), project(x, *lw.k_t, lw.k_b),
+                                     project(x, *lw.v_t, lw.v_b)}, -1);  // (B*T, (H+2Hkv)*hd)
+    qkv = qkv.view({B, T, H_ + 2 * Hkv_, hd_}).transpose(1, 2);          // (B, H+2Hkv, T, hd)
+    Tensor qk = qkv.slice(1, 0, H_ + Hkv_), v = qkv.slice(1, H_ + Hkv_);
+    if (cos) qk = at::addcmul(qk * *cos, at::matmul(qk, *rotate_), *sin);
+    Tensor q = qk.slice(1, 0, H_), k = qk.slice(1, H_);
+
+    kv.k[index].narrow(2, pos, T).copy_(k);  // KVCache.write
+    kv.v[index].narrow(2, pos, T).copy_(v);
+    const int64_t window = lw.window;
+    const int64_t key_start = window < 0 ? 0 : std::max<int64_t>(0, pos - window + 1);
+    Tensor keys = kv.k[index].narrow(2, key_start, pos + T - key_start);  // (B, Hkv, S, hd)
+    Tensor values = kv.v[index].narrow(2, key_start, pos + T - key_start);
+    OptTensor mask;
+    bool causal = false;
+    if (T > 1) {
+      if (key_start == 0 && pos == 0 && (window < 0 || window >= T)) {
+        causal = true;
+      } else {
+        auto key = std::make_pair(key_start, window);
+        auto found = masks.find(key);
+        if (found == masks.end()) found = masks.emplace(key, attention_mask(pos, T, key_start, window, h)).first;
+        mask = found->second;
+      }
+    }
+    Tensor attn = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, causal, lw.scale,
+                                                   Hkv_ != H_);  // (B, H, T, hd)
+    attn = attn.transpose(1, 2).reshape({B * T, H_ * hd_});           // (B*T, H*hd)
+    h = project(attn, lw.o_t, lw.o_b, &h);
+
+    x = norm(h, lw.mlp_norm_w, lw.mlp_norm_b);
+    Tensor inner;
+    if (lw.gate_up_t) {
+      Tensor gate_up = project(x, *lw.gate_up_t, lw.gate_up_b);  // (B*T, 2*ff): gate then up
+      const int64_t ff = gate_up.size(-1) / 2;
+      inner = act(gate_up.slice(1, 0, ff)) * gate_up.slice(1, ff);
+    } else if (lw.gate_t) {
+      inner = act(project(x, *lw.gate_t, lw.gate_b)) * project(x, *lw.up_t, lw.up_b);
+    } else {
+      inner = act(project(x, *lw.up_t, lw.up_b));
+    }
+    return project(inner, lw.down_t, lw.down_b, &h).view({B, T, d});
+  }
+
+  std::vector<NativeLayer> layers_;
+  Tensor embed_;
+  OptTensor pos_embed_;
+  Tensor final_norm_w_;
+  OptTensor final_norm_b_;
+  OptTensor cos_, sin_, rotate_;
+  Tensor inv_width_, norm_eps_;
+  double eps_;
+  std::string norm_kind_, activation_;
+  int64_t H_, Hkv_, hd_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<NativeLayer>(m, "NativeLayer")
+      .def(py::init([](Tensor attn_norm_w, OptTensor attn_norm_b, Tensor mlp_norm_w, OptTensor mlp_norm_b,
+                       Tensor o_t, OptTensor o_b, Tensor down_t, OptTensor down_b,
+                       OptTensor qkv_t, OptTensor qkv_b, OptTensor q_t, OptTensor q_b, OptTensor k_t,
+                       OptTensor k_b, OptTensor v_t, OptTensor v_b, OptTensor gate_up_t, OptTensor gate_up_b,
+                       OptTensor gate_t, OptTensor gate_b, OptTensor up_t, OptTensor up_b, double scale,
+                       int64_t window) {
+             return NativeLayer{attn_norm_w, mlp_norm_w, o_t, down_t, attn_norm_b, mlp_norm_b, o_b, down_b,
+                                qkv_t, qkv_b, q_t, q_b, k_t, k_b, v_t, v_b,
+                                gate_up_t, gate_up_b, gate_t, gate_b, up_t, up_b, scale, window};
+           }),
+           py::arg("attn_norm_w"), py::arg("attn_norm_b"), py::arg("mlp_norm_w"), py::arg("mlp_norm_b"),
+           py::arg("o_t"), py::arg("o_b"), py::arg("down_t"), py::arg("down_b"),
+           py::arg("qkv_t"), py::arg("qkv_b"), py::arg("q_t"), py::arg("q_b"), py::arg("k_t"), py::arg("k_b"),
+           py::arg("v_t"), py::arg("v_b"), py::arg("gate_up_t"), py::arg("gate_up_b"), py::arg("gate_t"),
+           py::arg("gate_b"), py::arg("up_t"), py::arg("up_b"), py::arg("scale"), py::arg("window"));
+  py::class_<NativeKV>(m, "NativeKV").def(py::init<std::vector<Tensor>, std::vector<Tensor>>());
+  py::class_<NativeModel>(m, "NativeModel")
+      .def(py::init<std::vector<NativeLayer>, Tensor, OptTensor, Tensor, OptTensor, OptTensor, OptTensor,
+                    OptTensor, Tensor, Tensor, double, std::string, std::string, int64_t, int64_t, int64_t>())
+      // No Python object is touched inside, so other threads (the app's sessions) run meanwhile.
+      .def("run_layers", &NativeModel::run_layers, py::call_guard<py::gil_scoped_release>())
+      .def("draft_greedy", &NativeModel::draft_greedy, py::call_guard<py::gil_scoped_release>());
+}

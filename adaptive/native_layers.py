@@ -1,0 +1,145 @@
+"""The decoder-layer loop in C++ (``native_layers.cpp``): LeanModel.layer's ATen calls without the
+interpreter between them.
+
+At batch 1 a layer of the bundled model is ~35 small torch calls, and from Python each pays argument
+parsing and a tensor object on top of its kernel. The C++ loop makes the same calls in the same order,
+so its outputs are bit-identical to the Python layer (tests/test_native_layers.py), only faster.
+
+It is built on first use with torch's extension builder (gcc and ninja; about 25 s on two cores, then
+cached in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``). Where it cannot be built, or with
+``ADAPTIVE_NATIVE=0``, the Python layer runs; ``status()`` says which and why, and the runtime's
+stats and the benchmark report it, so a figure always names the code that produced it.
+
+Left in Python: left-padded batch rows, replayed propagate K/V (calibration), anything recording
+autograd (training), and the cache's fill-level bookkeeping (checked here, before the C++ call, with
+the same errors as ``KVCache.write``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import CacheHoleError, KVCache
+
+if TYPE_CHECKING:
+    from .model import LeanModel
+
+ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" keeps every layer in Python
+_SOURCE = Path(__file__).with_name("native_layers.cpp")
+
+_lock = threading.Lock()
+_extension = None
+_status: str | None = None  # None: not tried yet
+
+
+_NAME = "adaptive_native_layers"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    try:  # say why the first start on a machine pauses (a private helper: a guess, never an error)
+        built = Path(cpp_extension._get_build_directory(_NAME, False), f"{_NAME}.so").exists()
+    except Exception:
+        built = True
+    # torch runs `ninja` from PATH; a virtual environment that was not activated has it beside python.
+    beside = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (beside / "ninja").exists():
+        os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
+    if not built:
+        print("adaptive: compiling the C++ layer loop (once per machine, about 30 s)", file=sys.stderr)
+    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
+
+
+def extension():
+    """The compiled module, building it on the first call; None where it is switched off or cannot be built."""
+    global _extension, _status
+    with _lock:
+        if _status is None:
+            if os.environ.get(ENV_SWITCH, "1") == "0":
+                _status = f"python ({ENV_SWITCH}=0)"
+            else:
+                try:
+                    _extension = _build()
+                    _status = "native"
+                except Exception as e:  # no compiler, no ninja, a failed build: the Python layer still works
+                    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    _status = f"python (the C++ layer loop did not build: {first_line[:200]})"
+                    print(f"adaptive: decoder layers run in {_status}", file=sys.stderr)
+        return _extension
+
+
+def status() -> str:
+    """"native", or "python (why)": which code runs the decoder layers in this process."""
+    extension()
+    return _status
+
+
+class NativeLayers:
+    """A LeanModel's layers bound to the C++ loop once (the tensors are shared, not copied)."""
+
+    def __init__(self, model: "LeanModel", ext):
+        spec, w = model.spec, model.w
+        self._ext = ext
+        layers = []
+        for index, (lw, mm) in enumerate(zip(w.layers, model._mm)):
+            window = spec.sliding_windows[index]
+            layers.append(ext.NativeLayer(
+                attn_norm_w=lw.attn_norm_w, attn_norm_b=lw.attn_norm_b, mlp_norm_w=lw.mlp_norm_w,
+                mlp_norm_b=lw.mlp_norm_b, o_t=mm["o_w"], o_b=lw.o_b, down_t=mm["down_w"], down_b=lw.down_b,
+                qkv_t=mm.get("qkv_w"), qkv_b=lw.qkv_b, q_t=mm.get("q_w"), q_b=lw.q_b, k_t=mm.get("k_w"),
+                k_b=lw.k_b, v_t=mm.get("v_w"), v_b=lw.v_b, gate_up_t=mm.get("gate_up_w"), gate_up_b=lw.gate_up_b,
+                gate_t=mm.get("gate_w"), gate_b=lw.gate_b, up_t=mm.get("up_w"), up_b=lw.up_b,
+                scale=model.attention_scale(index), window=-1 if window is None else int(window)))
+        rope = spec.positional == "rope"
+        self._model = ext.NativeModel(
+            layers, w.embed, w.pos_embed, w.final_norm_w, w.final_norm_b, model.cos if rope else None, model.sin if rope else None, model._rotate if rope else None,
+            model._inv_width, model._norm_eps, float(spec.norm_eps), spec.norm_kind, spec.activation,
+            spec.num_heads, spec.num_kv_heads, spec.head_dim)
+
+    def _bind(self, cache: KVCache):
+        """The cache's buffers as the C++ side holds them, made once per cache."""
+        if cache.native is None:
+            cache.native = self._ext.NativeKV(list(cache.k_layers), list(cache.v_layers))
+        return cache.native
+
+    @staticmethod
+    def _check(cache: KVCache, start: int, end: int, pos: int, T: int) -> None:
+        """KVCache.write's checks, once for a pass over layers [start, end) and positions [pos, pos+T)."""
+        for layer in range(start, end):
+            if pos > cache.fill[layer]:
+                raise CacheHoleError(f"layer {layer}: write at {pos} would leave a hole after fill level "
+                                     f"{cache.fill[layer]}")
+        if pos + T > cache.max_len:
+            raise CacheHoleError(f"layer {start}: write up to {pos + T} exceeds the cache length {cache.max_len}")
+
+    @staticmethod
+    def _filled(cache: KVCache, start: int, end: int, stop: int) -> None:
+        for layer in range(start, end):
+            cache.fill[layer] = max(cache.fill[layer], stop)
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache) -> torch.Tensor:
+        """Layers [start, end) on h (B, T, d) of positions [pos, pos+T): LeanModel.run_layers without pads."""
+        self._check(cache, start, end, pos, h.shape[1])
+        out = self._model.run_layers(h, start, end, pos, self._bind(cache))
+        self._filled(cache, start, end, pos + h.shape[1])
+        return out
+
+    def draft_greedy(self, token: int, pos: int, depth: int, cache: KVCache,
+                     adapter: tuple[torch.Tensor, torch.Tensor | None] | None, head_t: torch.Tensor,
+                     head_ids: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """One greedy self-draft step in one call: ``token`` at ``pos`` through layers [0, depth), the exit
+        adapter, final norm and the shortlist head (d, n) over ``head_ids``. Returns (hidden (1, 1, d),
+        confidence = the max draft probability, drafted token id), as the Python drafter computes them."""
+        self._check(cache, 0, depth, pos, 1)
+        w, b = adapter if adapter is not None else (None, None)
+        out = self._model.draft_greedy(token, pos, depth, self._bind(cache), w, b, head_t, head_ids)
+        self._filled(cache, 0, depth, pos + 1)
+        return out

@@ -1,0 +1,179 @@
+"""The C++ layer loop (adaptive/native_layers.py): bit-identical to the Python layer, the same cache
+checks, and a Python fallback that says why it runs."""
+
+import os
+
+import pytest
+import torch
+
+from adaptive import Runtime, native_layers
+from adaptive.exits import ExitHeads
+from adaptive.kv_cache import CacheHoleError
+from adaptive.loading import from_hf_model
+from adaptive.model import LeanModel
+
+from conftest import make_model, random_prompt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_built():
+    """These tests compare the C++ loop with Python; without it they would compare Python with itself."""
+    if os.environ.get(native_layers.ENV_SWITCH) == "0":
+        pytest.skip(f"{native_layers.ENV_SWITCH}=0")
+    assert native_layers.status() == "native", native_layers.status()
+
+
+def lean(family: str, fuse: bool) -> LeanModel:
+    """A tiny model with every parameter perturbed: a fresh one has unit norm weights and zero biases,
+    under which a reordered product or a dropped bias would go unnoticed."""
+    hf = make_model(family)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    loaded = from_hf_model(hf)
+    return LeanModel(loaded.spec, loaded.weights, fuse=fuse)
+
+
+@torch.inference_mode()
+def decode_script(model: LeanModel, native: bool):
+    """Every kind of pass the decoders make, in order: a prefill (causal), single-token steps, a block of
+    three over a cache (mask; Mistral's window of 8 slides), the draft / verify split of one block
+    across a layer boundary, a rollback, and single layers (early exit)."""
+    model.use_native = native
+    L = model.spec.num_layers
+    cache = model.new_cache(1, 64)
+    outs = []
+
+    def run(ids, start, end, pos, h=None):
+        h = model.embed(torch.tensor([ids]), pos) if h is None else h
+        outs.append(model.run_layers(h, start, end, pos, cache))
+        return outs[-1]
+
+    run(random_prompt(11, seed=3), 0, L, 0)
+    run([5], 0, L, 11)
+    run([7], 0, L, 12)
+    run([1, 2, 3], 0, L, 13)
+    shallow = run([4, 9], 0, 2, 16)  # draft layers...
+    run(None, 2, L, 16, h=shallow)  # ...and the verifier resuming from their hidden states
+    cache.crop(17)  # rollback: position 17 is rewritten
+    h = model.embed(torch.tensor([[8]]), 17)
+    for layer in range(L):
+        h = model.layer(layer, h, 17, cache)
+        outs.append(h)
+    return outs, cache
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "shared-weights"])
+def test_native_layers_are_bit_identical_to_python(family, fuse):
+    model = lean(family, fuse)
+    python_outs, python_cache = decode_script(model, native=False)
+    native_outs, native_cache = decode_script(model, native=True)
+    assert model.layer_backend() == "native"
+    assert len(native_outs) == len(python_outs)
+    for i, (a, b) in enumerate(zip(native_outs, python_outs)):
+        assert torch.equal(a, b), f"pass {i}: max difference {(a - b).abs().max().item()}"
+    assert native_cache.fill == python_cache.fill
+    assert torch.equal(native_cache.k, python_cache.k) and torch.equal(native_cache.v, python_cache.v)
+
+
+def test_native_greedy_equals_python_greedy_in_every_mode():
+    rt = Runtime.from_model(make_model("llama"))
+    prompt = random_prompt(9, seed=4)
+    for mode in ("full", "early_exit", "speculative"):
+        rt.model.use_native = False
+        python = rt.generate(prompt, max_new_tokens=24, mode=mode)
+        rt.model.use_native = True
+        native = rt.generate(prompt, max_new_tokens=24, mode=mode)
+        assert native.token_ids == python.token_ids, mode
+        assert (native.stats["layer_code"], python.stats["layer_code"]) == (
+            "native", "python (switched off for this model)")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RoPE; learned positions added at the embedding
+def test_native_greedy_draft_step_is_bit_identical(family):
+    """Self-drafting over a shortlist head with exit adapters: the one-call C++ draft step drafts the same
+    tokens with the same confidences as the Python step, round by round (fixed depth and length, so no
+    timing enters the plan), and the verifier accepts the same prefixes."""
+    hf = make_model(family)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    rt = Runtime.from_model(hf)
+    d, L = rt.spec.hidden_size, rt.spec.num_layers
+    g = torch.Generator().manual_seed(2)
+    rt.heads = ExitHeads(rt.model, {k: (0.3 * torch.randn(d, d, generator=g), 0.1 * torch.randn(d, generator=g))
+                                    for k in range(1, L)})
+    rt.draft_ranking = list(range(0, 97, 2))
+    prompt = random_prompt(8, seed=5)
+    knobs = dict(max_new_tokens=40, mode="speculative", draft_depth=2, draft_length=4, draft_vocab_size=30)
+    runs = {}
+    for native in (False, True):
+        rt.model.use_native = native
+        runs[native] = rt.generate(prompt, **knobs)
+    python, native = runs[False], runs[True]
+    assert native.token_ids == python.token_ids
+    assert [(r.drafted, r.accepted, r.q_probs) for r in native.rounds] == \
+        [(r.drafted, r.accepted, r.q_probs) for r in python.rounds]
+    assert sum(len(r.drafted) for r in native.rounds) >= 20
+
+
+def test_native_path_keeps_the_cache_checks():
+    model = lean("llama", fuse=True)
+    cache = model.new_cache(1, 8)
+    with torch.inference_mode():
+        h = model.embed(torch.tensor([[1, 2]]), 0)
+        with pytest.raises(CacheHoleError, match="hole"):
+            model.run_layers(h, 0, 2, 1, cache)  # nothing at position 0 yet
+        model.run_layers(h, 0, 4, 0, cache)
+        model.run_layers(h, 0, 2, 2, cache)  # a draft: layers 0..1 now hold positions 0..3
+        with pytest.raises(CacheHoleError, match="hole"):
+            model.run_layers(h, 2, 4, 4, cache)  # layers 2..3 hold positions 0..1 only
+        assert cache.fill == [4, 4, 2, 2]  # a refused pass writes nothing
+        model.run_layers(model.embed(torch.tensor([[3] * 6]), 2), 0, 4, 2, cache)
+        with pytest.raises(CacheHoleError, match="exceeds the cache length"):
+            model.run_layers(model.embed(torch.tensor([[3]]), 8), 0, 4, 8, cache)
+    assert cache.fill == [8, 8, 8, 8]
+
+
+def test_autograd_and_padded_rows_stay_in_python(monkeypatch):
+    """The C++ loop runs only where nothing records gradients: training and attribution differentiate
+    through the Python layer."""
+    model = lean("llama", fuse=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the C++ loop ran")
+
+    with torch.inference_mode():  # bind the C++ loop first, then make it refuse
+        model.run_layers(model.embed(torch.tensor([[1]]), 0), 0, 4, 0, model.new_cache(1, 8))
+    monkeypatch.setattr(native_layers.NativeLayers, "run_layers", refuse)
+    h = model.embed(torch.tensor([[1, 2]]), 0).requires_grad_()
+    out = model.run_layers(h, 0, 4, 0, model.new_cache(1, 8, for_autograd=True))  # as training makes it
+    out.sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    with torch.inference_mode():
+        pads = torch.tensor([0])
+        model.run_layers(model.embed_rows(torch.tensor([[1, 2]]), 0, pads), 0, 4, 0, model.new_cache(1, 8), pads)
+        with pytest.raises(AssertionError, match=r"the C\+\+ loop ran"):
+            model.run_layers(model.embed(torch.tensor([[1]]), 0), 0, 4, 0, model.new_cache(1, 8))
+
+
+@pytest.mark.parametrize("cause", ["switched off", "build fails"])
+def test_without_the_extension_python_runs_and_says_why(monkeypatch, cause):
+    monkeypatch.setattr(native_layers, "_status", None)
+    monkeypatch.setattr(native_layers, "_extension", None)
+    if cause == "switched off":
+        monkeypatch.setenv(native_layers.ENV_SWITCH, "0")
+        expected = "python (ADAPTIVE_NATIVE=0)"
+    else:
+        def no_compiler():
+            raise RuntimeError("Error building extension 'adaptive_native_layers': g++ not found\nmore")
+        monkeypatch.setattr(native_layers, "_build", no_compiler)
+        expected = "python (the C++ layer loop did not build: Error building extension 'adaptive_native_layers': g++ not found)"
+    rt = Runtime.from_model(make_model("llama"))
+    result = rt.generate(random_prompt(6), max_new_tokens=8)
+    assert native_layers.status() == expected
+    assert result.stats["layer_code"] == expected
+    monkeypatch.undo()  # the real extension again, for the reference
+    assert Runtime.from_model(make_model("llama")).generate(random_prompt(6), max_new_tokens=8).token_ids == result.token_ids
