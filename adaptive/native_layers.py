@@ -31,7 +31,7 @@ from .kv_cache import CacheHoleError, KVCache
 if TYPE_CHECKING:
     from .model import LeanModel
 
-ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" keeps every layer in Python
+ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" (or false / no / off) keeps every layer in Python
 _SOURCE = Path(__file__).with_name("native_layers.cpp")
 
 _lock = threading.Lock()
@@ -63,8 +63,9 @@ def extension():
     global _extension, _status
     with _lock:
         if _status is None:
-            if os.environ.get(ENV_SWITCH, "1") == "0":
-                _status = f"python ({ENV_SWITCH}=0)"
+            switch = os.environ.get(ENV_SWITCH, "1")
+            if switch.strip().lower() in ("0", "false", "no", "off"):
+                _status = f"python ({ENV_SWITCH}={switch})"
             else:
                 try:
                     _extension = _build()

@@ -1,8 +1,6 @@
 """The C++ layer loop (adaptive/native_layers.py): bit-identical to the Python layer, the same cache
 checks, and a Python fallback that says why it runs."""
 
-import os
-
 import pytest
 import torch
 
@@ -18,8 +16,8 @@ from conftest import make_model, random_prompt
 @pytest.fixture(scope="module", autouse=True)
 def native_built():
     """These tests compare the C++ loop with Python; without it they would compare Python with itself."""
-    if os.environ.get(native_layers.ENV_SWITCH) == "0":
-        pytest.skip(f"{native_layers.ENV_SWITCH}=0")
+    if native_layers.status().startswith(f"python ({native_layers.ENV_SWITCH}="):
+        pytest.skip(native_layers.status())
     assert native_layers.status() == "native", native_layers.status()
 
 
@@ -164,8 +162,8 @@ def test_without_the_extension_python_runs_and_says_why(monkeypatch, cause):
     monkeypatch.setattr(native_layers, "_status", None)
     monkeypatch.setattr(native_layers, "_extension", None)
     if cause == "switched off":
-        monkeypatch.setenv(native_layers.ENV_SWITCH, "0")
-        expected = "python (ADAPTIVE_NATIVE=0)"
+        monkeypatch.setenv(native_layers.ENV_SWITCH, "off")
+        expected = "python (ADAPTIVE_NATIVE=off)"
     else:
         def no_compiler():
             raise RuntimeError("Error building extension 'adaptive_native_layers': g++ not found\nmore")
