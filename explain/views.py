@@ -280,6 +280,9 @@ def ledger_markdown(result: GenerationResult, baseline: GenerationResult | None 
         ("tokens / s (wall clock, prefill included)", _fmt(s.get("tokens_per_s"), ".1f"), _fmt(b.get("tokens_per_s"), ".1f")),
         ("ms / token", _fmt(s.get("ms_per_token"), ".2f"), _fmt(b.get("ms_per_token"), ".2f")),
         ("prefill ms", _fmt(s.get("prefill_ms"), ".1f"), _fmt(b.get("prefill_ms"), ".1f")),
+        # which code produced these timings: the C++ layer loop or the Python layer (and why)
+        ("decoder layers ran in", html.escape(s.get("layer_code", "—")),
+         html.escape(b.get("layer_code", "—")) if baseline else "—"),
     ]
     lines = ["| | this run | full depth, same prompt |", "|---|---:|---:|"]
     lines += [f"| {name} | {mine} | {full} |" for name, mine, full in rows]

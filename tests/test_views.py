@@ -106,6 +106,9 @@ def test_ledger_reports_fractions_speedup_and_histogram():
     assert "2.75 / 4" in text and "1.50×" in text
     assert views.speedup(res, base) == pytest.approx(1.5)
     assert "speedup unknown" in views.ledger_markdown(res, None)
+    assert "| decoder layers ran in | — | — |" in text  # a trace from before the stat existed
+    res.stats["layer_code"], base.stats["layer_code"] = "native", "python (ADAPTIVE_NATIVE=0)"
+    assert "| decoder layers ran in | native | python (ADAPTIVE_NATIVE=0) |" in views.ledger_markdown(res, base)
     res.stats.update(exit_vocab=530, vocab_exit=0.5, vocab_exit_size=2048)  # both shortlists reach the knob line
     assert "exit_vocab=530, vocab_exit=0.5, vocab_exit_size=2048" in views.ledger_markdown(res, None)
     fig = views.ledger_figure(res)
