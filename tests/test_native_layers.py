@@ -21,7 +21,7 @@ def native_built():
     assert native_layers.status() == "native", native_layers.status()
 
 
-def lean(family: str, fuse: bool) -> LeanModel:
+def lean(family: str, fuse: bool, dtype: torch.dtype = torch.float32) -> LeanModel:
     """A tiny model with every parameter perturbed: a fresh one has unit norm weights and zero biases,
     under which a reordered product or a dropped bias would go unnoticed."""
     hf = make_model(family)
@@ -29,7 +29,7 @@ def lean(family: str, fuse: bool) -> LeanModel:
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    loaded = from_hf_model(hf)
+    loaded = from_hf_model(hf.to(dtype))
     return LeanModel(loaded.spec, loaded.weights, fuse=fuse)
 
 
@@ -73,6 +73,15 @@ def test_native_layers_are_bit_identical_to_python(family, fuse):
         assert torch.equal(a, b), f"pass {i}: max difference {(a - b).abs().max().item()}"
     assert native_cache.fill == python_cache.fill
     assert torch.equal(native_cache.k, python_cache.k) and torch.equal(native_cache.v, python_cache.v)
+
+
+def test_native_layers_are_bit_identical_in_bfloat16():
+    """Below fp32 both paths take torch's fused RMSNorm instead of the six-call fp32 one."""
+    model = lean("llama", fuse=True, dtype=torch.bfloat16)
+    python_outs, _ = decode_script(model, native=False)
+    native_outs, _ = decode_script(model, native=True)
+    assert native_outs[0].dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(native_outs, python_outs))
 
 
 def test_native_greedy_equals_python_greedy_in_every_mode():
