@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,11 +43,33 @@ _status: str | None = None  # None: not tried yet
 _NAME = "adaptive_native_layers"
 
 
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
+
+
+def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's build lock when it is older than ``max_age_s``; True if removed.
+
+    torch waits, without a time limit, for the ``lock`` file of a build in progress; a build killed
+    before it released the lock (a closed terminal during the first start) would otherwise hang every
+    later start on the machine."""
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime < max_age_s:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    print(f"adaptive: removed {lock}, left by a build that did not finish", file=sys.stderr)
+    return True
+
+
 def _build():
     from torch.utils import cpp_extension
 
     try:  # say why the first start on a machine pauses (a private helper: a guess, never an error)
-        built = Path(cpp_extension._get_build_directory(_NAME, False), f"{_NAME}.so").exists()
+        build_dir = Path(cpp_extension._get_build_directory(_NAME, False))
+        built = (build_dir / f"{_NAME}.so").exists()
+        clear_stale_lock(build_dir)
     except Exception:
         built = True
     # torch runs `ninja` from PATH; a virtual environment that was not activated has it beside python.

@@ -1,6 +1,9 @@
 """The C++ layer loop (adaptive/native_layers.py): bit-identical to the Python layer, the same cache
 checks, and a Python fallback that says why it runs."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -184,3 +187,14 @@ def test_without_the_extension_python_runs_and_says_why(monkeypatch, cause):
     assert result.stats["layer_code"] == expected
     monkeypatch.undo()  # the real extension again, for the reference
     assert Runtime.from_model(make_model("llama")).generate(random_prompt(6), max_new_tokens=8).token_ids == result.token_ids
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits forever on the lock of a build that was killed; ours clears it after 10 minutes."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not native_layers.clear_stale_lock(tmp_path) and lock.exists()  # a build in progress
+    old = time.time() - native_layers.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert native_layers.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not native_layers.clear_stale_lock(tmp_path)  # nothing to remove
