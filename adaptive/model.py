@@ -5,6 +5,10 @@ short, fixed sequence of torch calls on plain tensors: no modules, no hooks, no 
 caches or masks. The weights are the checkpoint's own tensors (shared, never copied), so wrapping an
 in-memory transformers model costs no memory.
 
+At inference (nothing recording autograd, no padded rows) ``layer`` and ``run_layers`` hand the pass to
+the same calls written in C++ (``native_layers.py``), which return bit-identical results faster; the
+Python below is the reference it is tested against, and the fallback.
+
 Positions are contiguous: ``run_layers(h, start, end, pos)`` runs layers [start, end) on hidden states
 of positions [pos, pos + T). Layer indices are 0-based; "exit after k layers" means layers [0, k) ran.
 """
