@@ -43,24 +43,33 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.fill)
 
+    def check_write(self, first_layer: int, last_layer: int, start: int, end: int) -> None:
+        """Refuse (CacheHoleError) a write of positions [start, end) to layers [first_layer, last_layer) that
+        would leave a hole after a layer's fill level or run past the cache."""
+        for layer in range(first_layer, last_layer):
+            if start > self.fill[layer]:
+                raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
+        if end > self.max_len:
+            raise CacheHoleError(f"layer {first_layer}: write up to {end} exceeds the cache length {self.max_len}")
+
+    def mark_filled(self, first_layer: int, last_layer: int, end: int) -> None:
+        """Layers [first_layer, last_layer) now hold valid K/V up to position ``end``."""
+        for layer in range(first_layer, last_layer):
+            self.fill[layer] = max(self.fill[layer], end)
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (B, Hkv, T, hd) of positions [start, start+T) in one layer."""
         end = start + k.shape[2]
-        if start > self.fill[layer]:
-            raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
-        if end > self.max_len:
-            raise CacheHoleError(f"layer {layer}: write up to {end} exceeds the cache length {self.max_len}")
+        self.check_write(layer, layer + 1, start, end)
         self.k_layers[layer].narrow(2, start, end - start).copy_(k)
         self.v_layers[layer].narrow(2, start, end - start).copy_(v)
-        self.fill[layer] = max(self.fill[layer], end)
+        self.mark_filled(layer, layer + 1, end)
 
     def write_layers(self, first_layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (L', B, Hkv, T, hd) of positions [start, start+T) in layers first_layer..first_layer+L'-1."""
         end = start + k.shape[3]
         last = first_layer + k.shape[0]
-        for layer in range(first_layer, last):
-            if start > self.fill[layer]:
-                raise CacheHoleError(f"layer {layer}: write at {start} would leave a hole after fill level {self.fill[layer]}")
+        self.check_write(first_layer, last, start, end)
         if self.k is None:  # one tensor per layer (for_autograd)
             for i, layer in enumerate(range(first_layer, last)):
                 self.k_layers[layer][:, :, start:end] = k[i]
@@ -68,8 +77,7 @@ class KVCache:
         else:
             self.k[first_layer:last, :, :, start:end] = k
             self.v[first_layer:last, :, :, start:end] = v
-        for layer in range(first_layer, last):
-            self.fill[layer] = max(self.fill[layer], end)
+        self.mark_filled(first_layer, last, end)
 
     def keys_values(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (B, Hkv, end-start, hd) of the valid K/V of positions [start, end) in one layer."""

@@ -8,11 +8,11 @@
 //
 // Scope: what LeanModel.layer does without its two extras, left-padded batch rows (``pads``) and
 // replayed propagate K/V (``kv_source``), which stay in Python. The cache's fill-level bookkeeping also
-// stays in Python (adaptive/native_layers.py) so that there is one place that enforces it.
+// stays in Python (KVCache.check_write / mark_filled) so that there is one place that enforces it.
 
 #include <torch/extension.h>
 
-#include <cmath>
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <string>

@@ -11,8 +11,8 @@ cached in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``). Where it cann
 stats and the benchmark report it, so a figure always names the code that produced it.
 
 Left in Python: left-padded batch rows, replayed propagate K/V (calibration), anything recording
-autograd (training), and the cache's fill-level bookkeeping (checked here, before the C++ call, with
-the same errors as ``KVCache.write``).
+autograd (training), and the cache's fill-level bookkeeping (``KVCache.check_write`` before the C++ call,
+``KVCache.mark_filled`` after it).
 """
 
 from __future__ import annotations
@@ -27,23 +27,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import CacheHoleError, KVCache
+from .kv_cache import KVCache
 
 if TYPE_CHECKING:
     from .model import LeanModel
 
 ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" (or false / no / off) keeps every layer in Python
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
 _SOURCE = Path(__file__).with_name("native_layers.cpp")
+_NAME = "adaptive_native_layers"
 
 _lock = threading.Lock()
 _extension = None
 _status: str | None = None  # None: not tried yet
-
-
-_NAME = "adaptive_native_layers"
-
-
-STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
 
 
 def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
@@ -124,7 +120,8 @@ class NativeLayers:
                 scale=model.attention_scale(index), window=-1 if window is None else int(window)))
         rope = spec.positional == "rope"
         self._model = ext.NativeModel(
-            layers, w.embed, w.pos_embed, w.final_norm_w, w.final_norm_b, model.cos if rope else None, model.sin if rope else None, model._rotate if rope else None,
+            layers, w.embed, w.pos_embed, w.final_norm_w, w.final_norm_b,
+            model.cos if rope else None, model.sin if rope else None, model._rotate if rope else None,
             model._inv_width, model._norm_eps, float(spec.norm_eps), spec.norm_kind, spec.activation,
             spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
@@ -134,26 +131,11 @@ class NativeLayers:
             cache.native = self._ext.NativeKV(list(cache.k_layers), list(cache.v_layers))
         return cache.native
 
-    @staticmethod
-    def _check(cache: KVCache, start: int, end: int, pos: int, T: int) -> None:
-        """KVCache.write's checks, once for a pass over layers [start, end) and positions [pos, pos+T)."""
-        for layer in range(start, end):
-            if pos > cache.fill[layer]:
-                raise CacheHoleError(f"layer {layer}: write at {pos} would leave a hole after fill level "
-                                     f"{cache.fill[layer]}")
-        if pos + T > cache.max_len:
-            raise CacheHoleError(f"layer {start}: write up to {pos + T} exceeds the cache length {cache.max_len}")
-
-    @staticmethod
-    def _filled(cache: KVCache, start: int, end: int, stop: int) -> None:
-        for layer in range(start, end):
-            cache.fill[layer] = max(cache.fill[layer], stop)
-
     def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache) -> torch.Tensor:
         """Layers [start, end) on h (B, T, d) of positions [pos, pos+T): LeanModel.run_layers without pads."""
-        self._check(cache, start, end, pos, h.shape[1])
+        cache.check_write(start, end, pos, pos + h.shape[1])
         out = self._model.run_layers(h, start, end, pos, self._bind(cache))
-        self._filled(cache, start, end, pos + h.shape[1])
+        cache.mark_filled(start, end, pos + h.shape[1])
         return out
 
     def draft_greedy(self, token: int, pos: int, depth: int, cache: KVCache,
@@ -162,8 +144,8 @@ class NativeLayers:
         """One greedy self-draft step in one call: ``token`` at ``pos`` through layers [0, depth), the exit
         adapter, final norm and the shortlist head (d, n) over ``head_ids``. Returns (hidden (1, 1, d),
         confidence = the max draft probability, drafted token id), as the Python drafter computes them."""
-        self._check(cache, 0, depth, pos, 1)
+        cache.check_write(0, depth, pos, pos + 1)
         w, b = adapter if adapter is not None else (None, None)
         out = self._model.draft_greedy(token, pos, depth, self._bind(cache), w, b, head_t, head_ids)
-        self._filled(cache, 0, depth, pos + 1)
+        cache.mark_filled(0, depth, pos + 1)
         return out
