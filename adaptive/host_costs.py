@@ -53,6 +53,7 @@ class HostCosts:
     def measure(cls, model: LeanModel, repeats: int = 7, context: int = 64) -> "HostCosts":
         spec = model.spec
         L = spec.num_layers
+        choose_head_layout(model)  # first: the head costs below are those of the layout it picked
         width = max(PROBE_WIDTHS)
         context = max(1, min(context, spec.max_positions - width - 1))  # tiny test models have tiny contexts
         cache = model.new_cache(1, context + width + 1)
@@ -75,6 +76,34 @@ class HostCosts:
             layer_ms[T] = statistics.median(per_layer[1:])
             head_ms[T] = statistics.median(per_head[1:])
         return cls(layer_ms=layer_ms, head_ms=head_ms, num_layers=L)
+
+
+HEAD_LAYOUT_WIDTHS = (2, 3, 4, 6, 8)
+HEAD_LAYOUT_MARGIN = 0.8  # the rows layout must take < 80% of the time: a noisy tie keeps the default
+
+
+@torch.inference_mode()
+def choose_head_layout(model: LeanModel, repeats: int = 7) -> int | None:
+    """Time the LM head for 2..8 positions both ways (``F.linear`` on the decode layout, and W @ x.T on the
+    (V, d) rows) and set ``model.head_rows_from`` to the fewest positions from which the rows layout is
+    clearly faster here (None: never, or no rows copy to use). Verification heads several positions."""
+    model.head_rows_from = None
+    if model._head_rows is None:
+        return None
+    for T in HEAD_LAYOUT_WIDTHS:
+        x = model.final_norm(torch.randn(1, T, model.spec.hidden_size, dtype=model.dtype, device=model.device))
+        linear, rows = [], []
+        for _ in range(repeats):  # interleaved, so a change in machine load hits both alike
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, model.w.lm_head)
+            mid = time.perf_counter()
+            model.head_by_rows(x)
+            rows.append(time.perf_counter() - mid)
+            linear.append(mid - start)
+        if statistics.median(rows[1:]) < HEAD_LAYOUT_MARGIN * statistics.median(linear[1:]):
+            model.head_rows_from = T
+            break
+    return model.head_rows_from
 
 
 @torch.inference_mode()
