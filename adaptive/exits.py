@@ -124,10 +124,14 @@ class ShortlistHead:
 
     def logits(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
         """Hidden (1, 1, d) -> logits (n,) over the shortlist, or (V,) over the full vocabulary."""
+        return self.rows_logits(h, layers_run)[0]
+
+    def rows_logits(self, h: torch.Tensor, layers_run: int) -> torch.Tensor:
+        """Hidden (1, T, d) -> logits (T, n) over the shortlist, or (T, V) over the full vocabulary."""
         if self.weight_t is None:
-            return self.heads.logits(h, layers_run)[0, 0]
+            return self.heads.logits(h, layers_run)[0]
         x = self.heads.model.final_norm(self.heads.adapt(h, layers_run))
-        return torch.mm(x.view(1, -1), self.weight_t)[0]  # (1, d) @ (d, n): the stored layout, no wrapper
+        return torch.mm(x.view(-1, x.shape[-1]), self.weight_t)  # (T, d) @ (d, n): the stored layout, no wrapper
 
     def token(self, index: int) -> int:
         """Vocabulary id of position ``index`` in this head's logits."""

@@ -89,24 +89,31 @@ class NativeModel {
     return h;
   }
 
-  // One greedy self-draft step (speculative.py's SelfDrafter.draft with SpeculativeDecoder.draw): token at
-  // position pos through the embedding and layers [0, depth), the exit adapter (if any), the final norm
-  // and a shortlist head (d, n) with its vocabulary ids (n,). Returns (hidden after depth layers (1, 1, d),
-  // draft confidence = max softmax probability, the drafted token id); the same calls as the Python.
-  std::tuple<Tensor, double, int64_t> draft_greedy(int64_t token, int64_t pos, int64_t depth, NativeKV& kv,
-                                                   const OptTensor& adapter_w, const OptTensor& adapter_b,
-                                                   const Tensor& head_t, const Tensor& head_ids) const {
-    Tensor ids = at::full({1, 1}, token, at::TensorOptions().dtype(at::kLong).device(embed_.device()));
-    Tensor h = at::embedding(embed_, ids);  // (1, 1, d): LeanModel.embed
-    if (pos_embed_) h = h + pos_embed_->narrow(0, pos, 1);
+  // Greedy self-draft steps for a block of tokens (speculative.py's SelfDrafter with SpeculativeDecoder.draw):
+  // tokens (T of them) at positions [pos, pos + T) through the embedding and layers [0, depth), the exit
+  // adapter (if any), the final norm and a shortlist head (d, n) with its vocabulary ids (n,). Returns
+  // (hidden after depth layers (1, T, d), per position the draft confidence = max softmax probability,
+  // per position the drafted token id); the same calls as the Python. T = 1 is one draft step; T > 1
+  // checks an n-gram guess of the next tokens in the same pass (SelfDrafter.draft).
+  std::tuple<Tensor, std::vector<double>, std::vector<int64_t>> draft_greedy(
+      const std::vector<int64_t>& tokens, int64_t pos, int64_t depth, NativeKV& kv,
+      const OptTensor& adapter_w, const OptTensor& adapter_b, const Tensor& head_t,
+      const Tensor& head_ids) const {
+    const int64_t T = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(T >= 1, "draft_greedy needs at least one token");
+    Tensor ids = at::tensor(tokens, at::TensorOptions().dtype(at::kLong)).to(embed_.device()).view({1, T});
+    Tensor h = at::embedding(embed_, ids);  // (1, T, d): LeanModel.embed
+    if (pos_embed_) h = h + pos_embed_->narrow(0, pos, T);
     h = run_layers(h, 0, depth, pos, kv);
     Tensor adapted = adapter_w ? h + at::linear(h, *adapter_w, adapter_b) : h;  // ExitHeads.adapt
     Tensor x = norm(adapted, final_norm_w_, final_norm_b_);
-    Tensor logits = at::mm(x.view({1, -1}), head_t).select(0, 0);  // (n,): ShortlistHead.logits
-    auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max
-    const double confidence = std::get<0>(best).item<double>();
-    const int64_t index = std::get<1>(best).item<int64_t>();
-    return {h, confidence, head_ids[index].item<int64_t>()};
+    Tensor logits = at::mm(x.view({T, -1}), head_t);                // (T, n): ShortlistHead.logits
+    auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max per row
+    Tensor confidence = std::get<0>(best).to(at::kDouble).cpu().contiguous();
+    Tensor chosen = head_ids.index_select(0, std::get<1>(best)).to(at::kLong).cpu().contiguous();
+    const double* c = confidence.data_ptr<double>();
+    const int64_t* t = chosen.data_ptr<int64_t>();
+    return {h, std::vector<double>(c, c + T), std::vector<int64_t>(t, t + T)};
   }
 
  private:

@@ -138,14 +138,16 @@ class NativeLayers:
         cache.mark_filled(start, end, pos + h.shape[1])
         return out
 
-    def draft_greedy(self, token: int, pos: int, depth: int, cache: KVCache,
+    def draft_greedy(self, tokens: list[int], pos: int, depth: int, cache: KVCache,
                      adapter: tuple[torch.Tensor, torch.Tensor | None] | None, head_t: torch.Tensor,
-                     head_ids: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """One greedy self-draft step in one call: ``token`` at ``pos`` through layers [0, depth), the exit
-        adapter, final norm and the shortlist head (d, n) over ``head_ids``. Returns (hidden (1, 1, d),
-        confidence = the max draft probability, drafted token id), as the Python drafter computes them."""
-        cache.check_write(0, depth, pos, pos + 1)
+                     head_ids: torch.Tensor) -> tuple[torch.Tensor, list[float], list[int]]:
+        """Greedy self-draft steps in one call: ``tokens`` at positions [pos, pos + T) through layers
+        [0, depth), the exit adapter, final norm and the shortlist head (d, n) over ``head_ids``. Returns
+        (hidden (1, T, d), per position the confidence = the max draft probability, per position the
+        drafted token id), as the Python drafter computes them."""
+        end = pos + len(tokens)
+        cache.check_write(0, depth, pos, end)
         w, b = adapter if adapter is not None else (None, None)
-        out = self._model.draft_greedy(token, pos, depth, self._bind(cache), w, b, head_t, head_ids)
-        cache.mark_filled(0, depth, pos + 1)
+        out = self._model.draft_greedy(tokens, pos, depth, self._bind(cache), w, b, head_t, head_ids)
+        cache.mark_filled(0, depth, end)
         return out

@@ -42,7 +42,7 @@ EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_laye
                     "vocab_exit", "vocab_exit_size", "threshold_offsets", "exit_adapters")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
-                     "datastore")
+                     "datastore", "guess_drafts")
 DEFAULT_DRAFT_VOCAB_SIZE = 2048
 
 
@@ -254,18 +254,24 @@ class Runtime:
             raise InvalidRequestError(f"draft_vocab_size must be an integer >= 0 (0 = full vocabulary), got {vocab_size!r}")
         draft_ids = self._shortlist(vocab_size, prompt_ids)
         draft_head_ms = self.draft_head_ms(int(draft_ids.numel())) if draft_ids is not None else None
+        guess_drafts = knobs.get("guess_drafts", True)
+        if not isinstance(guess_drafts, bool):
+            raise InvalidRequestError(f"guess_drafts must be true or false, got {guess_drafts!r}")
         controller = SpeculationController(self.host_costs(), L, self.acceptance, self.draft_depths, max_draft=max_draft,
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
-                                           draft_head_ms=draft_head_ms, timings=self.round_timings)
+                                           draft_head_ms=draft_head_ms, timings=self.round_timings,
+                                           draft_variant="guess" if guess_drafts and sampler.config.greedy else "")
         use_store = knobs.get("datastore", True)
         if not isinstance(use_store, bool):
             raise InvalidRequestError(f"datastore must be true or false, got {use_store!r}")
         datastore = self.datastore if use_store and drafter == "lookup" else None
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
-                                     draft_model=draft_model, draft_ids=draft_ids, datastore=datastore)
+                                     draft_model=draft_model, draft_ids=draft_ids, datastore=datastore,
+                                     guess_drafts=guess_drafts)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
                     "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
                     "draft_vocab": int(draft_ids.numel()) if draft_ids is not None else self.spec.vocab_size,
+                    "guess_drafts": guess_drafts and sampler.config.greedy,
                     "exit_heads": self.heads.source,
                     "datastore": f"{len(datastore)} 3-grams ({datastore.source})" if datastore is not None else None}
         return decoder, settings

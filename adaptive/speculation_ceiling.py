@@ -28,6 +28,7 @@ class DepthCeiling:
     depth: int
     rounds: int  # drafted rounds at this depth
     draft_ms_per_token: float  # all of the depth's draft time / all its drafted tokens
+    passes_per_token: float  # draft passes / drafted tokens (below 1 where passes checked context guesses)
     length: int  # the draft length k that gives the best ceiling
     verify_ms: float  # median verify time of the depth's rounds that drafted k tokens
     acceptance: float  # judged drafts accepted (drafts after a round's first rejection are never judged)
@@ -57,7 +58,8 @@ def depth_ceilings(rounds, full_ms_per_token: float) -> list[DepthCeiling]:
             return tokens * full_ms_per_token / (k * draft_ms + verify)
 
         k, verify = max(candidates, key=lambda kv: speedup(kv[0], *kv))
-        out.append(DepthCeiling(depth=depth, rounds=len(rs), draft_ms_per_token=draft_ms, length=k,
+        out.append(DepthCeiling(depth=depth, rounds=len(rs), draft_ms_per_token=draft_ms,
+                                passes_per_token=sum(r.draft_passes for r in rs) / drafted, length=k,
                                 verify_ms=verify, acceptance=alpha, ceiling=speedup(k, k, verify),
                                 at_measured_acceptance=max(speedup(expected_tokens(alpha, c), c, v)
                                                            for c, v in candidates)))

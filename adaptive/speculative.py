@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .draft_guesses import ContextNgrams, GuessLength, latest_continuation
 from .costs import CostModel
 from .decoding import Decoder
 from .errors import InvalidRequestError
@@ -84,6 +85,14 @@ class Draft:
     confidences: list[float] = field(default_factory=list)  # what the acceptance predictor was given
     macs: int = 0
     drafter: str = "self"
+    passes: int = 0  # model passes the draft took
+    guessed: int = 0  # drafts that came from a context guess checked in the same pass (SelfDrafter)
+    # Time after the first pass, and the drafts made in it (None: the drafter does not time passes apart).
+    # A round's first pass costs more than the ones after it (it follows a verification or a plain step,
+    # which evicted the draft layers' weights from cache), so the controller predicts the two apart.
+    rest_ms: float | None = None
+    rest_drafts: int = 0
+    first_rows: int = 1  # positions the first pass fed (1 + the guess it checked)
 
     @property
     def stats_key(self) -> int:
@@ -198,8 +207,11 @@ class SpeculationController:
     def __init__(self, host: HostCosts, num_layers: int, stats: AcceptanceStats, depths: tuple[int, ...],
                  max_draft: int = 8, fixed_depth: int | None = None, fixed_length: int | None = None,
                  draft_model_step_ms: float | None = None, draft_head_ms: float | None = None,
-                 timings: RoundTimings | None = None):
+                 timings: RoundTimings | None = None, draft_variant: str = ""):
         self.host, self.L, self.stats = host, num_layers, stats
+        # Drafts that check context guesses ("guess") cost less per token than one-token passes (""): the
+        # shared timings keep the two apart, so requests of either kind correct only their own kind.
+        self.draft_variant = draft_variant
         self.timings = timings or RoundTimings()
         self.draft_head_ms = draft_head_ms  # measured cost of the shortlist draft head (None: the full head)
         self.depths = (fixed_depth,) if fixed_depth is not None else depths
@@ -241,7 +253,15 @@ class SpeculationController:
 
     # predictions corrected by what rounds measured on this host
     def draft_step_ms(self, depth: int) -> float:
-        return self.raw_draft_step_ms(depth) * self.timings.get(("draft", depth))
+        """A drafted token after a round's first pass."""
+        return self.raw_draft_step_ms(depth) * self.timings.get(("draft", depth, self.draft_variant))
+
+    def draft_first_ms(self, depth: int) -> float:
+        """A round's first draft pass, with the round's planning and bookkeeping."""
+        return self.raw_draft_step_ms(depth) * self.timings.get(("draft_first", depth, self.draft_variant))
+
+    def draft_round_ms(self, depth: int, k: int) -> float:
+        return self.draft_first_ms(depth) + (k - 1) * self.draft_step_ms(depth) if k > 0 else 0.0
 
     def verify_ms(self, depth: int, k: int) -> float:
         return self.raw_verify_ms(depth, k) * self.timings.get(("verify", depth))
@@ -249,13 +269,25 @@ class SpeculationController:
     def full_step(self) -> float:
         return self.raw_full_step() * self.timings.get(("full",))
 
-    def record_round(self, depth: int | None, drafted: int, draft_ms: float, verify_ms: float) -> None:
-        """Feed one round's measured times back (depth None: a plain step)."""
+    def record_round(self, depth: int | None, drafted: int, draft_ms: float, verify_ms: float,
+                     rest_ms: float | None = None, rest_drafts: int = 0, first_rows: int = 1) -> None:
+        """Feed one round's measured times back (depth None: a plain step). ``rest_ms``: the part of
+        ``draft_ms`` after the first pass, which fed ``first_rows`` positions and drafted
+        ``drafted - rest_drafts`` tokens. The first pass is judged against a pass of that many rows (a
+        guess it checked is paid for by the drafts it adds), so its ratio is that of a one-row pass."""
         if depth is None:
             self.timings.record(("full",), verify_ms, self.raw_full_step())
             return
-        if drafted and self.raw_draft_step_ms(depth) > 0:
-            self.timings.record(("draft", depth), draft_ms, drafted * self.raw_draft_step_ms(depth))
+        raw, variant = self.raw_draft_step_ms(depth), self.draft_variant
+        if drafted and raw > 0:
+            if rest_ms is None:  # a drafter that does not time its passes apart: every token alike
+                self.timings.record(("draft_first", depth, variant), draft_ms, drafted * raw)
+                self.timings.record(("draft", depth, variant), draft_ms, drafted * raw)
+            else:
+                first_raw = raw if depth < 1 else raw * self.draft_pass_ms(depth, first_rows) / self.draft_pass_ms(depth, 1)
+                self.timings.record(("draft_first", depth, variant), draft_ms - rest_ms, first_raw)
+                if rest_drafts:
+                    self.timings.record(("draft", depth, variant), rest_ms, rest_drafts * raw)
         self.timings.record(("verify", depth), verify_ms, self.raw_verify_ms(depth, drafted))
 
     def _draft_step_ms(self, depth: int) -> float:
@@ -264,6 +296,14 @@ class SpeculationController:
         if depth == DRAFT_MODEL_KEY:
             return self.draft_model_step_ms or 0.0
         return self.host.layers(depth) + (self.draft_head_ms if self.draft_head_ms is not None else self.host.head())
+
+    def draft_pass_ms(self, depth: int, rows: int) -> float:
+        """Predicted ms of one self-draft pass over ``rows`` positions: layers [0, depth) and the draft head
+        (the shortlist head's measured single-row cost, scaled with rows as the full head scales)."""
+        head = self.host.head(rows)
+        if self.draft_head_ms is not None:
+            head *= self.draft_head_ms / self.host.head()
+        return self.host.layers(depth, rows) + head
 
     def _verify_ms(self, depth: int, k: int) -> float:
         start = depth if depth > 0 else 0  # without a shallow path the verifier runs every layer
@@ -286,7 +326,7 @@ class SpeculationController:
         alpha, full = self.alpha(depth), self.full_step()
         best = (0.0, 0)
         for k in range(1, self.max_draft + 1):
-            gain = expected_tokens(alpha, k) * full / (k * self.draft_step_ms(depth) + self.verify_ms(depth, k))
+            gain = expected_tokens(alpha, k) * full / (self.draft_round_ms(depth, k) + self.verify_ms(depth, k))
             best = max(best, (gain, k))
         return best
 
@@ -353,6 +393,15 @@ class DraftLog:
         self.confidences: list[float] = []
         self.predicted: list[float] = []
         self.survive = 1.0
+        self.passes = self.guessed = 0
+        self._rest_start: float | None = None  # perf_counter() when the first pass was done
+        self._first_drafts, self._first_rows = 0, 1
+
+    def pass_done(self, rows: int = 1) -> None:
+        """Count a model pass of ``rows`` positions; the first one ends the draft's first-pass time."""
+        self.passes += 1
+        if self.passes == 1:
+            self._rest_start, self._first_drafts, self._first_rows = time.perf_counter(), len(self.tokens), rows
 
     def add(self, dec: "SpeculativeDecoder", token: int, q: torch.Tensor | None, q_tok: float, conf: float) -> None:
         self.tokens.append(token)
@@ -375,35 +424,90 @@ class DraftLog:
     def draft(self, depth: int, hidden: torch.Tensor | None, stop: str, macs: int, drafter: str) -> Draft:
         return Draft(tokens=self.tokens, q=self.q, q_probs=self.q_probs, depth=depth, hidden=hidden,
                      stop_reason=stop, predicted_accept=self.predicted, confidences=self.confidences, macs=macs,
-                     drafter=drafter)
+                     drafter=drafter, passes=self.passes, guessed=self.guessed,
+                     rest_ms=None if self._rest_start is None else (time.perf_counter() - self._rest_start) * 1000,
+                     rest_drafts=len(self.tokens) - self._first_drafts, first_rows=self._first_rows)
 
 
 class SelfDrafter:
-    """Draft with the model's own first d layers and the exit head after them."""
+    """Draft with the model's own first d layers and the exit head after them.
+
+    Greedy drafting feeds each pass the token to draft after plus a guess of the tokens after it (the
+    sequence's own n-grams, ``ContextNgrams``). The pass drafts a token after every row; each guessed
+    token the shallow path would itself have drafted makes the next row's draft valid too, so one pass
+    drafts 1 + (the agreeing prefix of the guess) tokens: the same tokens, with the same K/V and hidden
+    states, as that many one-token passes. Rows after the first disagreement are cropped from the cache
+    and their compute is still counted. Sampling draws one token per pass (a guess cannot be checked
+    against a draw before it is made).
+    """
 
     name = "self"
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
+        if dec.sampler.config.greedy:
+            return self._draft_greedy(dec, t0, depth, limit)
         model, pos, head = dec.model, dec.pos, dec.draft_head
         log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, "max_len"
-        native = dec.native_draft()
         for j in range(limit):
-            if native is not None:  # the same step in one C++ call: bit-identical, without ~10 Python-side ops
-                h, conf, token = native.draft_greedy(token, pos + j, depth, dec.cache, head.heads.adapter(depth),
-                                                     head.weight_t, head.ids)
-                q, q_tok = None, conf
-            else:
-                ids = torch.tensor([[token]], device=model.device)
-                h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
-                token, q, q_tok, conf = dec.draw(head.logits(h, depth), head.ids)
+            ids = torch.tensor([[token]], device=model.device)
+            h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
+            token, q, q_tok, conf = dec.draw(head.logits(h, depth), head.ids)
             hiddens.append(h)
             macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * head.size
             log.add(dec, token, q, q_tok, conf)
+            log.pass_done()
             reason = log.stop_reason(dec, limit)
             if reason:
                 stop = reason
                 break
         return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
+
+    def _draft_greedy(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
+        pos, head, ngrams = dec.pos, dec.draft_head, dec.ngrams
+        log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, None
+        native = dec.native_draft()
+        recent = dec.context[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
+        while stop is None:
+            j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
+            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, limit - j - 1))
+            fed = [token] + guess
+            if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
+                h, confs, drafted = native.draft_greedy(fed, pos + j, depth, dec.cache, head.heads.adapter(depth),
+                                                        head.weight_t, head.ids)
+            else:
+                h, confs, drafted = self._python_pass(dec, fed, pos + j, depth)
+            macs += sum(dec.costs.layers_macs(0, depth, pos + j + i) for i in range(len(fed)))
+            macs += len(fed) * dec.costs.hidden_size * head.size
+            used, missed = 0, False
+            for i, (drafted_token, conf) in enumerate(zip(drafted, confs)):
+                used += 1
+                log.add(dec, drafted_token, None, conf, conf)
+                log.guessed += i > 0
+                stop = log.stop_reason(dec, limit)
+                if stop or i == len(guess):
+                    break
+                if drafted_token != guess[i]:  # the next row was fed a token the draft did not choose
+                    missed = True
+                    break
+            if guess:  # rows 1..used-1 were fed agreeing guesses; a miss was compared too
+                dec.guesses.record(depth, used - 1, used - 1 + missed)
+            hiddens.append(h[:, :used])
+            if used < len(fed):
+                dec.cache.crop(pos + j + used)  # only layers < depth hold these rows
+            recent.extend(drafted[:used])
+            token = drafted[used - 1]
+            log.pass_done(len(fed))
+        return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
+
+    @staticmethod
+    def _python_pass(dec: "SpeculativeDecoder", fed: list[int], pos: int, depth: int):
+        """``fed`` at positions [pos, pos + T) through layers [0, depth) and the draft head: (hidden
+        (1, T, d), max draft probability per row, greedy draft per row), as ``NativeLayers.draft_greedy``."""
+        model, head = dec.model, dec.draft_head
+        h = model.run_layers(model.embed(torch.tensor([fed], device=model.device), pos), 0, depth, pos, dec.cache)
+        conf, best = torch.softmax(head.rows_logits(h, depth).float(), dim=-1).max(dim=-1)  # (T,) each
+        ids = best if head.ids is None else head.ids[best]
+        return h, conf.tolist(), ids.tolist()
 
 
 class LookupDrafter:
@@ -427,16 +531,11 @@ class LookupDrafter:
             if n_ctx <= n:
                 continue
             tail = context[-n:]
-            best: list[int] = []
-            for start in range(n_ctx - n - 1, -1, -1):  # most recent match first
-                if context[start:start + n] == tail:
-                    follow = context[start + n:start + n + want]
-                    if len(follow) == want:
-                        return follow
-                    if len(follow) > len(best):
-                        best = follow
-            if best:
-                return best
+            starts = (start + n for start in range(n_ctx - n - 1, -1, -1)  # most recent match first
+                      if context[start:start + n] == tail)
+            found = latest_continuation(context, starts, want)
+            if found:
+                return found
         return []
 
     def draft(self, dec: "SpeculativeDecoder", t0: int, limit: int) -> Draft | None:
@@ -494,6 +593,7 @@ class DraftModelDrafter:
             token, q, q_tok, conf = dec.draw(model.head(h)[0, 0])
             macs += self.costs.head_macs
             log.add(dec, token, q, q_tok, conf)
+            log.pass_done()
             reason = log.stop_reason(dec, limit)
             if reason:
                 stop = reason
@@ -515,7 +615,7 @@ class SpeculativeDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
                  controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
                  draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None,
-                 datastore=None):
+                 datastore=None, guess_drafts: bool = True):
         super().__init__(model, costs, max_len)
         if drafter not in DRAFTERS:
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -529,11 +629,16 @@ class SpeculativeDecoder(Decoder):
         # The draft shortlist grows with the sequence: every emitted token joins it (ShortlistHead.add).
         self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
+        self.ngrams = ContextNgrams()  # the same tokens' n-grams, for the self drafter's guesses
+        self.guess_drafts = guess_drafts  # False: the self drafter feeds one token per pass (for comparison)
+        self.guesses = GuessLength(controller.draft_pass_ms)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
 
     def prefill(self, prompt_ids: torch.Tensor):
         self.context = prompt_ids[0].tolist()
+        self.ngrams = ContextNgrams()
+        self.ngrams.extend(self.context)
         return super().prefill(prompt_ids)
 
     def draw(self, logits: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None, float, float]:
@@ -553,6 +658,10 @@ class SpeculativeDecoder(Decoder):
             q = torch.zeros(self.model.spec.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
             pick = int(ids[pick])
         return pick, q, q_tok, conf
+
+    def guess_length(self, depth: int, room: int) -> int:
+        """How many guessed tokens the self drafter's next pass checks (room: drafts the round has left)."""
+        return self.guesses.choose(depth, room) if self.guess_drafts else 0
 
     def native_draft(self) -> NativeLayers | None:
         """The C++ greedy draft step (``NativeLayers.draft_greedy``) where it computes what ``draw`` would:
@@ -640,14 +749,18 @@ class SpeculativeDecoder(Decoder):
             self.controller.stats.record(draft.stats_key, draft.confidences[:evaluated], verdicts)
             self.controller.observe(draft.stats_key, verdicts)
         verify_ms = (time.perf_counter() - start) * 1000
-        self.controller.record_round(draft.stats_key if draft else None, k, draft_ms, verify_ms)
+        self.controller.record_round(draft.stats_key if draft else None, k, draft_ms, verify_ms,
+                                     draft.rest_ms if draft else None, draft.rest_drafts if draft else 0,
+                                     draft.first_rows if draft else 1)
 
         # Keep positions pos..pos+len(emitted)-1 (t0 and all emitted but the last, which is the next t0).
         new_pos = pos + len(emitted)
         self.cache.crop(new_pos)
         if self.draft_model is not None:
             self.draft_model.rollback(new_pos)
-        self.context.extend([t0] + [e.token for e in emitted[:-1]])
+        committed = [t0] + [e.token for e in emitted[:-1]]
+        self.context.extend(committed)
+        self.ngrams.extend(committed)
         self.draft_head.add([e.token for e in emitted])  # after the round: each draft's q stays as drawn
         self.pos = new_pos
         self.rounds.append(SpecRound(
@@ -655,5 +768,6 @@ class SpeculativeDecoder(Decoder):
             depth=draft.depth if draft else 0, drafted=list(draft.tokens) if draft else [], accepted=accepted,
             stop_reason=draft.stop_reason if draft else self.controller.plain_reason, draft_ms=draft_ms, verify_ms=verify_ms,
             q_probs=list(draft.q_probs) if draft else [], p_probs=p_probs,
-            predicted_accept=list(draft.predicted_accept) if draft else [], predicted_gain=self.controller.last_gain))
+            predicted_accept=list(draft.predicted_accept) if draft else [], predicted_gain=self.controller.last_gain,
+            draft_passes=draft.passes if draft else 0, guessed=draft.guessed if draft else 0))
         return emitted, macs

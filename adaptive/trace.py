@@ -103,6 +103,10 @@ class SpecRound:
     # The controller's predicted speedup over plain steps when it planned this round (speculation runs
     # at >= 1); None where it was not evaluated: a timing step, a pause, a prompt-lookup round.
     predicted_gain: float | None = None
+    # Model passes the draft took, and how many drafts came from a guess the shallow path checked in the
+    # same pass (SelfDrafter: a pass drafts one token plus each agreeing guessed token); 0 without a model
+    draft_passes: int = 0
+    guessed: int = 0
 
     @property
     def judged(self) -> int:
@@ -121,6 +125,10 @@ class SpecRound:
         gain = d.get("predicted_gain")
         if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0):
             raise TraceFormatError(f"round {index}: 'predicted_gain' must be a number >= 0 or null")
+        for name in ("draft_passes", "guessed"):
+            value = d.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TraceFormatError(f"round {index}: {name!r} must be an integer >= 0")
         try:
             return cls(**d)
         except TypeError as e:

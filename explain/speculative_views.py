@@ -81,6 +81,8 @@ class SpecSummary:
     round_tokens: int  # output tokens produced by the rounds (every token but the prefill's)
     draft_ms: float
     verify_ms: float
+    draft_passes: int = 0  # model passes the drafts took
+    guessed: int = 0  # drafts that came from a context guess the shallow path checked in the same pass
 
     @property
     def acceptance_rate(self) -> float:
@@ -157,7 +159,9 @@ def summary(result: GenerationResult) -> SpecSummary:
                        drafted=sum(len(r.drafted) for r in result.rounds), judged=len(js),
                        accepted=sum(j.accepted for j in js), round_tokens=round_tokens,
                        draft_ms=sum(r.draft_ms for r in result.rounds),
-                       verify_ms=sum(r.verify_ms for r in result.rounds))
+                       verify_ms=sum(r.verify_ms for r in result.rounds),
+                       draft_passes=sum(r.draft_passes for r in result.rounds),
+                       guessed=sum(r.guessed for r in result.rounds))
 
 
 # ---- token view -------------------------------------------------------------------------------------------
@@ -219,6 +223,11 @@ def headline(result: GenerationResult) -> str:
              f"{s.accepted} of {s.judged} judged drafts accepted"
              + (f" ({s.acceptance_rate:.0%})" if s.judged else ""),
              f"draft {s.draft_ms:.1f} ms, verify {s.verify_ms:.1f} ms"]
+    if s.draft_passes:  # a model pass drafts one token, plus each context guess it checked and agreed with
+        parts.append(f"{s.draft_passes + s.guessed} model drafts from {s.draft_passes} draft "
+                     f"pass{'' if s.draft_passes == 1 else 'es'}"
+                     + (f" ({s.guessed} were context guesses the shallow path agreed with in the same pass)"
+                        if s.guessed else ""))
     knobs = [f"{k}={result.stats[k]}" for k in ("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab")
              if k in result.stats]
     if knobs:
@@ -333,7 +342,7 @@ def _add_q_vs_p(fig: go.Figure, result: GenerationResult, token_text: TokenText 
 
 # ---- rounds table -----------------------------------------------------------------------------------------
 ROUND_COLUMNS = ("round", "position", "drafter", "depth", "drafted", "accepted", "stop reason", "predicted gain",
-                 "draft ms", "verify ms", "drafts")
+                 "draft passes (guessed)", "draft ms", "verify ms", "drafts")
 
 
 def rounds_table_html(result: GenerationResult, token_text: TokenText | None = None) -> str:
@@ -354,6 +363,7 @@ def rounds_table_html(result: GenerationResult, token_text: TokenText | None = N
                 drafts.append(f'<s style="color:{colour}">{shown}</s>')
         cells = (r.index, r.position, html.escape(r.drafter), r.depth, len(r.drafted), r.accepted,
                  html.escape(r.stop_reason), "–" if r.predicted_gain is None else f"{r.predicted_gain:.2f}",
+                 f"{r.draft_passes} ({r.guessed})" if r.draft_passes else "–",
                  f"{r.draft_ms:.2f}", f"{r.verify_ms:.2f}", " ".join(drafts))
         rows.append("<tr>" + "".join(f'<td style="padding:1px 6px">{c}</td>' for c in cells) + "</tr>")
     return (f'<div class="air-spec-rounds" style="max-height:320px;overflow:auto;font-size:12px">'

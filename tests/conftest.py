@@ -75,6 +75,16 @@ def random_prompt(length: int, seed: int = 0) -> list[int]:
     return torch.randint(0, VOCAB, (length,), generator=g).tolist()
 
 
+def prefilled_speculative_decoder(rt, prompt: list[int], max_new_tokens: int = 40, **knobs):
+    """A greedy speculative decoder with ``prompt`` prefilled, as Runtime.stream makes one, and its first t0."""
+    from adaptive.config import SamplingConfig
+    from adaptive.sampling import Sampler
+
+    dec, _ = rt._speculative_decoder(knobs, len(prompt) + max_new_tokens, Sampler(SamplingConfig()), set(), prompt)
+    outcome = dec.prefill(torch.tensor([prompt]))
+    return dec, int(outcome.logits.argmax())
+
+
 def build_tiny_checkpoint(directory, family: str = "llama"):
     """A saved tiny model plus a real byte-level BPE tokenizer (trained here on a few lines)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

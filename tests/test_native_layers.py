@@ -12,8 +12,9 @@ from adaptive.exits import ExitHeads
 from adaptive.kv_cache import CacheHoleError
 from adaptive.loading import from_hf_model
 from adaptive.model import LeanModel
+from adaptive.speculative import SelfDrafter
 
-from conftest import make_model, random_prompt
+from conftest import make_model, prefilled_speculative_decoder, random_prompt
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,11 +101,8 @@ def test_native_greedy_equals_python_greedy_in_every_mode():
             "native", "python (switched off for this model)")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RoPE; learned positions added at the embedding
-def test_native_greedy_draft_step_is_bit_identical(family):
-    """Self-drafting over a shortlist head with exit adapters: the one-call C++ draft step drafts the same
-    tokens with the same confidences as the Python step, round by round (fixed depth and length, so no
-    timing enters the plan), and the verifier accepts the same prefixes."""
+def drafting_runtime(family: str) -> Runtime:
+    """A tiny runtime with perturbed weights, random exit adapters and a draft shortlist of even ids."""
     hf = make_model(family)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -116,6 +114,15 @@ def test_native_greedy_draft_step_is_bit_identical(family):
     rt.heads = ExitHeads(rt.model, {k: (0.3 * torch.randn(d, d, generator=g), 0.1 * torch.randn(d, generator=g))
                                     for k in range(1, L)})
     rt.draft_ranking = list(range(0, 97, 2))
+    return rt
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RoPE; learned positions added at the embedding
+def test_native_greedy_draft_step_is_bit_identical(family):
+    """Self-drafting over a shortlist head with exit adapters: the one-call C++ draft step drafts the same
+    tokens with the same confidences as the Python step, round by round (fixed depth and length, so no
+    timing enters the plan), and the verifier accepts the same prefixes."""
+    rt = drafting_runtime(family)
     prompt = random_prompt(8, seed=5)
     knobs = dict(max_new_tokens=40, mode="speculative", draft_depth=2, draft_length=4, draft_vocab_size=30)
     runs = {}
@@ -127,6 +134,30 @@ def test_native_greedy_draft_step_is_bit_identical(family):
     assert [(r.drafted, r.accepted, r.q_probs) for r in native.rounds] == \
         [(r.drafted, r.accepted, r.q_probs) for r in python.rounds]
     assert sum(len(r.drafted) for r in native.rounds) >= 20
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_native_draft_pass_over_several_rows_is_bit_identical(family):
+    """A draft pass that checks a guess feeds several rows: the C++ pass returns the same hidden states,
+    confidences and drafts as the Python pass, and leaves the same K/V in the draft layers."""
+    rt = drafting_runtime(family)
+    prompt = random_prompt(8, seed=5)
+    out = {}
+    for native in (False, True):
+        rt.model.use_native = native
+        dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_vocab_size=30)
+        fed, head, pos = [t0, 7, 9, 11, 7], dec.draft_head, len(prompt)
+        with torch.inference_mode():
+            if native:
+                h, confs, drafted = dec.native_draft().draft_greedy(fed, pos, 2, dec.cache, head.heads.adapter(2),
+                                                                    head.weight_t, head.ids)
+            else:
+                h, confs, drafted = SelfDrafter._python_pass(dec, fed, pos, 2)
+        assert dec.cache.fill[:2] == [pos + len(fed)] * 2
+        out[native] = (h, confs, drafted, dec.cache.k[:2, :, :, :pos + len(fed)].clone())
+    (h0, c0, t0_, k0), (h1, c1, t1, k1) = out[False], out[True]
+    assert torch.equal(h0, h1) and c0 == c1 and t0_ == t1 and torch.equal(k0, k1)
+    assert len(t1) == 5 and all(0 < c <= 1 for c in c1)
 
 
 def test_native_path_keeps_the_cache_checks():

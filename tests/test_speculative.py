@@ -284,17 +284,19 @@ def test_a_calibrated_prior_outweighs_one_hard_prompt():
     assert calibrated.alpha(4) < 0.1
 
 
-def _round(depth, drafted, accepted, draft_ms, verify_ms, drafter="self"):
+def _round(depth, drafted, accepted, draft_ms, verify_ms, drafter="self", passes=None):
     from adaptive.trace import SpecRound
+    passes = drafted if passes is None else passes
     return SpecRound(index=0, position=0, drafter=drafter, depth=depth, drafted=list(range(drafted)), accepted=accepted,
-                     stop_reason="max_len", draft_ms=draft_ms, verify_ms=verify_ms, q_probs=[], p_probs=[])
+                     stop_reason="max_len", draft_ms=draft_ms, verify_ms=verify_ms, q_probs=[], p_probs=[],
+                     draft_passes=passes, guessed=drafted - passes)
 
 
 def test_speculation_ceiling_from_measured_rounds():
     from adaptive.speculation_ceiling import depth_ceilings
     # depth 4: 1 ms per drafted token, a 4-token verification takes 2 ms (median of 2.0, 2.0, 9.0);
     # accepted 4 + 4 + 2 of 4 + 4 + 3 judged (the third round's 4th draft came after its rejection)
-    rounds = [_round(4, 4, 4, 4.0, 2.0), _round(4, 4, 4, 4.0, 9.0), _round(4, 4, 2, 4.0, 2.0),
+    rounds = [_round(4, 4, 4, 4.0, 2.0, passes=1), _round(4, 4, 4, 4.0, 9.0, passes=2), _round(4, 4, 2, 4.0, 2.0),
               _round(2, 4, 4, 1.0, 1.0), _round(2, 4, 4, 1.0, 1.0),  # depth 2: too few rounds of one length
               _round(0, 4, 4, 0.0, 1.0, drafter="lookup"),  # not the model's own shallow path
               _round(0, 0, 0, 0.0, 1.3, drafter="none")]  # a plain step
@@ -302,6 +304,7 @@ def test_speculation_ceiling_from_measured_rounds():
     alpha = 10 / 11
     assert (c.depth, c.rounds, c.length) == (4, 3, 4)
     assert c.draft_ms_per_token == pytest.approx(1.0) and c.verify_ms == pytest.approx(2.0)
+    assert c.passes_per_token == pytest.approx((1 + 2 + 4) / 12)  # two rounds drafted behind checked guesses
     assert c.acceptance == pytest.approx(alpha)
     assert c.ceiling == pytest.approx(4 * 2.0 / (4 * 1.0 + 2.0))
     assert c.at_measured_acceptance == pytest.approx((1 + alpha + alpha ** 2 + alpha ** 3) * 2.0 / 6.0)
@@ -363,3 +366,31 @@ def test_a_capped_round_says_so_in_its_trace(tiny_checkpoint):
     res = rt.generate([1, 2, 3, 4], max_new_tokens=40, mode="speculative", stop_at_eos=False)
     drafted = [r for r in res.rounds if r.drafted]
     assert drafted[0].stop_reason == "length_cap" and len(drafted[0].drafted) == 2
+
+
+def test_a_rounds_first_draft_pass_is_predicted_apart_from_the_rest():
+    """The first pass of a round follows a verification (the draft layers' weights left the cache) and
+    carries the round's planning: the controller times it apart, so short probe rounds, made almost only
+    of first passes, do not make every drafted token look as dear as they are."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import MIN_TIMINGS, AcceptanceStats, SpeculationController
+
+    host = HostCosts(layer_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, head_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, num_layers=8)
+    ctl = SpeculationController(host, 8, AcceptanceStats({2: 0.9}), depths=(2,), draft_variant="guess")
+    raw = ctl.raw_draft_step_ms(2)  # 2 layers + the head: 3 ms
+    for _ in range(MIN_TIMINGS):  # a first pass at 3x its prediction, then 4 drafts at 1x
+        ctl.record_round(2, 5, draft_ms=3 * raw + 4 * raw, verify_ms=1.0, rest_ms=4 * raw, rest_drafts=4)
+    assert ctl.draft_first_ms(2) == pytest.approx(3 * raw) and ctl.draft_step_ms(2) == pytest.approx(raw)
+    assert ctl.draft_round_ms(2, 8) == pytest.approx(3 * raw + 7 * raw) and ctl.draft_round_ms(2, 0) == 0.0
+    other = SpeculationController(host, 8, AcceptanceStats({2: 0.9}), depths=(2,), timings=ctl.timings)
+    assert other.draft_step_ms(2) == pytest.approx(raw)  # one-token-pass requests keep their own timings
+    for _ in range(MIN_TIMINGS):  # a drafter that does not time passes apart: every token alike
+        other.record_round(2, 4, draft_ms=8 * raw, verify_ms=1.0)
+    assert other.draft_first_ms(2) == pytest.approx(2 * raw) and other.draft_step_ms(2) == pytest.approx(2 * raw)
+    # a first pass that checked a guess fed 3 rows: it is judged against a 3-row pass
+    third = SpeculationController(host, 8, AcceptanceStats({2: 0.9}), depths=(2,), draft_variant="rows")
+    three_rows = third.draft_pass_ms(2, 3)
+    assert three_rows > raw
+    for _ in range(MIN_TIMINGS):
+        third.record_round(2, 3, draft_ms=three_rows, verify_ms=1.0, rest_ms=0.0, rest_drafts=0, first_rows=3)
+    assert third.draft_first_ms(2) == pytest.approx(raw)

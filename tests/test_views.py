@@ -175,13 +175,14 @@ def make_speculative() -> GenerationResult:
 
     rounds = [
         SpecRound(index=0, position=3, drafter="self", depth=2, drafted=[5, 6, 7], accepted=1, stop_reason="max_len",
-                  draft_ms=1.0, verify_ms=2.0, q_probs=[0.9, 0.6, 0.5], p_probs=[0.8, 0.1], predicted_gain=1.234),
+                  draft_ms=1.0, verify_ms=2.0, q_probs=[0.9, 0.6, 0.5], p_probs=[0.8, 0.1], predicted_gain=1.234,
+                  draft_passes=2, guessed=1),
         SpecRound(index=1, position=5, drafter="none", depth=0, drafted=[], accepted=0, stop_reason="off",
                   draft_ms=0.0, verify_ms=1.5, q_probs=[], p_probs=[], predicted_gain=0.9),
         SpecRound(index=2, position=6, drafter="lookup", depth=0, drafted=[11, 12], accepted=2,
                   stop_reason="predicted_reject", draft_ms=0.1, verify_ms=2.5, q_probs=[1.0, 1.0], p_probs=[0.7, 0.4]),
         SpecRound(index=3, position=8, drafter="self", depth=2, drafted=[13], accepted=0, stop_reason="eos",
-                  draft_ms=0.5, verify_ms=1.0, q_probs=[0.3], p_probs=[0.01]),
+                  draft_ms=0.5, verify_ms=1.0, q_probs=[0.3], p_probs=[0.01], draft_passes=1),
     ]
     emitted = [(4, None, "", "x"), (5, 0, "draft", "a"), (9, 0, "correction", "<i>"), (10, 1, "verified", "\n"),
                (11, 2, "draft", "b"), (12, 2, "draft", "c"), (14, 3, "correction", "d")]
@@ -277,7 +278,7 @@ def test_rounds_table_and_speculative_ledger():
     assert "predicted_reject" in table and "<td" in table and "&lt;script&gt;" in table and "<script>" not in table
     row0 = table.split("<tbody>")[1].split("</tr>")[0]
     cells = [c.split(">", 1)[1].split("</td")[0] for c in row0.split("<td")[1:]]
-    assert cells[:10] == ["0", "3", "self", "2", "3", "1", "max_len", "1.23", "1.00", "2.00"]
+    assert cells[:11] == ["0", "3", "self", "2", "3", "1", "max_len", "1.23", "2 (1)", "1.00", "2.00"]
     rows = table.split("<tbody>")[1].split("</tr>")
     assert "<td style=\"padding:1px 6px\">off</td><td style=\"padding:1px 6px\">0.90</td>" in rows[1]  # why it was off
     assert ">lookup<" in rows[2] and ">predicted_reject</td><td style=\"padding:1px 6px\">–<" in rows[2]  # not evaluated
@@ -325,3 +326,5 @@ def test_the_speculative_headline_says_how_many_emitted_tokens_joined_the_draft_
     res.stats["draft_vocab_added"] = 3
     line = sv.headline(res)
     assert "knobs: drafter=self" in line and "3 emitted tokens joined the draft shortlist" in line
+    # rounds 0 and 3: 3 + 1 drafts from 2 + 1 passes, one of them a context guess checked in round 0's pass
+    assert "4 model drafts from 3 draft passes (1 were context guesses" in line
