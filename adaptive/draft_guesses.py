@@ -65,9 +65,9 @@ def latest_continuation(tokens: list[int], starts, length: int) -> list[int]:
 class GuessLength:
     """How many guessed tokens a draft pass should check: as many as maximise drafts per millisecond.
 
-    A pass of r rows costs ``pass_ms(r)`` (measured layer and head costs at r positions: on some hosts a
-    second row costs almost nothing, on others, where small matrix products take a slower kernel than a
-    single row's, nearly as much as the first). A guess of g tokens, each agreeing with probability beta
+    A pass of r rows costs ``pass_ms(r)`` (measured: on some hosts a second row costs almost nothing, on
+    others, where small matrix products take a slower kernel than a single row's, nearly as much as the
+    first; a row count whose passes turn out dear in the decode loop stops being chosen). A guess of g tokens, each agreeing with probability beta
     given that the ones before it did, drafts 1 + beta + ... + beta^g tokens on average; g = 0 (one row,
     no guess) is always a candidate, so guessing switches itself off where it does not pay. beta is this
     request's running agreement, with a prior worth ``PRIOR_WEIGHT`` guessed tokens.
@@ -76,10 +76,11 @@ class GuessLength:
     PRIOR, PRIOR_WEIGHT = 0.6, 8
 
     def __init__(self, pass_ms):
-        self.pass_ms = pass_ms  # (depth, rows) -> predicted ms of one draft pass
+        # (depth, rows) -> predicted ms of one draft pass (SpeculationController.measured_pass_ms: the
+        # start-up costs corrected by passes measured in rounds, so it follows them as they come in)
+        self.pass_ms = pass_ms
         self.agreed: dict[int, int] = {}  # per draft depth: guessed tokens the draft agreed with ...
         self.compared: dict[int, int] = {}  # ... of those it was compared with
-        self._costs: dict[int, list[float]] = {}  # depth -> pass_ms for 1..n rows, filled as needed
 
     def beta(self, depth: int) -> float:
         return ((self.agreed.get(depth, 0) + self.PRIOR_WEIGHT * self.PRIOR)
@@ -93,9 +94,7 @@ class GuessLength:
         """The guess length (0..room) with the most expected drafts per predicted ms."""
         if room <= 0:
             return 0
-        costs = self._costs.setdefault(depth, [])
-        while len(costs) < room + 1:
-            costs.append(self.pass_ms(depth, len(costs) + 1))
+        costs = [self.pass_ms(depth, rows) for rows in range(1, room + 2)]
         beta = self.beta(depth)
         best_rate, best = 1.0 / costs[0], 0
         expected, p = 1.0, 1.0

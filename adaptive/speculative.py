@@ -305,6 +305,14 @@ class SpeculationController:
             head *= self.draft_head_ms / self.host.head()
         return self.host.layers(depth, rows) + head
 
+    def measured_pass_ms(self, depth: int, rows: int) -> float:
+        """``draft_pass_ms`` corrected by what passes of that many rows took in rounds (after their first
+        pass): on some hosts extra rows cost far more inside the decode loop than at start-up."""
+        return self.draft_pass_ms(depth, rows) * self.timings.get(("pass", depth, rows))
+
+    def record_pass(self, depth: int, rows: int, measured_ms: float) -> None:
+        self.timings.record(("pass", depth, rows), measured_ms, self.draft_pass_ms(depth, rows))
+
     def _verify_ms(self, depth: int, k: int) -> float:
         start = depth if depth > 0 else 0  # without a shallow path the verifier runs every layer
         return self.host.layers(self.L - start, max(k, 1)) + self.host.head(max(k, 1))
@@ -471,6 +479,7 @@ class SelfDrafter:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
             guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, limit - j - 1))
             fed = [token] + guess
+            started = time.perf_counter()
             if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
                 h, confs, drafted = native.draft_greedy(fed, pos + j, depth, dec.cache, head.heads.adapter(depth),
                                                         head.weight_t, head.ids)
@@ -496,6 +505,8 @@ class SelfDrafter:
                 dec.cache.crop(pos + j + used)  # only layers < depth hold these rows
             recent.extend(drafted[:used])
             token = drafted[used - 1]
+            if log.passes:  # a round's first pass costs more (see Draft.rest_ms): time only the others
+                dec.controller.record_pass(depth, len(fed), (time.perf_counter() - started) * 1000)
             log.pass_done(len(fed))
         return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
 
@@ -615,7 +626,7 @@ class SpeculativeDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
                  controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
                  draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None,
-                 datastore=None, guess_drafts: bool = True):
+                 datastore=None, guess_drafts: bool = False):
         super().__init__(model, costs, max_len)
         if drafter not in DRAFTERS:
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -630,8 +641,8 @@ class SpeculativeDecoder(Decoder):
         self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
         self.ngrams = ContextNgrams()  # the same tokens' n-grams, for the self drafter's guesses
-        self.guess_drafts = guess_drafts  # False: the self drafter feeds one token per pass (for comparison)
-        self.guesses = GuessLength(controller.draft_pass_ms)
+        self.guess_drafts = guess_drafts  # True: greedy self-drafting checks context guesses in its passes
+        self.guesses = GuessLength(controller.measured_pass_ms)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
 

@@ -9,6 +9,7 @@ from adaptive import Runtime
 from adaptive.draft_guesses import ContextNgrams, GuessLength
 from adaptive.errors import InvalidRequestError
 from adaptive.host_costs import HostCosts
+from adaptive.speculative import RoundTimings
 from adaptive.trace import SpecRound, TraceFormatError
 
 from conftest import make_model, prefilled_speculative_decoder, random_prompt
@@ -47,11 +48,19 @@ def test_guess_length_pays_only_where_rows_are_cheap():
     assert fifth.choose(3, 6) >= 1  # agreement is kept per depth
 
 
+class _StartupCostsStand(RoundTimings):
+    """Round timings that never correct the start-up costs."""
+
+    def get(self, key):
+        return 1.0
+
+
 def cheap_rows(rt) -> Runtime:
-    """Fix the runtime's host costs to ones where another row in a pass costs 5%: guess lengths (and so
-    this test) must not hang on how this machine's timings came out."""
+    """Fix the runtime's costs to ones where another row in a pass costs 5%, whatever rounds measure:
+    guess lengths (and so this test) must not hang on how this machine's timings came out."""
     widths = {1: 1.0, 2: 1.05, 4: 1.15, 8: 1.35}
     rt._host_costs = HostCosts(layer_ms=dict(widths), head_ms=dict(widths), num_layers=rt.spec.num_layers)
+    rt.round_timings = _StartupCostsStand()
     return rt
 
 
@@ -96,7 +105,7 @@ def test_a_wrong_guess_costs_rows_but_never_leaks_into_the_cache_or_the_draft(fa
     expected = reference.self_drafter.draft(reference, t0, 2, 5)
 
     vocab = rt.spec.vocab_size
-    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5)
+    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=True)
     dec.guesses.choose = lambda depth, room: room  # always check as long a guess as the round allows
     # always wrong: one past the token the draft chooses next (each pass then drafts exactly one token)
     dec.ngrams = _StubNgrams(lambda call: [(t + 1) % vocab for t in expected.tokens[call:]])
@@ -115,7 +124,7 @@ def test_a_right_guess_drafts_the_whole_block_in_one_pass():
     prompt = random_prompt(6, seed=5)
     reference, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=False)
     expected = reference.self_drafter.draft(reference, t0, 2, 5)
-    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5)
+    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=True)
     dec.guesses.choose = lambda depth, room: room
     dec.ngrams = _StubNgrams(lambda call: list(expected.tokens))  # the draft's own tokens, from the start
     draft = dec.self_drafter.draft(dec, t0, 2, 5)
@@ -124,8 +133,10 @@ def test_a_right_guess_drafts_the_whole_block_in_one_pass():
     assert dec.cache.fill[:2] == [len(prompt) + len(draft.tokens)] * 2
 
 
-def test_guess_drafts_must_be_a_bool():
-    rt = Runtime.from_model(make_model("llama"))
+def test_guess_drafts_are_opt_in_and_must_be_a_bool():
+    rt = cheap_rows(Runtime.from_model(make_model("llama")))
+    plain = rt.generate(random_prompt(5, 1) * 3, max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=6)
+    assert plain.stats["guess_drafts"] is False and all(r.guessed == 0 for r in plain.rounds)
     with pytest.raises(InvalidRequestError, match="guess_drafts"):
         rt.generate(random_prompt(3, 0), max_new_tokens=4, mode="speculative", guess_drafts="yes")
 

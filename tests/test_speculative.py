@@ -394,3 +394,18 @@ def test_a_rounds_first_draft_pass_is_predicted_apart_from_the_rest():
     for _ in range(MIN_TIMINGS):
         third.record_round(2, 3, draft_ms=three_rows, verify_ms=1.0, rest_ms=0.0, rest_drafts=0, first_rows=3)
     assert third.draft_first_ms(2) == pytest.approx(raw)
+
+
+def test_pass_costs_follow_what_passes_measured_in_rounds():
+    """Guess lengths are chosen from pass costs corrected by passes timed in the decode loop: a row count
+    that turns out dear there is priced as it ran."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import MIN_TIMINGS, AcceptanceStats, SpeculationController
+
+    host = HostCosts(layer_ms={1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2}, head_ms={1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2}, num_layers=8)
+    ctl = SpeculationController(host, 8, AcceptanceStats({2: 0.9}), depths=(2,))
+    assert ctl.measured_pass_ms(2, 4) == pytest.approx(ctl.draft_pass_ms(2, 4))
+    for _ in range(MIN_TIMINGS):
+        ctl.record_pass(2, 4, 3 * ctl.draft_pass_ms(2, 4))
+    assert ctl.measured_pass_ms(2, 4) == pytest.approx(3 * ctl.draft_pass_ms(2, 4))
+    assert ctl.measured_pass_ms(2, 1) == pytest.approx(ctl.draft_pass_ms(2, 1))  # other row counts keep theirs
