@@ -284,7 +284,7 @@ class SpeculationController:
                 self.timings.record(("draft_first", depth, variant), draft_ms, drafted * raw)
                 self.timings.record(("draft", depth, variant), draft_ms, drafted * raw)
             else:
-                first_raw = raw if depth < 1 else raw * self.draft_pass_ms(depth, first_rows) / self.draft_pass_ms(depth, 1)
+                first_raw = self.draft_pass_ms(depth, first_rows) if depth >= 1 else raw
                 self.timings.record(("draft_first", depth, variant), draft_ms - rest_ms, first_raw)
                 if rest_drafts:
                     self.timings.record(("draft", depth, variant), rest_ms, rest_drafts * raw)
@@ -295,14 +295,15 @@ class SpeculationController:
             return 0.0  # an n-gram search: no model call
         if depth == DRAFT_MODEL_KEY:
             return self.draft_model_step_ms or 0.0
-        return self.host.layers(depth) + (self.draft_head_ms if self.draft_head_ms is not None else self.host.head())
+        return self.draft_pass_ms(depth, 1)
 
     def draft_pass_ms(self, depth: int, rows: int) -> float:
         """Predicted ms of one self-draft pass over ``rows`` positions: layers [0, depth) and the draft head
         (the shortlist head's measured single-row cost, scaled with rows as the full head scales)."""
-        head = self.host.head(rows)
-        if self.draft_head_ms is not None:
-            head *= self.draft_head_ms / self.host.head()
+        if self.draft_head_ms is None:
+            head = self.host.head(rows)
+        else:
+            head = self.draft_head_ms if rows == 1 else self.draft_head_ms * self.host.head(rows) / self.host.head()
         return self.host.layers(depth, rows) + head
 
     def measured_pass_ms(self, depth: int, rows: int) -> float:
@@ -640,7 +641,7 @@ class SpeculativeDecoder(Decoder):
         # The draft shortlist grows with the sequence: every emitted token joins it (ShortlistHead.add).
         self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
         self.context: list[int] = []  # every token fed so far (prompt + emitted, excluding the pending t0)
-        self.ngrams = ContextNgrams()  # the same tokens' n-grams, for the self drafter's guesses
+        self.ngrams = ContextNgrams(self.context)  # their n-grams, for the self drafter's guesses
         self.guess_drafts = guess_drafts  # True: greedy self-drafting checks context guesses in its passes
         self.guesses = GuessLength(controller.measured_pass_ms)
         self.rounds: list[SpecRound] = []
@@ -648,8 +649,7 @@ class SpeculativeDecoder(Decoder):
 
     def prefill(self, prompt_ids: torch.Tensor):
         self.context = prompt_ids[0].tolist()
-        self.ngrams = ContextNgrams()
-        self.ngrams.extend(self.context)
+        self.ngrams = ContextNgrams(self.context)
         return super().prefill(prompt_ids)
 
     def draw(self, logits: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None, float, float]:
@@ -769,9 +769,7 @@ class SpeculativeDecoder(Decoder):
         self.cache.crop(new_pos)
         if self.draft_model is not None:
             self.draft_model.rollback(new_pos)
-        committed = [t0] + [e.token for e in emitted[:-1]]
-        self.context.extend(committed)
-        self.ngrams.extend(committed)
+        self.context.extend([t0] + [e.token for e in emitted[:-1]])
         self.draft_head.add([e.token for e in emitted])  # after the round: each draft's q stays as drawn
         self.pos = new_pos
         self.rounds.append(SpecRound(

@@ -28,6 +28,14 @@ def test_context_ngrams_guess_the_latest_full_continuation_of_the_longest_ngram(
     assert ngrams.guess([6], 2) == [6, 1]
 
 
+def test_context_ngrams_read_their_owners_list_as_it_grows():
+    committed = [1, 2, 3, 1, 2]
+    ngrams = ContextNgrams(committed)  # shared, not copied: the decoder appends, the index catches up
+    assert ngrams.guess([2], 1) == [3]  # the latest (2,) ends the list: nothing after it yet
+    committed.append(4)
+    assert ngrams.guess([2], 1) == [4] and ngrams.tokens is committed
+
+
 def test_context_ngrams_refuse_bad_sizes():
     with pytest.raises(ValueError):
         ContextNgrams(max_ngram=2, min_ngram=3)
@@ -92,9 +100,6 @@ class _StubNgrams:
     def guess(self, tail, length):
         self.calls += 1
         return self.guess_fn(self.calls - 1)[:length]
-
-    def extend(self, tokens):
-        pass
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
