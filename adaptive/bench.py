@@ -33,6 +33,7 @@ from .speculation_ceiling import depth_ceilings
 
 CONTROL_ROW = "full_control"
 GUESS_ROW = "self_guess"  # a --speculative entry: the self drafter with guess_drafts=True
+OVERLAP_ROW = "self_overlap"  # a --speculative entry: the self drafter with overlap=True
 RANDOM_LLAMA = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                     intermediate_size=688, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=True)
 DEFAULT_PROMPTS = [
@@ -92,7 +93,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit rows")
     p.add_argument("--speculative", default="self,lookup",
                    help=f"speculative drafters to measure (comma-separated; '' for none; {GUESS_ROW}: self-drafting "
-                        "that checks context guesses in its passes, guess_drafts=True)")
+                        f"that checks context guesses in its passes, guess_drafts=True; {OVERLAP_ROW}: self-drafting "
+                        "that drafts the next block while a worker thread verifies, overlap=True)")
     p.add_argument("--hf-assistant", action=argparse.BooleanOptionalAction, default=True,
                    help="HF generate() with assistant_early_exit and prompt_lookup_num_tokens=10")
     p.add_argument("--paths", action=argparse.BooleanOptionalAction, default=False,
@@ -192,7 +194,8 @@ def run(args) -> dict:
         for thr in (float(t) for t in args.thresholds.split(",") if t):
             rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
     for drafter in (d for d in args.speculative.split(",") if d):
-        options = {"drafter": "self", "guess_drafts": True} if drafter == GUESS_ROW else {"drafter": drafter}
+        options = ({"drafter": "self", "guess_drafts": True} if drafter == GUESS_ROW else
+                   {"drafter": "self", "overlap": True} if drafter == OVERLAP_ROW else {"drafter": drafter})
         rows.append(Row(f"speculative_{drafter}", "speculative", options))
     # (getattr: callers such as finalize-model build their own Namespace without these newer options)
     if getattr(args, "paths", False):

@@ -6,6 +6,7 @@ the checkpoint's tokenizer) or a list of token ids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -21,7 +22,8 @@ from .decoding import Decoder, FullDecoder, StepOutcome
 from .early_exit import EarlyExitDecoder
 from .draft_vocab import DRAFT_VOCAB_FILE, load_ranking, shortlist
 from .host_costs import HostCosts, measure_head_rows
-from .speculative import CALIBRATED_PRIOR_WEIGHT, AcceptanceStats, DraftModelDrafter, RoundTimings, SpeculationController, SpeculativeDecoder
+from .speculative import (CALIBRATED_PRIOR_WEIGHT, AcceptanceStats, DraftModelDrafter, RoundTimings,
+                          SpeculationController, SpeculativeDecoder, single_threaded_ops)
 from .errors import CheckpointError, ContextLengthError, InvalidRequestError
 from .calibration import CERTIFICATE_FILE, PROJECTION_FILL, Certificate
 from .exit_classifier import CLASSIFIER_FILE, ExitClassifier
@@ -42,7 +44,7 @@ EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_laye
                     "vocab_exit", "vocab_exit_size", "threshold_offsets", "exit_adapters")
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
-                     "datastore", "guess_drafts")
+                     "datastore", "guess_drafts", "overlap")
 DEFAULT_DRAFT_VOCAB_SIZE = 2048
 
 
@@ -261,17 +263,21 @@ class Runtime:
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
                                            draft_head_ms=draft_head_ms, timings=self.round_timings,
                                            draft_variant="guess" if guess_drafts and sampler.config.greedy else "")
+        overlap = knobs.get("overlap", False)  # off by default: see README, "Overlapped verification"
+        if not isinstance(overlap, bool):
+            raise InvalidRequestError(f"overlap must be true or false, got {overlap!r}")
         use_store = knobs.get("datastore", True)
         if not isinstance(use_store, bool):
             raise InvalidRequestError(f"datastore must be true or false, got {use_store!r}")
         datastore = self.datastore if use_store and drafter == "lookup" else None
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
                                      draft_model=draft_model, draft_ids=draft_ids, datastore=datastore,
-                                     guess_drafts=guess_drafts)
+                                     guess_drafts=guess_drafts, overlap=overlap)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
                     "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
                     "draft_vocab": int(draft_ids.numel()) if draft_ids is not None else self.spec.vocab_size,
                     "guess_drafts": guess_drafts and sampler.config.greedy,
+                    "overlap": decoder.overlap,
                     "exit_heads": self.heads.source,
                     "datastore": f"{len(datastore)} 3-grams ({datastore.source})" if datastore is not None else None}
         return decoder, settings
@@ -603,6 +609,11 @@ class Runtime:
     def _speculative_records(self, decoder: SpeculativeDecoder, t0: int, max_new_tokens: int, eos: set[int],
                              traces: list[TokenTrace]):
         """Rounds of draft + verify after the first token; yields one TokenTrace per emitted token."""
+        with single_threaded_ops() if decoder.overlap else contextlib.nullcontext():
+            return (yield from self._rounds(decoder, t0, max_new_tokens, eos, traces))
+
+    def _rounds(self, decoder: SpeculativeDecoder, t0: int, max_new_tokens: int, eos: set[int],
+                traces: list[TokenTrace]):
         L = self.spec.num_layers
         last = time.perf_counter()
         while True:

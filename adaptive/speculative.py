@@ -26,10 +26,12 @@ step) when its predicted gain is < 1.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +75,62 @@ DRAFT_SHORTLIST_SPARE = 256  # room for tokens the sequence adds to the draft sh
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
 
 
+# ---- overlapped verification ----------------------------------------------------------------------------
+# Batch-1 decoding on a CPU leaves cores idle: one layer's small products gain little from a second thread
+# (the bundled model's full step: ~2.2-2.5 ms on 1 or 2 threads of a 2-core host). So while a worker thread
+# verifies a draft (layers [d, L) over its k positions, one thread), the decoding thread drafts the next
+# block on the other core, as if every draft of this one will be accepted (the next block starts from t_k
+# at position pos + k). The two touch different layers' K/V (the draft writes layers < d beyond the
+# block, the verifier layers >= d inside it), so they never race. If the verifier keeps all k drafts the
+# next round verifies that block at once, without drafting first; otherwise the block is dropped (its
+# positions are cropped from the cache and its compute is still counted). Ad-hoc, on that host: 8 depth-3
+# draft passes then a verification of 8 positions took 10.7-11.8 ms in sequence at 2 threads, 5.4-6.8 ms
+# overlapped (1 thread each); 8 full-depth steps took 17.5-22.7 ms. Inside the decode loop the two sides
+# slow each other down (a verification of 8 positions: 5.4 ms on the worker against 3.8 ms alone, drafts
+# 1.00 against 0.86 ms each, from sharing memory bandwidth), and a block drafted ahead is dropped whenever
+# a draft before it is rejected: whole generations came out even with sequential rounds (1.42-1.63x
+# against 1.54-1.62x full's speed), so it is opt-in (``overlap=True``) until it pays.
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_verifier_lock = threading.Lock()
+_verifier: ThreadPoolExecutor | None = None
+
+
+def verifier_pool() -> ThreadPoolExecutor:
+    """The one worker thread that runs overlapped verifications (shared: concurrent requests queue there)."""
+    global _verifier
+    with _verifier_lock:
+        if _verifier is None:
+            _verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptive-verify")
+        return _verifier
+
+
+class single_threaded_ops:
+    """torch intra-op threads set to 1 for the block (restored after): the overlapped draft and
+    verification each take one core instead of both asking for all of them.
+
+    Held for a whole request (``Runtime._speculative_records``), not toggled per round: an intra-op pool
+    woken by a 2-thread step keeps a thread spinning on the core the other side needs. Ad-hoc: an
+    overlapped round took 4.1-7.6 ms with 1 thread throughout (or after one switch), 12-15.5 ms when a
+    2-thread step ran between rounds. One thread costs little elsewhere: 8 full steps took 18.7-20.1 ms on
+    1 thread against 17.5-22.7 ms on 2."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        if self.threads != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
+
+
 @dataclass
 class Draft:
     tokens: list[int]  # t1..tk
@@ -93,6 +151,7 @@ class Draft:
     rest_ms: float | None = None
     rest_drafts: int = 0
     first_rows: int = 1  # positions the first pass fed (1 + the guess it checked)
+    ahead: bool = False  # drafted while the previous round verified (its time is inside that round's)
 
     @property
     def stats_key(self) -> int:
@@ -471,11 +530,18 @@ class SelfDrafter:
                 break
         return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
 
-    def _draft_greedy(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int) -> Draft:
+    def _draft_greedy(self, dec: "SpeculativeDecoder", t0: int, depth: int, limit: int,
+                      ahead_of: tuple[int, list[int]] | None = None, done=None) -> Draft:
+        """Greedy drafting from t0 at ``dec.pos``. ``ahead_of`` = (pos, tokens before t0 not yet in the
+        context): a block drafted ahead from that position while a verification runs (see
+        ``verifier_pool``); ``done()`` True ends it ("verified": the verification it overlapped finished)."""
         pos, head, ngrams = dec.pos, dec.draft_head, dec.ngrams
+        recent = dec.context[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
+        if ahead_of is not None:
+            pos, before = ahead_of
+            recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]
         log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, None
         native = dec.native_draft()
-        recent = dec.context[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
         while stop is None:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
             guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, limit - j - 1))
@@ -506,10 +572,15 @@ class SelfDrafter:
                 dec.cache.crop(pos + j + used)  # only layers < depth hold these rows
             recent.extend(drafted[:used])
             token = drafted[used - 1]
-            if log.passes:  # a round's first pass costs more (see Draft.rest_ms): time only the others
+            if log.passes and ahead_of is None:  # a round's first pass costs more (Draft.rest_ms); an
+                # overlapped pass shares the machine with a verification: time neither
                 dec.controller.record_pass(depth, len(fed), (time.perf_counter() - started) * 1000)
             log.pass_done(len(fed))
-        return log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
+            if stop is None and done is not None and done():
+                stop = "verified"
+        draft = log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
+        draft.ahead = ahead_of is not None
+        return draft
 
     @staticmethod
     def _python_pass(dec: "SpeculativeDecoder", fed: list[int], pos: int, depth: int):
@@ -627,7 +698,7 @@ class SpeculativeDecoder(Decoder):
     def __init__(self, model: LeanModel, costs: CostModel, max_len: int, heads: ExitHeads,
                  controller: SpeculationController, sampler: Sampler, drafter: str, eos: set[int],
                  draft_model: DraftModelDrafter | None = None, draft_ids: torch.Tensor | None = None,
-                 datastore=None, guess_drafts: bool = False):
+                 datastore=None, guess_drafts: bool = False, overlap: bool = False):
         super().__init__(model, costs, max_len)
         if drafter not in DRAFTERS:
             raise InvalidRequestError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -646,6 +717,12 @@ class SpeculativeDecoder(Decoder):
         self.guesses = GuessLength(controller.measured_pass_ms)
         self.rounds: list[SpecRound] = []
         self.max_len = max_len
+        # Draft the next block while a worker verifies this one (see verifier_pool): greedy self-drafting
+        # with the C++ layer loop, on a machine with a core to spare.
+        self.overlap = (overlap and drafter == "self" and sampler.config.greedy and usable_cores() >= 2
+                        and self.draft_head.weight_t is not None)
+        self.pending: Draft | None = None  # the block drafted ahead, kept when every draft before it was
+        self.pending_ms = 0.0  # and the time drafting it took
 
     def prefill(self, prompt_ids: torch.Tensor):
         self.context = prompt_ids[0].tolist()
@@ -725,7 +802,9 @@ class SpeculativeDecoder(Decoder):
         start = time.perf_counter()
         draft: Draft | None = None
         self.controller.plain_reason, self.controller.last_gain = "off", None
-        if limit >= 2:  # a one-token draft can never emit more than a plain step
+        if self.pending is not None:  # drafted from this t0 at this position during the last verification
+            draft, self.pending = self.pending, None
+        elif limit >= 2:  # a one-token draft can never emit more than a plain step
             if self.free_drafter is not None:  # free to try; falls back to model drafting when nothing matches
                 draft = self.free_drafter.draft(self, t0, limit)
             if draft is None:
@@ -733,7 +812,7 @@ class SpeculativeDecoder(Decoder):
                 if depth is not None:
                     drafter = self.draft_model or self.self_drafter
                     draft = drafter.draft(self, t0, depth, limit)
-        draft_ms = (time.perf_counter() - start) * 1000
+        draft_ms = self.pending_ms if draft is not None and draft.ahead else (time.perf_counter() - start) * 1000
 
         start = time.perf_counter()
         k = len(draft.tokens) if draft else 0
@@ -742,11 +821,27 @@ class SpeculativeDecoder(Decoder):
         else:
             fed = [t0] + (draft.tokens[:-1] if draft else [])
             x, first_layer = model.embed(torch.tensor([fed], device=model.device), pos), 0
-        h = model.run_layers(x, first_layer, L, pos, self.cache)
-        logits = model.head(h)[0]  # (max(k, 1), V)
+        ahead_limit = min(remaining - k, self.max_len - (pos + k))  # the next round's limit if all k are kept
+        ahead: Draft | None = None
+        if (self.overlap and draft is not None and draft.drafter == "self" and ahead_limit >= 2
+                and draft.tokens[-1] not in self.eos and self.native_draft() is not None):
+            verification = verifier_pool().submit(self._verify_pass, x, first_layer, pos)
+            try:
+                ahead_start = time.perf_counter()
+                ahead = self.self_drafter._draft_greedy(self, draft.tokens[-1], draft.depth, ahead_limit,
+                                                        ahead_of=(pos + k, [t0] + draft.tokens[:-1]),
+                                                        done=verification.done)
+                ahead_ms = (time.perf_counter() - ahead_start) * 1000
+            finally:  # never leave the worker writing this cache after an error here
+                logits = verification.result()
+        else:
+            logits = self._verify_pass(x, first_layer, pos)
         n_pos = max(k, 1)
-        macs = (draft.macs if draft else 0) + self.costs.head_macs * n_pos + sum(
-            self.costs.layers_macs(first_layer, L, p) for p in range(pos, pos + n_pos))
+        macs = (draft.macs if draft and not draft.ahead else 0)  # an ahead draft was counted in its round
+        macs += self.costs.head_macs * n_pos + sum(self.costs.layers_macs(first_layer, L, p)
+                                                   for p in range(pos, pos + n_pos))
+        if ahead is not None:  # counted whether it is kept or dropped
+            macs += ahead.macs
         if draft is None:
             emitted = [Emitted(self.sampler.sample(logits[0]), "verified")]
             accepted, p_probs = 0, []
@@ -760,13 +855,18 @@ class SpeculativeDecoder(Decoder):
             self.controller.stats.record(draft.stats_key, draft.confidences[:evaluated], verdicts)
             self.controller.observe(draft.stats_key, verdicts)
         verify_ms = (time.perf_counter() - start) * 1000
-        self.controller.record_round(draft.stats_key if draft else None, k, draft_ms, verify_ms,
-                                     draft.rest_ms if draft else None, draft.rest_drafts if draft else 0,
-                                     draft.first_rows if draft else 1)
+        if ahead is None and not (draft is not None and draft.ahead):
+            # the controller's costs are those of rounds in sequence: overlapped ones would skew them
+            self.controller.record_round(draft.stats_key if draft else None, k, draft_ms, verify_ms,
+                                         draft.rest_ms if draft else None, draft.rest_drafts if draft else 0,
+                                         draft.first_rows if draft else 1)
 
         # Keep positions pos..pos+len(emitted)-1 (t0 and all emitted but the last, which is the next t0).
         new_pos = pos + len(emitted)
-        self.cache.crop(new_pos)
+        if ahead is not None and accepted == k:  # the block drafted ahead starts at new_pos, from t_k
+            self.pending, self.pending_ms = ahead, ahead_ms
+        else:  # (with a block ahead kept, every layer already holds exactly what it should)
+            self.cache.crop(new_pos)
         if self.draft_model is not None:
             self.draft_model.rollback(new_pos)
         self.context.extend([t0] + [e.token for e in emitted[:-1]])
@@ -778,5 +878,13 @@ class SpeculativeDecoder(Decoder):
             stop_reason=draft.stop_reason if draft else self.controller.plain_reason, draft_ms=draft_ms, verify_ms=verify_ms,
             q_probs=list(draft.q_probs) if draft else [], p_probs=p_probs,
             predicted_accept=list(draft.predicted_accept) if draft else [], predicted_gain=self.controller.last_gain,
-            draft_passes=draft.passes if draft else 0, guessed=draft.guessed if draft else 0))
+            draft_passes=draft.passes if draft else 0, guessed=draft.guessed if draft else 0,
+            drafted_ahead=draft is not None and draft.ahead, next_drafted=len(ahead.tokens) if ahead else 0))
         return emitted, macs
+
+    def _verify_pass(self, x: torch.Tensor, first_layer: int, pos: int) -> torch.Tensor:
+        """Layers [first_layer, L) over x (1, n, d) at positions [pos, pos + n), then the LM head: (n, V)."""
+        if threading.current_thread().name.startswith("adaptive-verify"):
+            torch.set_num_threads(1)  # the verifier thread (an overlapped round): one core, the drafter has the other
+        h = self.model.run_layers(x, first_layer, self.model.spec.num_layers, pos, self.cache)
+        return self.model.head(h)[0]

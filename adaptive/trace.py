@@ -107,6 +107,11 @@ class SpecRound:
     # same pass (SelfDrafter: a pass drafts one token plus each agreeing guessed token); 0 without a model
     draft_passes: int = 0
     guessed: int = 0
+    # Overlapped verification (speculative.verifier_pool): this round's draft was made while the previous
+    # round verified (its draft_ms is inside that round's verify_ms), and the drafts made for the next block
+    # while this round verified (kept only when every draft here was accepted)
+    drafted_ahead: bool = False
+    next_drafted: int = 0
 
     @property
     def judged(self) -> int:
@@ -125,7 +130,9 @@ class SpecRound:
         gain = d.get("predicted_gain")
         if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0):
             raise TraceFormatError(f"round {index}: 'predicted_gain' must be a number >= 0 or null")
-        for name in ("draft_passes", "guessed"):
+        if not isinstance(d.get("drafted_ahead", False), bool):
+            raise TraceFormatError(f"round {index}: 'drafted_ahead' must be true or false")
+        for name in ("draft_passes", "guessed", "next_drafted"):
             value = d.get(name, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TraceFormatError(f"round {index}: {name!r} must be an integer >= 0")

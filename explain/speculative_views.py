@@ -228,6 +228,10 @@ def headline(result: GenerationResult) -> str:
                      f"pass{'' if s.draft_passes == 1 else 'es'}"
                      + (f" ({s.guessed} were context guesses the shallow path agreed with in the same pass)"
                         if s.guessed else ""))
+    ahead = sum(1 for r in result.rounds if r.drafted_ahead)
+    if ahead or any(r.next_drafted for r in result.rounds):  # overlap=True: drafting beside verification
+        parts.append(f"{ahead} round{'' if ahead == 1 else 's'} verified a block drafted during the previous "
+                     f"verification ({sum(r.next_drafted for r in result.rounds)} drafts made that way in all)")
     knobs = [f"{k}={result.stats[k]}" for k in ("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab")
              if k in result.stats]
     if knobs:

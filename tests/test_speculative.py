@@ -409,3 +409,41 @@ def test_pass_costs_follow_what_passes_measured_in_rounds():
         ctl.record_pass(2, 4, 3 * ctl.draft_pass_ms(2, 4))
     assert ctl.measured_pass_ms(2, 4) == pytest.approx(3 * ctl.draft_pass_ms(2, 4))
     assert ctl.measured_pass_ms(2, 1) == pytest.approx(ctl.draft_pass_ms(2, 1))  # other row counts keep theirs
+
+
+def test_overlapped_verification_is_lossless_and_keeps_only_a_block_after_full_acceptance(family):
+    """overlap=True: the next block is drafted while a worker thread verifies; output is full's, a block drafted
+    ahead is used only after a round that kept every draft, and torch's thread count comes back."""
+    from adaptive import native_layers
+    from adaptive.speculative import usable_cores
+
+    threads = torch.get_num_threads()
+    used = dropped = 0
+    for agreeing in (False, True):
+        rt = Runtime.from_model(make_model(family))
+        rt.draft_ranking = list(range(rt.spec.vocab_size))  # a shortlist head (the overlapped drafter's)
+        # Layers >= 2 add nothing to the residual stream (the exit after 2 layers is full depth's: every
+        # draft kept), or they dominate it (drafts rejected, blocks drafted ahead dropped).
+        for lw in rt.model.w.layers[2:]:
+            for name in ("o_w", "o_b", "down_w", "down_b"):
+                if getattr(lw, name) is not None:
+                    getattr(lw, name).mul_(0.0 if agreeing else 100.0)
+        for seed, (length, new) in enumerate([(3, 40), (9, 33), (1, 48)]):
+            prompt = random_prompt(length, seed)
+            full = rt.generate(prompt, max_new_tokens=new).token_ids
+            for knobs in (dict(draft_depth=2, draft_length=3), dict(draft_depth=2)):
+                spec = rt.generate(prompt, max_new_tokens=new, mode="speculative", overlap=True, draft_vocab_size=40,
+                                   **knobs)
+                assert spec.token_ids == full
+                assert torch.get_num_threads() == threads
+                if any(r.drafted_ahead for r in spec.rounds):
+                    from explain.speculative_views import headline
+                    assert "verified a block drafted during the previous verification" in headline(spec)
+                for before, r in zip(spec.rounds, spec.rounds[1:]):
+                    if r.drafted_ahead:  # drafted during the previous verification, kept only after it kept all
+                        assert before.next_drafted == len(r.drafted) and before.accepted == len(before.drafted)
+                        used += 1
+                    elif before.next_drafted:
+                        dropped += 1
+    if native_layers.status() == "native" and usable_cores() >= 2:
+        assert used > 0 and dropped > 0  # both outcomes were exercised

@@ -52,3 +52,17 @@ def test_speculative_rounds_keep_the_predicted_gain_and_reject_a_bad_one():
     payload["rounds"][0]["predicted_gain"] = "fast"
     with pytest.raises(TraceFormatError, match="predicted_gain"):
         GenerationResult.from_json(json.dumps(payload))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"drafted_ahead": "yes"}, "drafted_ahead"),
+    ({"next_drafted": -1}, "next_drafted"),
+    ({"next_drafted": True}, "next_drafted"),
+])
+def test_a_round_with_bad_overlap_fields_is_refused(fields, message):
+    rt = Runtime.from_model(make_model("llama"))
+    res = rt.generate(random_prompt(5), max_new_tokens=6, mode="speculative", stop_at_eos=False)
+    payload = json.loads(res.to_json())
+    payload["rounds"][0].update(fields)
+    with pytest.raises(TraceFormatError, match=message):
+        GenerationResult.from_json(json.dumps(payload))
