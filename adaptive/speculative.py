@@ -106,7 +106,9 @@ def verifier_pool() -> ThreadPoolExecutor:
     global _verifier
     with _verifier_lock:
         if _verifier is None:
-            _verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptive-verify")
+            # one intra-op thread on the verifier's side (the drafter has the other core), set once for its thread
+            _verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptive-verify",
+                                           initializer=torch.set_num_threads, initargs=(1,))
         return _verifier
 
 
@@ -151,7 +153,13 @@ class Draft:
     rest_ms: float | None = None
     rest_drafts: int = 0
     first_rows: int = 1  # positions the first pass fed (1 + the guess it checked)
-    ahead: bool = False  # drafted while the previous round verified (its time is inside that round's)
+    # Drafting time of a block drafted while the previous round verified (its time lies inside that round's);
+    # None for a draft made in its own round
+    ahead_ms: float | None = None
+
+    @property
+    def ahead(self) -> bool:
+        return self.ahead_ms is not None
 
     @property
     def stats_key(self) -> int:
@@ -535,11 +543,10 @@ class SelfDrafter:
         """Greedy drafting from t0 at ``dec.pos``. ``ahead_of`` = (pos, tokens before t0 not yet in the
         context): a block drafted ahead from that position while a verification runs (see
         ``verifier_pool``); ``done()`` True ends it ("verified": the verification it overlapped finished)."""
-        pos, head, ngrams = dec.pos, dec.draft_head, dec.ngrams
-        recent = dec.context[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
-        if ahead_of is not None:
-            pos, before = ahead_of
-            recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]
+        drafting_started = time.perf_counter()
+        head, ngrams = dec.draft_head, dec.ngrams
+        pos, before = ahead_of if ahead_of is not None else (dec.pos, [])
+        recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
         log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, None
         native = dec.native_draft()
         while stop is None:
@@ -579,7 +586,8 @@ class SelfDrafter:
             if stop is None and done is not None and done():
                 stop = "verified"
         draft = log.draft(depth, torch.cat(hiddens, dim=1), stop, macs, self.name)
-        draft.ahead = ahead_of is not None
+        if ahead_of is not None:
+            draft.ahead_ms = (time.perf_counter() - drafting_started) * 1000
         return draft
 
     @staticmethod
@@ -722,7 +730,6 @@ class SpeculativeDecoder(Decoder):
         self.overlap = (overlap and drafter == "self" and sampler.config.greedy and usable_cores() >= 2
                         and self.draft_head.weight_t is not None)
         self.pending: Draft | None = None  # the block drafted ahead, kept when every draft before it was
-        self.pending_ms = 0.0  # and the time drafting it took
 
     def prefill(self, prompt_ids: torch.Tensor):
         self.context = prompt_ids[0].tolist()
@@ -812,7 +819,7 @@ class SpeculativeDecoder(Decoder):
                 if depth is not None:
                     drafter = self.draft_model or self.self_drafter
                     draft = drafter.draft(self, t0, depth, limit)
-        draft_ms = self.pending_ms if draft is not None and draft.ahead else (time.perf_counter() - start) * 1000
+        draft_ms = draft.ahead_ms if draft is not None and draft.ahead else (time.perf_counter() - start) * 1000
 
         start = time.perf_counter()
         k = len(draft.tokens) if draft else 0
@@ -827,11 +834,9 @@ class SpeculativeDecoder(Decoder):
                 and draft.tokens[-1] not in self.eos and self.native_draft() is not None):
             verification = verifier_pool().submit(self._verify_pass, x, first_layer, pos)
             try:
-                ahead_start = time.perf_counter()
                 ahead = self.self_drafter._draft_greedy(self, draft.tokens[-1], draft.depth, ahead_limit,
                                                         ahead_of=(pos + k, [t0] + draft.tokens[:-1]),
                                                         done=verification.done)
-                ahead_ms = (time.perf_counter() - ahead_start) * 1000
             finally:  # never leave the worker writing this cache after an error here
                 logits = verification.result()
         else:
@@ -864,7 +869,7 @@ class SpeculativeDecoder(Decoder):
         # Keep positions pos..pos+len(emitted)-1 (t0 and all emitted but the last, which is the next t0).
         new_pos = pos + len(emitted)
         if ahead is not None and accepted == k:  # the block drafted ahead starts at new_pos, from t_k
-            self.pending, self.pending_ms = ahead, ahead_ms
+            self.pending = ahead
         else:  # (with a block ahead kept, every layer already holds exactly what it should)
             self.cache.crop(new_pos)
         if self.draft_model is not None:
@@ -884,7 +889,5 @@ class SpeculativeDecoder(Decoder):
 
     def _verify_pass(self, x: torch.Tensor, first_layer: int, pos: int) -> torch.Tensor:
         """Layers [first_layer, L) over x (1, n, d) at positions [pos, pos + n), then the LM head: (n, V)."""
-        if threading.current_thread().name.startswith("adaptive-verify"):
-            torch.set_num_threads(1)  # the verifier thread (an overlapped round): one core, the drafter has the other
         h = self.model.run_layers(x, first_layer, self.model.spec.num_layers, pos, self.cache)
         return self.model.head(h)[0]

@@ -83,6 +83,8 @@ class SpecSummary:
     verify_ms: float
     draft_passes: int = 0  # model passes the drafts took
     guessed: int = 0  # drafts that came from a context guess the shallow path checked in the same pass
+    drafted_ahead: int = 0  # rounds that verified a block drafted during the previous verification (overlap)
+    next_drafted: int = 0  # drafts made during verifications for the block after them, kept or dropped
 
     @property
     def acceptance_rate(self) -> float:
@@ -161,7 +163,9 @@ def summary(result: GenerationResult) -> SpecSummary:
                        draft_ms=sum(r.draft_ms for r in result.rounds),
                        verify_ms=sum(r.verify_ms for r in result.rounds),
                        draft_passes=sum(r.draft_passes for r in result.rounds),
-                       guessed=sum(r.guessed for r in result.rounds))
+                       guessed=sum(r.guessed for r in result.rounds),
+                       drafted_ahead=sum(1 for r in result.rounds if r.drafted_ahead),
+                       next_drafted=sum(r.next_drafted for r in result.rounds))
 
 
 # ---- token view -------------------------------------------------------------------------------------------
@@ -228,10 +232,9 @@ def headline(result: GenerationResult) -> str:
                      f"pass{'' if s.draft_passes == 1 else 'es'}"
                      + (f" ({s.guessed} were context guesses the shallow path agreed with in the same pass)"
                         if s.guessed else ""))
-    ahead = sum(1 for r in result.rounds if r.drafted_ahead)
-    if ahead or any(r.next_drafted for r in result.rounds):  # overlap=True: drafting beside verification
-        parts.append(f"{ahead} round{'' if ahead == 1 else 's'} verified a block drafted during the previous "
-                     f"verification ({sum(r.next_drafted for r in result.rounds)} drafts made that way in all)")
+    if s.next_drafted:  # overlap=True: drafting beside verification
+        parts.append(f"{s.drafted_ahead} round{'' if s.drafted_ahead == 1 else 's'} verified a block drafted "
+                     f"during the previous verification ({s.next_drafted} drafts made that way in all)")
     knobs = [f"{k}={result.stats[k]}" for k in ("drafter", "draft_depth", "draft_length", "max_draft", "draft_vocab")
              if k in result.stats]
     if knobs:
