@@ -80,6 +80,7 @@ class ShortlistHead:
     def __init__(self, heads: ExitHeads, ids: torch.Tensor | None, spare: int = 0):
         self.heads = heads
         self.ids = self.weight_t = None
+        self.panels = None  # the column buffer packed for few-row matmuls (LeanModel.pack), or None
         self._rest_ids = self._rest_t = None  # the rows outside the shortlist, for ``complete``
         if ids is not None:
             self._members = set(ids.tolist())
@@ -95,6 +96,7 @@ class ShortlistHead:
         self._columns[:, :n] = rows.index_select(0, ids).T
         self._ids = torch.empty(n + spare, dtype=ids.dtype, device=ids.device)
         self._ids[:n] = ids
+        self.panels = self.heads.model.pack(self._columns)  # spare columns too: ``add`` repacks what it writes
         self._use(n)
 
     def _use(self, n: int) -> None:
@@ -113,6 +115,8 @@ class ShortlistHead:
             self._allocate(self.ids.clone(), max(n, m))
         index = torch.tensor(new, dtype=self._ids.dtype, device=self._ids.device)
         self._columns[:, n:n + m] = self.heads.model.w.lm_head.index_select(0, index).T
+        if self.panels is not None:
+            self.panels.repack(n, n + m)
         self._ids[n:n + m] = index
         self._use(n + m)
         self._members.update(new)
@@ -130,8 +134,12 @@ class ShortlistHead:
         """Hidden (1, T, d) -> logits (T, n) over the shortlist, or (T, V) over the full vocabulary."""
         if self.weight_t is None:
             return self.heads.logits(h, layers_run)[0]
-        x = self.heads.model.final_norm(self.heads.adapt(h, layers_run))
-        return torch.mm(x.view(-1, x.shape[-1]), self.weight_t)  # (T, d) @ (d, n): the stored layout, no wrapper
+        x = self.heads.model.final_norm(self.heads.adapt(h, layers_run)).view(-1, h.shape[-1])  # (T, d)
+        if self.panels is not None:  # what the C++ draft step computes (NativeLayers.draft_greedy)
+            logits = self.panels.mm(x, None, None, self.ids.numel())
+            if logits is not None:
+                return logits
+        return torch.mm(x, self.weight_t)  # (T, d) @ (d, n): the stored layout, no wrapper
 
     def token(self, index: int) -> int:
         """Vocabulary id of position ``index`` in this head's logits."""

@@ -114,12 +114,18 @@ def fuse_layer(lw: LayerWeights) -> None:
 
 
 def _project(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, panels=None) -> torch.Tensor:
     """x (N, in) @ wt (+ b) (+ residual) for a weight given as its (in, out) transpose.
 
+    ``panels``: the same weight packed for a few rows (``LeanModel.packed_projections``); it computes
+    what the C++ layer loop computes, bit for bit, when it serves x (else None, and BLAS runs).
     torch.mm/addmm skip F.linear's reshape/transpose wrapper; with ``matvec_layout`` weights wt is the
     contiguous stored matrix. The residual rides in addmm's accumulator.
     """
+    if panels is not None:
+        out = panels.mm(x, b, residual)
+        if out is not None:
+            return out
     if residual is None:
         return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
     out = torch.addmm(residual, x, wt)
@@ -218,6 +224,33 @@ class LeanModel:
         # The C++ layer loop (native_layers.py), bound on first use; False: not tried yet, None: unavailable.
         self.use_native = True  # False keeps this model's layers in Python (A/B checks, debugging)
         self._native: native_layers.NativeLayers | None | bool = False
+        # Panels of every projection and of the LM head for 1-16 rows (panel_matmul.h), packed on first
+        # use; used by the C++ loop and the Python layer alike. None: not packed yet.
+        self._panels: list[dict[str, object]] | None = None
+        self._head_panels = None
+
+    # ---- few-row matmuls -------------------------------------------------------------------------
+    def packed_projections(self) -> list[dict[str, object]]:
+        """Per layer, projection name -> its ``PackedWeight`` (empty where the extension is unavailable
+        or the weights are not fp32 on the CPU). Packing copies each weight once (the model's size again):
+        decoding and verification at 1-16 rows then sweep the weights in order instead of through BLAS's
+        per-call re-packing (measured in panel_matmul.h)."""
+        if self._panels is None:
+            ext = native_layers.extension()
+            if ext is None or self.dtype != torch.float32 or self.device.type != "cpu":
+                self._panels = [{} for _ in self._mm]
+                return self._panels
+            with torch.no_grad():
+                self._panels = [{name: ext.PackedWeight(wt) for name, wt in mm.items()} for mm in self._mm]
+                self._head_panels = ext.PackedWeight(self.w.lm_head.T)  # (d, V)
+        return self._panels
+
+    def pack(self, wt: torch.Tensor):
+        """A ``PackedWeight`` of an (in, out) fp32 matrix, or None where panels are unavailable."""
+        if not any(self.packed_projections()):
+            return None
+        with torch.no_grad():
+            return native_layers.extension().PackedWeight(wt)
 
     # ---- which code runs the layers -------------------------------------------------------------
     def _native_layers(self) -> "native_layers.NativeLayers | None":
@@ -268,6 +301,10 @@ class LeanModel:
         """Final norm + LM head: hidden (..., d) -> logits (..., V)."""
         x = self.final_norm(h)
         rows = x.numel() // x.shape[-1]
+        if any(self.packed_projections()):  # None beyond panel_matmul.h's SMALL_ROWS rows
+            logits = self._head_panels.mm(x.reshape(rows, x.shape[-1]))
+            if logits is not None:
+                return logits.view(*x.shape[:-1], -1)
         if self.head_rows_from is not None and rows >= self.head_rows_from:
             return self.head_by_rows(x)
         return F.linear(x, self.w.lm_head)
@@ -309,15 +346,18 @@ class LeanModel:
             h = h + F.embedding(self.row_positions(pos, token_ids.shape[1], pads), self.w.pos_embed)
         return h
 
-    def _qkv(self, lw: LayerWeights, mm: dict[str, torch.Tensor], x: torch.Tensor, frame: "Frame", B: int):
+    def _qkv(self, lw: LayerWeights, mm: dict[str, torch.Tensor], x: torch.Tensor, frame: "Frame", B: int,
+             panels: dict[str, object] | None = None):
         """Normed hidden (B*T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""
         spec, T = self.spec, frame.T
         H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        panels = panels or {}
         if lw.qkv_w is not None:
-            qkv = _project(x, mm["qkv_w"], lw.qkv_b)  # (B*T, (H+2Hkv)*hd)
+            qkv = _project(x, mm["qkv_w"], lw.qkv_b, panels=panels.get("qkv_w"))  # (B*T, (H+2Hkv)*hd)
         else:
-            qkv = torch.cat((_project(x, mm["q_w"], lw.q_b), _project(x, mm["k_w"], lw.k_b),
-                             _project(x, mm["v_w"], lw.v_b)), -1)
+            qkv = torch.cat((_project(x, mm["q_w"], lw.q_b, panels=panels.get("q_w")),
+                             _project(x, mm["k_w"], lw.k_b, panels=panels.get("k_w")),
+                             _project(x, mm["v_w"], lw.v_b, panels=panels.get("v_w"))), -1)
         qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H+2Hkv, T, hd)
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if frame.cos is not None:
@@ -354,13 +394,13 @@ class LeanModel:
         native = None if kv_source is not None else self.native_for(cache, frame.pads if frame is not None else None)
         if native is not None:
             return native.run_layers(h, index, index + 1, pos, cache)
-        spec, lw, mm = self.spec, self.w.layers[index], self._mm[index]
+        spec, lw, mm, panels = self.spec, self.w.layers[index], self._mm[index], self.packed_projections()[index]
         B, T, d = h.shape
         H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         frame = frame or self.frame(pos, T)
         h = h.view(B * T, d)  # (B*T, d)
 
-        q, k, v = self._qkv(lw, mm, self.norm(h, lw.attn_norm_w, lw.attn_norm_b), frame, B)
+        q, k, v = self._qkv(lw, mm, self.norm(h, lw.attn_norm_w, lw.attn_norm_b), frame, B, panels)
         if kv_source is not None:
             k, v = self._filled_kv(index, kv_source, kv_exit, frame, k, v)
         cache.write(index, pos, k, v)
@@ -380,18 +420,19 @@ class LeanModel:
                                               scale=self.attention_scale(index),
                                               enable_gqa=Hkv != H)  # (B, H, T, hd)
         attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
-        h = _project(attn, mm["o_w"], lw.o_b, residual=h)
+        h = _project(attn, mm["o_w"], lw.o_b, residual=h, panels=panels.get("o_w"))
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
         if lw.gate_up_w is not None:
-            gate_up = _project(x, mm["gate_up_w"], lw.gate_up_b)  # (B*T, 2*ff): gate then up
+            gate_up = _project(x, mm["gate_up_w"], lw.gate_up_b, panels=panels.get("gate_up_w"))  # (B*T, 2*ff)
             ff = gate_up.shape[-1] // 2
             inner = self._act(gate_up[:, :ff]) * gate_up[:, ff:]
         elif lw.gate_w is not None:
-            inner = self._act(_project(x, mm["gate_w"], lw.gate_b)) * _project(x, mm["up_w"], lw.up_b)
+            inner = (self._act(_project(x, mm["gate_w"], lw.gate_b, panels=panels.get("gate_w")))
+                     * _project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
         else:
-            inner = self._act(_project(x, mm["up_w"], lw.up_b))
-        return _project(inner, mm["down_w"], lw.down_b, residual=h).view(B, T, d)
+            inner = self._act(_project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
+        return _project(inner, mm["down_w"], lw.down_b, residual=h, panels=panels.get("down_w")).view(B, T, d)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache,
                    pads: torch.Tensor | None = None) -> torch.Tensor:

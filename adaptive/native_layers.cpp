@@ -12,7 +12,10 @@
 
 #include <torch/extension.h>
 
+#include "panel_matmul.h"
+
 #include <algorithm>
+#include <memory>
 #include <map>
 #include <optional>
 #include <string>
@@ -23,11 +26,16 @@
 namespace py = pybind11;
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+using panel::PackedWeight;
+using Packed = std::shared_ptr<PackedWeight>;
 
 namespace {
 
 // x (N, in) @ wt (+ b) (+ residual), for a weight given as its (in, out) transpose: model.py's _project.
-Tensor project(const Tensor& x, const Tensor& wt, const OptTensor& b, const Tensor* residual = nullptr) {
+// A few rows go through the weight's panels (panel_matmul.h) when it has them and they are fresh.
+Tensor project(const Tensor& x, const Tensor& wt, const OptTensor& b, const Tensor* residual = nullptr,
+               const Packed& packed = nullptr) {
+  if (packed && packed->serves(x)) return packed->mm(x, b, residual);
   if (residual == nullptr) {
     return b ? at::addmm(*b, x, wt) : at::mm(x, wt);
   }
@@ -44,6 +52,7 @@ struct NativeLayer {
   OptTensor attn_norm_b, mlp_norm_b, o_b, down_b;
   OptTensor qkv_t, qkv_b, q_t, q_b, k_t, k_b, v_t, v_b;
   OptTensor gate_up_t, gate_up_b, gate_t, gate_b, up_t, up_b;
+  Packed qkv_p, q_p, k_p, v_p, o_p, gate_up_p, gate_p, up_p, down_p;  // panels of the same weights, or null
   double scale;    // softmax scale
   int64_t window;  // sliding window, or -1 for full attention
 };
@@ -98,7 +107,7 @@ class NativeModel {
   std::tuple<Tensor, std::vector<double>, std::vector<int64_t>> draft_greedy(
       const std::vector<int64_t>& tokens, int64_t pos, int64_t depth, NativeKV& kv,
       const OptTensor& adapter_w, const OptTensor& adapter_b, const Tensor& head_t,
-      const Tensor& head_ids) const {
+      const Tensor& head_ids, const Packed& head_p) const {
     const int64_t T = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(T >= 1, "draft_greedy needs at least one token");
     Tensor ids = at::tensor(tokens, at::TensorOptions().dtype(at::kLong)).to(embed_.device()).view({1, T});
@@ -107,7 +116,9 @@ class NativeModel {
     h = run_layers(h, 0, depth, pos, kv);
     Tensor adapted = adapter_w ? h + at::linear(h, *adapter_w, adapter_b) : h;  // ExitHeads.adapt
     Tensor x = norm(adapted, final_norm_w_, final_norm_b_);
-    Tensor logits = at::mm(x.view({T, -1}), head_t);                // (T, n): ShortlistHead.logits
+    Tensor rows = x.view({T, -1});
+    Tensor logits = head_p && head_p->serves(rows) ? head_p->mm(rows, std::nullopt, nullptr, head_t.size(1))
+                                                   : at::mm(rows, head_t);  // (T, n): ShortlistHead.rows_logits
     auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max per row
     Tensor confidence = std::get<0>(best).to(at::kDouble).cpu().contiguous();
     Tensor chosen = head_ids.index_select(0, std::get<1>(best)).to(at::kLong).cpu().contiguous();
@@ -151,9 +162,10 @@ class NativeModel {
 
     // q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied: model.py's _qkv
     Tensor x = norm(h, lw.attn_norm_w, lw.attn_norm_b);
-    Tensor qkv = lw.qkv_t ? project(x, *lw.qkv_t, lw.qkv_b)
-                          : at::cat({project(x, *lw.q_t, lw.q_b), project(x, *lw.k_t, lw.k_b),
-                                     project(x, *lw.v_t, lw.v_b)}, -1);  // (B*T, (H+2Hkv)*hd)
+    Tensor qkv = lw.qkv_t ? project(x, *lw.qkv_t, lw.qkv_b, nullptr, lw.qkv_p)
+                          : at::cat({project(x, *lw.q_t, lw.q_b, nullptr, lw.q_p),
+                                     project(x, *lw.k_t, lw.k_b, nullptr, lw.k_p),
+                                     project(x, *lw.v_t, lw.v_b, nullptr, lw.v_p)}, -1);  // (B*T, (H+2Hkv)*hd)
     qkv = qkv.view({B, T, H_ + 2 * Hkv_, hd_}).transpose(1, 2);          // (B, H+2Hkv, T, hd)
     Tensor qk = qkv.slice(1, 0, H_ + Hkv_), v = qkv.slice(1, H_ + Hkv_);
     if (cos) qk = at::addcmul(qk * *cos, at::matmul(qk, *rotate_), *sin);
@@ -180,20 +192,21 @@ class NativeModel {
     Tensor attn = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, causal, lw.scale,
                                                    Hkv_ != H_);  // (B, H, T, hd)
     attn = attn.transpose(1, 2).reshape({B * T, H_ * hd_});           // (B*T, H*hd)
-    h = project(attn, lw.o_t, lw.o_b, &h);
+    h = project(attn, lw.o_t, lw.o_b, &h, lw.o_p);
 
     x = norm(h, lw.mlp_norm_w, lw.mlp_norm_b);
     Tensor inner;
     if (lw.gate_up_t) {
-      Tensor gate_up = project(x, *lw.gate_up_t, lw.gate_up_b);  // (B*T, 2*ff): gate then up
+      Tensor gate_up = project(x, *lw.gate_up_t, lw.gate_up_b, nullptr, lw.gate_up_p);  // (B*T, 2*ff): gate then up
       const int64_t ff = gate_up.size(-1) / 2;
       inner = act(gate_up.slice(1, 0, ff)) * gate_up.slice(1, ff);
     } else if (lw.gate_t) {
-      inner = act(project(x, *lw.gate_t, lw.gate_b)) * project(x, *lw.up_t, lw.up_b);
+      inner = act(project(x, *lw.gate_t, lw.gate_b, nullptr, lw.gate_p)) *
+              project(x, *lw.up_t, lw.up_b, nullptr, lw.up_p);
     } else {
-      inner = act(project(x, *lw.up_t, lw.up_b));
+      inner = act(project(x, *lw.up_t, lw.up_b, nullptr, lw.up_p));
     }
-    return project(inner, lw.down_t, lw.down_b, &h).view({B, T, d});
+    return project(inner, lw.down_t, lw.down_b, &h, lw.down_p).view({B, T, d});
   }
 
   std::vector<NativeLayer> layers_;
@@ -209,22 +222,44 @@ class NativeModel {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("SMALL_ROWS") = panel::SMALL_ROWS;
+  m.attr("PANEL") = panel::PANEL;
+  py::class_<PackedWeight, Packed>(m, "PackedWeight")
+      .def(py::init<Tensor>(), py::arg("source"))
+      .def_property_readonly("columns", &PackedWeight::columns)
+      .def("repack", &PackedWeight::repack, py::arg("start"), py::arg("end"))
+      // x @ W[:, :columns] (+ bias) (+ residual), or None where the panels do not serve x (see serves)
+      .def("mm", [](const PackedWeight& w, const Tensor& x, const OptTensor& bias, const OptTensor& residual,
+                    int64_t columns) -> OptTensor {
+             if (!w.serves(x)) return std::nullopt;
+             py::gil_scoped_release release;
+             return w.mm(x, bias, residual ? &*residual : nullptr, columns);
+           },
+           py::arg("x"), py::arg("bias") = py::none(), py::arg("residual") = py::none(), py::arg("columns") = -1);
   py::class_<NativeLayer>(m, "NativeLayer")
       .def(py::init([](Tensor attn_norm_w, OptTensor attn_norm_b, Tensor mlp_norm_w, OptTensor mlp_norm_b,
                        Tensor o_t, OptTensor o_b, Tensor down_t, OptTensor down_b,
                        OptTensor qkv_t, OptTensor qkv_b, OptTensor q_t, OptTensor q_b, OptTensor k_t,
                        OptTensor k_b, OptTensor v_t, OptTensor v_b, OptTensor gate_up_t, OptTensor gate_up_b,
                        OptTensor gate_t, OptTensor gate_b, OptTensor up_t, OptTensor up_b, double scale,
-                       int64_t window) {
+                       int64_t window, const std::map<std::string, Packed>& packed) {
+             auto panels = [&](const char* name) -> Packed {
+               auto found = packed.find(name);
+               return found == packed.end() ? nullptr : found->second;
+             };
              return NativeLayer{attn_norm_w, mlp_norm_w, o_t, down_t, attn_norm_b, mlp_norm_b, o_b, down_b,
                                 qkv_t, qkv_b, q_t, q_b, k_t, k_b, v_t, v_b,
-                                gate_up_t, gate_up_b, gate_t, gate_b, up_t, up_b, scale, window};
+                                gate_up_t, gate_up_b, gate_t, gate_b, up_t, up_b,
+                                panels("qkv_w"), panels("q_w"), panels("k_w"), panels("v_w"), panels("o_w"),
+                                panels("gate_up_w"), panels("gate_w"), panels("up_w"), panels("down_w"),
+                                scale, window};
            }),
            py::arg("attn_norm_w"), py::arg("attn_norm_b"), py::arg("mlp_norm_w"), py::arg("mlp_norm_b"),
            py::arg("o_t"), py::arg("o_b"), py::arg("down_t"), py::arg("down_b"),
            py::arg("qkv_t"), py::arg("qkv_b"), py::arg("q_t"), py::arg("q_b"), py::arg("k_t"), py::arg("k_b"),
            py::arg("v_t"), py::arg("v_b"), py::arg("gate_up_t"), py::arg("gate_up_b"), py::arg("gate_t"),
-           py::arg("gate_b"), py::arg("up_t"), py::arg("up_b"), py::arg("scale"), py::arg("window"));
+           py::arg("gate_b"), py::arg("up_t"), py::arg("up_b"), py::arg("scale"), py::arg("window"),
+           py::arg("packed") = std::map<std::string, Packed>());
   py::class_<NativeKV>(m, "NativeKV").def(py::init<std::vector<Tensor>, std::vector<Tensor>>());
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<std::vector<NativeLayer>, Tensor, OptTensor, Tensor, OptTensor, OptTensor, OptTensor,

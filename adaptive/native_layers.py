@@ -17,7 +17,9 @@ autograd (training), and the cache's fill-level bookkeeping (``KVCache.check_wri
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -35,7 +37,40 @@ if TYPE_CHECKING:
 ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" (or false / no / off) keeps every layer in Python
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
 _SOURCE = Path(__file__).with_name("native_layers.cpp")
-_NAME = "adaptive_native_layers"
+_HEADERS = [Path(__file__).with_name("panel_matmul.h")]  # included by the source
+
+
+def _compile_flags() -> list[str]:
+    """-O3, and on x86-64 Linux the build machine's own vector instructions (AVX2 / AVX-512 for
+    panel_matmul.h). The extension is compiled on the machine that runs it, on first use."""
+    flags = ["-O3"]
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    return flags
+
+
+def _cpu_tag() -> str:
+    """What a -march=native build depends on: the CPU's feature flags (Linux), else its name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build_name() -> str:
+    """The extension's name, tagged with a hash of its sources, flags and this CPU: torch reuses a cached
+    build by name, so a build for another machine (a shared extensions directory, an image built
+    elsewhere) or of an edited header is never loaded by mistake."""
+    digest = hashlib.sha256()
+    for path in [_SOURCE, *_HEADERS]:
+        digest.update(path.read_bytes())
+    digest.update(" ".join(_compile_flags()).encode())
+    digest.update(_cpu_tag().encode())
+    return f"adaptive_native_layers_{digest.hexdigest()[:12]}"
+
+
+_NAME = _build_name()
 
 _lock = threading.Lock()
 _extension = None
@@ -74,7 +109,7 @@ def _build():
         os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
     if not built:
         print("adaptive: compiling the C++ layer loop (once per machine, about 30 s)", file=sys.stderr)
-    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
+    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(), verbose=False)
 
 
 def extension():
@@ -109,6 +144,7 @@ class NativeLayers:
         spec, w = model.spec, model.w
         self._ext = ext
         layers = []
+        packed = model.packed_projections()
         for index, (lw, mm) in enumerate(zip(w.layers, model._mm)):
             window = spec.sliding_windows[index]
             layers.append(ext.NativeLayer(
@@ -117,7 +153,8 @@ class NativeLayers:
                 qkv_t=mm.get("qkv_w"), qkv_b=lw.qkv_b, q_t=mm.get("q_w"), q_b=lw.q_b, k_t=mm.get("k_w"),
                 k_b=lw.k_b, v_t=mm.get("v_w"), v_b=lw.v_b, gate_up_t=mm.get("gate_up_w"), gate_up_b=lw.gate_up_b,
                 gate_t=mm.get("gate_w"), gate_b=lw.gate_b, up_t=mm.get("up_w"), up_b=lw.up_b,
-                scale=model.attention_scale(index), window=-1 if window is None else int(window)))
+                scale=model.attention_scale(index), window=-1 if window is None else int(window),
+                packed=packed[index] if packed else {}))
         rope = spec.positional == "rope"
         self._model = ext.NativeModel(
             layers, w.embed, w.pos_embed, w.final_norm_w, w.final_norm_b,
@@ -140,14 +177,15 @@ class NativeLayers:
 
     def draft_greedy(self, tokens: list[int], pos: int, depth: int, cache: KVCache,
                      adapter: tuple[torch.Tensor, torch.Tensor | None] | None, head_t: torch.Tensor,
-                     head_ids: torch.Tensor) -> tuple[torch.Tensor, list[float], list[int]]:
+                     head_ids: torch.Tensor, head_panels=None) -> tuple[torch.Tensor, list[float], list[int]]:
         """Greedy self-draft steps in one call: ``tokens`` at positions [pos, pos + T) through layers
         [0, depth), the exit adapter, final norm and the shortlist head (d, n) over ``head_ids``. Returns
         (hidden (1, T, d), per position the confidence = the max draft probability, per position the
-        drafted token id), as the Python drafter computes them."""
+        drafted token id), as the Python drafter computes them. ``head_panels``: the head's
+        ``PackedWeight`` (``ShortlistHead.panels``), or None."""
         end = pos + len(tokens)
         cache.check_write(0, depth, pos, end)
         w, b = adapter if adapter is not None else (None, None)
-        out = self._model.draft_greedy(tokens, pos, depth, self._bind(cache), w, b, head_t, head_ids)
+        out = self._model.draft_greedy(tokens, pos, depth, self._bind(cache), w, b, head_t, head_ids, head_panels)
         cache.mark_filled(0, depth, end)
         return out

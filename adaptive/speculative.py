@@ -556,7 +556,7 @@ class SelfDrafter:
             started = time.perf_counter()
             if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
                 h, confs, drafted = native.draft_greedy(fed, pos + j, depth, dec.cache, head.heads.adapter(depth),
-                                                        head.weight_t, head.ids)
+                                                        head.weight_t, head.ids, head.panels)
             else:
                 h, confs, drafted = self._python_pass(dec, fed, pos + j, depth)
             macs += sum(dec.costs.layers_macs(0, depth, pos + j + i) for i in range(len(fed)))

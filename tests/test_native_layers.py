@@ -150,7 +150,7 @@ def test_native_draft_pass_over_several_rows_is_bit_identical(family):
         with torch.inference_mode():
             if native:
                 h, confs, drafted = dec.native_draft().draft_greedy(fed, pos, 2, dec.cache, head.heads.adapter(2),
-                                                                    head.weight_t, head.ids)
+                                                                    head.weight_t, head.ids, head.panels)
             else:
                 h, confs, drafted = SelfDrafter._python_pass(dec, fed, pos, 2)
         assert dec.cache.fill[:2] == [pos + len(fed)] * 2
