@@ -362,7 +362,11 @@ class LeanModel:
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if frame.cos is not None:
             # q and k rotated together: one set of ops instead of two (rotate_half(x) == x @ _rotate).
-            qk = torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate), frame.sin)
+            ext = native_layers.extension() if qk.dtype == torch.float32 and frame.cos.dim() == 2 else None
+            if ext is not None and not (torch.is_grad_enabled() and qk.requires_grad):
+                qk = ext.rope(qk, frame.cos, frame.sin)  # one pass, as the C++ layer loop does
+            else:
+                qk = torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate), frame.sin)
         return qk[:, :H], qk[:, H:], v
 
     def attention_scale(self, index: int) -> float:

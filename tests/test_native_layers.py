@@ -229,3 +229,15 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(lock, (old, old))
     assert native_layers.clear_stale_lock(tmp_path) and not lock.exists()
     assert not native_layers.clear_stale_lock(tmp_path)  # nothing to remove
+
+
+def test_one_pass_rope_equals_the_rotation_matrix_form():
+    """``rope`` (q and k rotated in one C++ pass) computes x * cos + rotate_half(x) * sin, on the strided
+    (B, heads, T, hd) view the layer hands it."""
+    model = lean("llama", fuse=True)
+    T, hd, pos = 5, model.spec.head_dim, 7
+    qkv = torch.randn(1, T, 3 * model.spec.num_heads, hd).transpose(1, 2)  # (1, 3H, T, hd), not contiguous
+    qk = qkv[:, :2 * model.spec.num_heads]
+    cos, sin = model.cos[pos:pos + T], model.sin[pos:pos + T]
+    expected = torch.addcmul(qk * cos, torch.matmul(qk, model._rotate), sin)
+    torch.testing.assert_close(native_layers.extension().rope(qk, cos, sin), expected, rtol=1e-6, atol=1e-6)
