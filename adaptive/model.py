@@ -241,8 +241,9 @@ class LeanModel:
                 self._panels = [{} for _ in self._mm]
                 return self._panels
             with torch.no_grad():
-                self._panels = [{name: ext.PackedWeight(wt) for name, wt in mm.items()} for mm in self._mm]
+                layers = [{name: ext.PackedWeight(wt) for name, wt in mm.items()} for mm in self._mm]
                 self._head_panels = ext.PackedWeight(self.w.lm_head.T)  # (d, V)
+            self._panels = layers  # last: another thread that sees the layers' panels sees the head's too
         return self._panels
 
     def pack(self, wt: torch.Tensor):
