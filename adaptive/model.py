@@ -363,7 +363,8 @@ class LeanModel:
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if frame.cos is not None:
             # q and k rotated together: one set of ops instead of two (rotate_half(x) == x @ _rotate).
-            ext = native_layers.extension() if qk.dtype == torch.float32 and frame.cos.dim() == 2 else None
+            one_pass = qk.dtype == torch.float32 and qk.device.type == "cpu" and frame.cos.dim() == 2
+            ext = native_layers.extension() if one_pass else None
             if ext is not None and not (torch.is_grad_enabled() and qk.requires_grad):
                 qk = ext.rope(qk, frame.cos, frame.sin)  # one pass, as the C++ layer loop does
             else:
