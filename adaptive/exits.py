@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, InvalidRequestError
-from .model import LeanModel, matvec_layout
+from .model import LeanModel, matvec_layout, project
 
 ADAPTER_FILE = "exit_adapters.safetensors"
 ADAPTER_FORMAT = "adaptive-exit-adapters"
@@ -135,11 +135,8 @@ class ShortlistHead:
         if self.weight_t is None:
             return self.heads.logits(h, layers_run)[0]
         x = self.heads.model.final_norm(self.heads.adapt(h, layers_run)).view(-1, h.shape[-1])  # (T, d)
-        if self.panels is not None:  # what the C++ draft step computes (NativeLayers.draft_greedy)
-            logits = self.panels.mm(x, None, None, self.ids.numel())
-            if logits is not None:
-                return logits
-        return torch.mm(x, self.weight_t)  # (T, d) @ (d, n): the stored layout, no wrapper
+        # (T, d) @ (d, n), through the panels as the C++ draft step does (NativeLayers.draft_greedy)
+        return project(x, self.weight_t, None, panels=self.panels)
 
     def token(self, index: int) -> int:
         """Vocabulary id of position ``index`` in this head's logits."""

@@ -113,7 +113,7 @@ def fuse_layer(lw: LayerWeights) -> None:
         lw.up_w = matvec_layout(lw.up_w)
 
 
-def _project(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None,
+def project(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None,
               residual: torch.Tensor | None = None, panels=None) -> torch.Tensor:
     """x (N, in) @ wt (+ b) (+ residual) for a weight given as its (in, out) transpose.
 
@@ -123,7 +123,7 @@ def _project(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None,
     contiguous stored matrix. The residual rides in addmm's accumulator.
     """
     if panels is not None:
-        out = panels.mm(x, b, residual)
+        out = panels.mm(x, b, residual, wt.shape[1])  # wt may be the first columns of what was packed
         if out is not None:
             return out
     if residual is None:
@@ -354,21 +354,19 @@ class LeanModel:
         H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         panels = panels or {}
         if lw.qkv_w is not None:
-            qkv = _project(x, mm["qkv_w"], lw.qkv_b, panels=panels.get("qkv_w"))  # (B*T, (H+2Hkv)*hd)
+            qkv = project(x, mm["qkv_w"], lw.qkv_b, panels=panels.get("qkv_w"))  # (B*T, (H+2Hkv)*hd)
         else:
-            qkv = torch.cat((_project(x, mm["q_w"], lw.q_b, panels=panels.get("q_w")),
-                             _project(x, mm["k_w"], lw.k_b, panels=panels.get("k_w")),
-                             _project(x, mm["v_w"], lw.v_b, panels=panels.get("v_w"))), -1)
+            qkv = torch.cat((project(x, mm["q_w"], lw.q_b, panels=panels.get("q_w")),
+                             project(x, mm["k_w"], lw.k_b, panels=panels.get("k_w")),
+                             project(x, mm["v_w"], lw.v_b, panels=panels.get("v_w"))), -1)
         qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H+2Hkv, T, hd)
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if frame.cos is not None:
             # q and k rotated together: one set of ops instead of two (rotate_half(x) == x @ _rotate).
-            one_pass = qk.dtype == torch.float32 and qk.device.type == "cpu" and frame.cos.dim() == 2
-            ext = native_layers.extension() if one_pass else None
-            if ext is not None and not (torch.is_grad_enabled() and qk.requires_grad):
-                qk = ext.rope(qk, frame.cos, frame.sin)  # one pass, as the C++ layer loop does
-            else:
-                qk = torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate), frame.sin)
+            ext = native_layers.extension()
+            rotated = ext.rope(qk, frame.cos, frame.sin) if ext is not None else None  # as the C++ loop does
+            qk = rotated if rotated is not None else torch.addcmul(qk * frame.cos, torch.matmul(qk, self._rotate),
+                                                                   frame.sin)
         return qk[:, :H], qk[:, H:], v
 
     def attention_scale(self, index: int) -> float:
@@ -426,19 +424,19 @@ class LeanModel:
                                               scale=self.attention_scale(index),
                                               enable_gqa=Hkv != H)  # (B, H, T, hd)
         attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
-        h = _project(attn, mm["o_w"], lw.o_b, residual=h, panels=panels.get("o_w"))
+        h = project(attn, mm["o_w"], lw.o_b, residual=h, panels=panels.get("o_w"))
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
         if lw.gate_up_w is not None:
-            gate_up = _project(x, mm["gate_up_w"], lw.gate_up_b, panels=panels.get("gate_up_w"))  # (B*T, 2*ff)
+            gate_up = project(x, mm["gate_up_w"], lw.gate_up_b, panels=panels.get("gate_up_w"))  # (B*T, 2*ff)
             ff = gate_up.shape[-1] // 2
             inner = self._act(gate_up[:, :ff]) * gate_up[:, ff:]
         elif lw.gate_w is not None:
-            inner = (self._act(_project(x, mm["gate_w"], lw.gate_b, panels=panels.get("gate_w")))
-                     * _project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
+            inner = (self._act(project(x, mm["gate_w"], lw.gate_b, panels=panels.get("gate_w")))
+                     * project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
         else:
-            inner = self._act(_project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
-        return _project(inner, mm["down_w"], lw.down_b, residual=h, panels=panels.get("down_w")).view(B, T, d)
+            inner = self._act(project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
+        return project(inner, mm["down_w"], lw.down_b, residual=h, panels=panels.get("down_w")).view(B, T, d)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache,
                    pads: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,11 +31,12 @@ using Packed = std::shared_ptr<PackedWeight>;
 
 namespace {
 
-// x (N, in) @ wt (+ b) (+ residual), for a weight given as its (in, out) transpose: model.py's _project.
-// A few rows go through the weight's panels (panel_matmul.h) when it has them and they are fresh.
+// x (N, in) @ wt (+ b) (+ residual), for a weight given as its (in, out) transpose: model.py's project.
+// A few rows go through the weight's panels (panel_matmul.h) when it has them and they are fresh; wt may
+// be the first columns of what was packed (a shortlist head with spare columns).
 Tensor project(const Tensor& x, const Tensor& wt, const OptTensor& b, const Tensor* residual = nullptr,
                const Packed& packed = nullptr) {
-  if (packed && packed->serves(x)) return packed->mm(x, b, residual);
+  if (packed && packed->serves(x)) return packed->mm(x, b, residual, wt.size(1));
   if (residual == nullptr) {
     return b ? at::addmm(*b, x, wt) : at::mm(x, wt);
   }
@@ -69,8 +70,11 @@ Tensor rope(const Tensor& qk, const Tensor& cos, const Tensor& sin) {
   return out;
 }
 
+// Where ``rope`` serves: fp32 on the CPU, one set of RoPE rows for every batch row (no left padding),
+// nothing recording autograd; elsewhere both paths use the rotation-matrix form.
 bool rope_applies(const Tensor& qk, const OptTensor& cos) {
-  return cos && qk.scalar_type() == at::kFloat && cos->dim() == 2 && qk.device().is_cpu();
+  return cos && qk.scalar_type() == at::kFloat && cos->dim() == 2 && qk.device().is_cpu() &&
+         !(at::GradMode::is_enabled() && qk.requires_grad());
 }
 
 }  // namespace
@@ -146,9 +150,7 @@ class NativeModel {
     h = run_layers(h, 0, depth, pos, kv);
     Tensor adapted = adapter_w ? h + at::linear(h, *adapter_w, adapter_b) : h;  // ExitHeads.adapt
     Tensor x = norm(adapted, final_norm_w_, final_norm_b_);
-    Tensor rows = x.view({T, -1});
-    Tensor logits = head_p && head_p->serves(rows) ? head_p->mm(rows, std::nullopt, nullptr, head_t.size(1))
-                                                   : at::mm(rows, head_t);  // (T, n): ShortlistHead.rows_logits
+    Tensor logits = project(x.view({T, -1}), head_t, std::nullopt, nullptr, head_p);  // (T, n): ShortlistHead.rows_logits
     auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max per row
     Tensor confidence = std::get<0>(best).to(at::kDouble).cpu().contiguous();
     Tensor chosen = head_ids.index_select(0, std::get<1>(best)).to(at::kLong).cpu().contiguous();
@@ -257,11 +259,13 @@ class NativeModel {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SMALL_ROWS") = panel::SMALL_ROWS;
-  m.attr("PANEL") = panel::PANEL;
-  m.def("rope", &rope, py::arg("qk"), py::arg("cos"), py::arg("sin"));
+  // RoPE in one pass, or None where it does not serve (see rope_applies): the Python layer's choice
+  m.def("rope", [](const Tensor& qk, const Tensor& cos, const Tensor& sin) -> OptTensor {
+    if (!rope_applies(qk, cos)) return std::nullopt;
+    return rope(qk, cos, sin);
+  }, py::arg("qk"), py::arg("cos"), py::arg("sin"));
   py::class_<PackedWeight, Packed>(m, "PackedWeight")
       .def(py::init<Tensor>(), py::arg("source"))
-      .def_property_readonly("columns", &PackedWeight::columns)
       .def("repack", &PackedWeight::repack, py::arg("start"), py::arg("end"))
       // x @ W[:, :columns] (+ bias) (+ residual), or None where the panels do not serve x (see serves)
       .def("mm", [](const PackedWeight& w, const Tensor& x, const OptTensor& bias, const OptTensor& residual,

@@ -154,7 +154,7 @@ class NativeLayers:
                 k_b=lw.k_b, v_t=mm.get("v_w"), v_b=lw.v_b, gate_up_t=mm.get("gate_up_w"), gate_up_b=lw.gate_up_b,
                 gate_t=mm.get("gate_w"), gate_b=lw.gate_b, up_t=mm.get("up_w"), up_b=lw.up_b,
                 scale=model.attention_scale(index), window=-1 if window is None else int(window),
-                packed=packed[index] if packed else {}))
+                packed=packed[index]))
         rope = spec.positional == "rope"
         self._model = ext.NativeModel(
             layers, w.embed, w.pos_embed, w.final_norm_w, w.final_norm_b,

@@ -107,9 +107,6 @@ class PackedWeight {
     repack(0, N_);
   }
 
-  int64_t rows_in() const { return K_; }
-  int64_t columns() const { return N_; }
-
   // Re-copy source columns [start, end) into the panels (after the owner wrote them) and mark fresh.
   void repack(int64_t start, int64_t end) {
     TORCH_CHECK(0 <= start && start <= end && end <= N_, "PackedWeight.repack: bad column range");
