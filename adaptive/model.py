@@ -277,6 +277,10 @@ class LeanModel:
     def norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         d = (self.spec.hidden_size,)
         if self.spec.norm_kind == "rms":
+            ext = native_layers.extension()
+            rows = ext.rms_norm(x, w, self.spec.norm_eps) if ext is not None else None  # as the C++ loop does
+            if rows is not None:
+                return rows
             if x.dtype == torch.float32:
                 # F.rms_norm on CPU is a composite with dtype round trips, and so is any op with a Python
                 # float operand (it wraps the scalar in a tensor and converts it): 0-dim constants built
@@ -412,25 +416,33 @@ class LeanModel:
         window = spec.sliding_windows[index]
         key_start = 0 if window is None else max(0, pos - window + 1)
         keys, values = cache.keys_values(index, key_start, pos + T)  # (B, Hkv, S, hd)
-        mask, causal = None, False
-        if frame.pads is not None:  # batched rows: pads are masked even for a single new token
-            mask = frame.mask(self, key_start, window)
-        elif T > 1:
-            if key_start == 0 and pos == 0 and (window is None or window >= T):
-                causal = True
-            else:
+        ext = native_layers.extension()
+        attn = None
+        if ext is not None and frame.pads is None:  # the row kernel, as the C++ loop does: (T, H*hd) or None
+            attn = ext.attention(q, keys, values, pos, key_start, -1 if window is None else window,
+                                 self.attention_scale(index))
+        if attn is None:
+            mask, causal = None, False
+            if frame.pads is not None:  # batched rows: pads are masked even for a single new token
                 mask = frame.mask(self, key_start, window)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              scale=self.attention_scale(index),
-                                              enable_gqa=Hkv != H)  # (B, H, T, hd)
-        attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
+            elif T > 1:
+                if key_start == 0 and pos == 0 and (window is None or window >= T):
+                    causal = True
+                else:
+                    mask = frame.mask(self, key_start, window)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                  scale=self.attention_scale(index),
+                                                  enable_gqa=Hkv != H)  # (B, H, T, hd)
+            attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
         h = project(attn, mm["o_w"], lw.o_b, residual=h, panels=panels.get("o_w"))
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
         if lw.gate_up_w is not None:
             gate_up = project(x, mm["gate_up_w"], lw.gate_up_b, panels=panels.get("gate_up_w"))  # (B*T, 2*ff)
             ff = gate_up.shape[-1] // 2
-            inner = self._act(gate_up[:, :ff]) * gate_up[:, ff:]
+            inner = ext.silu_mul(gate_up) if ext is not None and spec.activation == "silu" else None
+            if inner is None:  # not the row kernel's case (as in the C++ loop)
+                inner = self._act(gate_up[:, :ff]) * gate_up[:, ff:]
         elif lw.gate_w is not None:
             inner = (self._act(project(x, mm["gate_w"], lw.gate_b, panels=panels.get("gate_w")))
                      * project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))

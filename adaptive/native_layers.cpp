@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "panel_matmul.h"
+#include "row_kernels.h"
 
 #include <algorithm>
 #include <memory>
@@ -75,6 +76,56 @@ Tensor rope(const Tensor& qk, const Tensor& cos, const Tensor& sin) {
 bool rope_applies(const Tensor& qk, const OptTensor& cos) {
   return cos && qk.scalar_type() == at::kFloat && cos->dim() == 2 && qk.device().is_cpu() &&
          !(at::GradMode::is_enabled() && qk.requires_grad());
+}
+
+// The row kernels (row_kernels.h) serve fp32 CPU tensors with nothing recording autograd.
+bool rows_serve(const Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.device().is_cpu() && !(at::GradMode::is_enabled() && t.requires_grad());
+}
+
+// RMSNorm of x (..., d) with weight w (d,) in one pass per row, or nullopt where the row kernels do not serve.
+OptTensor rms_norm_rows(const Tensor& x, const Tensor& w, double eps) {
+  if (!rows_serve(x) || !rows_serve(w) || x.dim() < 1 || !w.is_contiguous() || w.numel() != x.size(-1)) {
+    return std::nullopt;
+  }
+  const Tensor xc = x.contiguous();
+  const int64_t d = x.size(-1);
+  Tensor out = at::empty(xc.sizes(), xc.options());
+  rows::rms_norm(xc.data_ptr<float>(), d, d == 0 ? 0 : xc.numel() / d, d, w.data_ptr<float>(),
+                 static_cast<float>(eps), out.data_ptr<float>());
+  return out;
+}
+
+// Causal attention of q (1, H, T, hd) (any strides with contiguous rows) over keys / values
+// (1, Hkv, S, hd), a cache layer's positions [key_start, pos + T): (T, H * hd), the layout the output
+// projection reads, or nullopt where the row kernels do not serve (a batch, more than SMALL_ROWS rows,
+// another layout). A prefill's many rows stay with SDPA, which blocks them better.
+OptTensor attention_rows(const Tensor& q, const Tensor& keys, const Tensor& values, int64_t pos, int64_t key_start,
+                         int64_t window, double scale) {
+  if (!rows_serve(q) || !rows_serve(keys) || !rows_serve(values) || q.dim() != 4 || keys.dim() != 4 ||
+      q.size(0) != 1 || keys.size(0) != 1 || q.size(2) < 1 || q.size(2) > panel::SMALL_ROWS || q.stride(3) != 1 ||
+      q.size(3) != keys.size(3) || keys.stride(3) != 1 || keys.stride(2) != keys.size(3) ||
+      !values.sizes().equals(keys.sizes()) || !values.strides().equals(keys.strides()) || keys.size(1) < 1 ||
+      q.size(1) % keys.size(1) != 0 || keys.size(2) != pos + q.size(2) - key_start) {
+    return std::nullopt;
+  }
+  const int64_t T = q.size(2), H = q.size(1), hd = q.size(3);
+  Tensor out = at::empty({T, H * hd}, q.options());
+  rows::attention({q.data_ptr<float>(), q.stride(2), q.stride(1), keys.data_ptr<float>(), values.data_ptr<float>(),
+                   keys.stride(1), T, H, keys.size(1), hd, pos, key_start, window, static_cast<float>(scale),
+                   out.data_ptr<float>()});
+  return out;
+}
+
+// silu(gate) * up for rows (N, 2 ff) laid out [gate | up]: (N, ff), or nullopt where the kernels do not serve.
+OptTensor silu_mul_rows(const Tensor& gate_up) {
+  if (!rows_serve(gate_up) || gate_up.dim() != 2 || gate_up.stride(1) != 1 || gate_up.size(1) % 2 != 0) {
+    return std::nullopt;
+  }
+  const int64_t N = gate_up.size(0), ff = gate_up.size(1) / 2;
+  Tensor out = at::empty({N, ff}, gate_up.options());
+  rows::silu_mul(gate_up.data_ptr<float>(), gate_up.stride(0), N, ff, out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace
@@ -163,6 +214,7 @@ class NativeModel {
   Tensor norm(const Tensor& x, const Tensor& w, const OptTensor& b) const {
     const int64_t d = x.size(-1);
     if (norm_kind_ == "rms") {
+      if (auto rows = rms_norm_rows(x, w, eps_)) return *rows;
       if (x.scalar_type() == at::kFloat) {  // model.py's fp32 RMSNorm: the same six calls
         Tensor mean_square = (x * x).sum(-1, true).mul_(inv_width_);
         return x * at::rsqrt(mean_square.add_(norm_eps_)) * w;
@@ -184,6 +236,27 @@ class NativeModel {
     Tensor allowed = k_pos <= q_pos;
     if (window >= 0) allowed.bitwise_and_(k_pos > q_pos - window);
     return allowed;
+  }
+
+  // torch's SDPA where the row kernel does not serve: q (B, H, T, hd) over keys / values (B, Hkv, S, hd) of
+  // positions [key_start, pos + T), with the pass's masks built once per (key_start, window).
+  Tensor sdpa(const Tensor& q, const Tensor& keys, const Tensor& values, int64_t B, int64_t T, int64_t pos,
+              int64_t key_start, int64_t window, double scale,
+              std::map<std::pair<int64_t, int64_t>, Tensor>& masks) const {
+    OptTensor mask;
+    bool causal = false;
+    if (T > 1) {
+      if (key_start == 0 && pos == 0 && (window < 0 || window >= T)) {
+        causal = true;
+      } else {
+        auto key = std::make_pair(key_start, window);
+        auto found = masks.find(key);
+        if (found == masks.end()) found = masks.emplace(key, attention_mask(pos, T, key_start, window, q)).first;
+        mask = found->second;
+      }
+    }
+    Tensor attn = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, causal, scale, Hkv_ != H_);  // (B, H, T, hd)
+    return attn.transpose(1, 2).reshape({B * T, H_ * hd_});  // (B*T, H*hd)
   }
 
   Tensor layer(int64_t index, Tensor h, int64_t B, int64_t T, int64_t d, int64_t pos, NativeKV& kv,
@@ -213,29 +286,17 @@ class NativeModel {
     const int64_t key_start = window < 0 ? 0 : std::max<int64_t>(0, pos - window + 1);
     Tensor keys = kv.k[index].narrow(2, key_start, pos + T - key_start);  // (B, Hkv, S, hd)
     Tensor values = kv.v[index].narrow(2, key_start, pos + T - key_start);
-    OptTensor mask;
-    bool causal = false;
-    if (T > 1) {
-      if (key_start == 0 && pos == 0 && (window < 0 || window >= T)) {
-        causal = true;
-      } else {
-        auto key = std::make_pair(key_start, window);
-        auto found = masks.find(key);
-        if (found == masks.end()) found = masks.emplace(key, attention_mask(pos, T, key_start, window, h)).first;
-        mask = found->second;
-      }
-    }
-    Tensor attn = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, causal, lw.scale,
-                                                   Hkv_ != H_);  // (B, H, T, hd)
-    attn = attn.transpose(1, 2).reshape({B * T, H_ * hd_});           // (B*T, H*hd)
+    OptTensor rows = B == 1 ? attention_rows(q, keys, values, pos, key_start, window, lw.scale) : std::nullopt;
+    Tensor attn = rows ? *rows : sdpa(q, keys, values, B, T, pos, key_start, window, lw.scale, masks);  // (B*T, H*hd)
     h = project(attn, lw.o_t, lw.o_b, &h, lw.o_p);
 
     x = norm(h, lw.mlp_norm_w, lw.mlp_norm_b);
     Tensor inner;
     if (lw.gate_up_t) {
       Tensor gate_up = project(x, *lw.gate_up_t, lw.gate_up_b, nullptr, lw.gate_up_p);  // (B*T, 2*ff): gate then up
+      OptTensor fused = activation_ == "silu" ? silu_mul_rows(gate_up) : std::nullopt;
       const int64_t ff = gate_up.size(-1) / 2;
-      inner = act(gate_up.slice(1, 0, ff)) * gate_up.slice(1, ff);
+      inner = fused ? *fused : act(gate_up.slice(1, 0, ff)) * gate_up.slice(1, ff);
     } else if (lw.gate_t) {
       inner = act(project(x, *lw.gate_t, lw.gate_b, nullptr, lw.gate_p)) *
               project(x, *lw.up_t, lw.up_b, nullptr, lw.up_p);
@@ -264,6 +325,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (!rope_applies(qk, cos)) return std::nullopt;
     return rope(qk, cos, sin);
   }, py::arg("qk"), py::arg("cos"), py::arg("sin"));
+  // The row kernels, or None where they do not serve: the Python layer's choice, as with rope
+  m.def("rms_norm", &rms_norm_rows, py::arg("x"), py::arg("w"), py::arg("eps"));
+  m.def("attention", &attention_rows, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("pos"),
+        py::arg("key_start"), py::arg("window"), py::arg("scale"));
+  m.def("silu_mul", &silu_mul_rows, py::arg("gate_up"));
   py::class_<PackedWeight, Packed>(m, "PackedWeight")
       .def(py::init<Tensor>(), py::arg("source"))
       .def("repack", &PackedWeight::repack, py::arg("start"), py::arg("end"))

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" (or false / no / off) keeps every layer in Python
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
 _SOURCE = Path(__file__).with_name("native_layers.cpp")
-_HEADERS = [Path(__file__).with_name("panel_matmul.h")]  # included by the source
+_HEADERS = [Path(__file__).with_name(name) for name in ("panel_matmul.h", "row_kernels.h")]  # included by the source
 
 
 def _compile_flags() -> list[str]:

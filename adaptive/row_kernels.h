@@ -1,0 +1,194 @@
+// Row-wise kernels for a decoder layer's small ops (included by native_layers.cpp): RMSNorm, attention of
+// a few query rows over the K/V cache, and SiLU(gate) * up.
+//
+// Why: at batch 1 a layer's matmuls (panel_matmul.h) take ~30 us of the bundled model's ~90 us layer on
+// one AMD EPYC host; most of the rest is ~30 ATen calls around them (norm: 6, attention with its views,
+// mask and SDPA: ~15, activation: 3), each a dispatch and an allocation. A pass over several rows paid
+// ~40 us a layer more for the attention mask and the masked SDPA path. Each kernel here is one loop over
+// raw memory instead.
+//
+// Numerics: every output row is computed by the same instructions in the same order whatever the other
+// rows are (a row's keys are its own causal window, its sums run over its own elements), so a position
+// gets bit-identical results alone (a decode step) or inside a verification pass, as with the panels.
+// The Python layer calls the same kernels (through the extension's bindings) wherever the C++ loop does,
+// so the two stay bit-identical; they differ from torch's kernels by rounding only (tests bound it).
+
+#pragma once
+
+#include "panel_matmul.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace rows {
+
+using panel_simd::vec;
+using panel_simd::WIDTH;
+
+// exp(x) for a vector of x: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (Cody-Waite split,
+// |r| <= 0.35), e^r by its Taylor series to r^7 (relative error < 3e-8 there). Inputs are clamped to
+// [-87, 88], where 2^n is a normal float; e^-87 ~ 1.6e-38 is as good as zero for a softmax or a SiLU.
+#if defined(__AVX512F__)
+inline vec vexp(vec x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  vec p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline vec vexp(vec x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const vec n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  vec p = _mm256_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+inline float hsum(vec v) {  // a fixed tree: (lo + hi) halves down to one lane
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline float hmax(vec v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+#else
+inline vec vexp(vec x) { return std::exp(std::min(std::max(x, -87.f), 88.f)); }
+inline float hsum(vec v) { return v; }
+inline vec vmax(vec a, vec b) { return std::max(a, b); }
+inline float hmax(vec v) { return v; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vdiv(vec a, vec b) { return a / b; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vsub(vec a, vec b) { return a - b; }
+#endif
+
+// Sum of a[i] * b[i] over n elements: WIDTH-lane partial sums, then the lanes; a scalar tail after them.
+inline float dot(const float* a, const float* b, int64_t n) {
+  using namespace panel_simd;
+  vec acc = zero();
+  int64_t i = 0;
+  for (; i + WIDTH <= n; i += WIDTH) acc = fma(load(a + i), load(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+// y += a * x over n elements.
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  using namespace panel_simd;
+  const vec av = broadcast(a);
+  int64_t i = 0;
+  for (; i + WIDTH <= n; i += WIDTH) store(y + i, fma(av, load(x + i), load(y + i)));
+  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
+// RMSNorm of `count` rows of width d (row stride ld_x, output rows contiguous):
+// out = x * (1 / sqrt(mean(x^2) + eps)) * w, as transformers' LlamaRMSNorm computes it in fp32.
+inline void rms_norm(const float* x, int64_t ld_x, int64_t count, int64_t d, const float* w, float eps, float* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float* xr = x + r * ld_x;
+    float* o = out + r * d;
+    const float inv_rms = 1.f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) o[i] = xr[i] * inv_rms * w[i];
+  }
+}
+
+// out (count, ff) = silu(gate) * up for rows laid out as [gate (ff) | up (ff)] with row stride ld_in;
+// silu(g) = g / (1 + exp(-g)).
+inline void silu_mul(const float* in, int64_t ld_in, int64_t count, int64_t ff, float* out) {
+  using namespace panel_simd;
+  const vec one = broadcast(1.f), minus_one = broadcast(-1.f);
+  for (int64_t r = 0; r < count; ++r) {
+    const float* g = in + r * ld_in;
+    const float* u = g + ff;
+    float* o = out + r * ff;
+    int64_t i = 0;
+    for (; i + WIDTH <= ff; i += WIDTH) {
+      const vec gv = load(g + i);
+      store(o + i, vmul(vdiv(gv, vadd(one, vexp(vmul(minus_one, gv)))), load(u + i)));
+    }
+    for (; i < ff; ++i) o[i] = g[i] / (1.f + std::exp(std::min(std::max(-g[i], -87.f), 88.f))) * u[i];
+  }
+}
+
+// Where the query rows, the keys and the output live. Query row t of head h starts at
+// q + t * q_row + h * q_head. `keys` / `values` point at position key_start of kv head 0 of one layer's
+// cache: positions one after another (hd floats each), kv heads kv_head floats apart. The output is
+// (T, heads * hd), contiguous.
+struct AttentionArgs {
+  const float* q;
+  int64_t q_row, q_head;
+  const float* keys;
+  const float* values;
+  int64_t kv_head;
+  int64_t T, heads, kv_heads, hd;
+  int64_t pos;        // position of query row 0; row t is at pos + t and sees keys up to pos + t
+  int64_t key_start;  // the first position `keys` holds
+  int64_t window;     // sliding window (a row sees its last `window` positions), or -1 for all
+  float scale;        // softmax scale
+  float* out;
+};
+
+// Causal softmax attention of T query rows: row t, head h attends to keys (pos + t - window, pos + t] of
+// kv head h / (heads / kv_heads) (grouped-query heads share a kv head, as SDPA's enable_gqa). The
+// softmax is exp(s - max) / sum, its sums over WIDTH-lane partials then across lanes, in a fixed order.
+inline void attention(const AttentionArgs& a) {
+  using namespace panel_simd;
+  const int64_t group = a.heads / a.kv_heads;
+  std::vector<float> weights(static_cast<size_t>(a.pos + a.T - a.key_start + WIDTH));
+  float* w = weights.data();
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t last = a.pos + t;
+    const int64_t first = a.window < 0 ? a.key_start : std::max<int64_t>(a.key_start, last - a.window + 1);
+    const int64_t S = last - first + 1;
+    const int64_t padded = (S + WIDTH - 1) / WIDTH * WIDTH;
+    for (int64_t h = 0; h < a.heads; ++h) {
+      const float* q = a.q + t * a.q_row + h * a.q_head;
+      const int64_t offset = (h / group) * a.kv_head + (first - a.key_start) * a.hd;
+      const float* k = a.keys + offset;
+      const float* v = a.values + offset;
+      for (int64_t j = 0; j < S; ++j) w[j] = dot(q, k + j * a.hd, a.hd) * a.scale;
+      for (int64_t j = S; j < padded; ++j) w[j] = w[0];  // padding that cannot change the max
+      vec m = load(w);
+      for (int64_t j = WIDTH; j < padded; j += WIDTH) m = vmax(m, load(w + j));
+      const vec top = broadcast(hmax(m));
+      for (int64_t j = 0; j < padded; j += WIDTH) store(w + j, vexp(vsub(load(w + j), top)));
+      vec total = zero();
+      for (int64_t j = 0; j + WIDTH < padded; j += WIDTH) total = vadd(total, load(w + j));
+      float sum = hsum(total);
+      for (int64_t j = padded - WIDTH; j < S; ++j) sum += w[j];  // the last chunk's real lanes, one by one
+      float* o = a.out + t * a.heads * a.hd + h * a.hd;
+      std::fill(o, o + a.hd, 0.f);
+      for (int64_t j = 0; j < S; ++j) axpy(w[j], v + j * a.hd, o, a.hd);
+      const float inv = 1.f / sum;
+      for (int64_t i = 0; i < a.hd; ++i) o[i] *= inv;
+    }
+  }
+}
+
+}  // namespace rows
