@@ -366,7 +366,15 @@ class SpeculationController:
 
     def draft_pass_ms(self, depth: int, rows: int) -> float:
         """Predicted ms of one self-draft pass over ``rows`` positions: layers [0, depth) and the draft head
-        (the shortlist head's measured single-row cost, scaled with rows as the full head scales)."""
+        (the shortlist head's measured single-row cost, scaled with rows as the full head scales).
+        Asked for every row count up to the draft's room before each guessed pass (GuessLength.choose):
+        interpolated once per (depth, rows), since recomputing it cost ~0.45 ms a pass, as much as the pass."""
+        key = ("pass", depth, rows)
+        if key not in self._memo:
+            self._memo[key] = self._draft_pass_ms(depth, rows)
+        return self._memo[key]
+
+    def _draft_pass_ms(self, depth: int, rows: int) -> float:
         if self.draft_head_ms is None:
             head = self.host.head(rows)
         else:
@@ -551,7 +559,10 @@ class SelfDrafter:
         native = dec.native_draft()
         while stop is None:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
-            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, limit - j - 1))
+            # room: drafts this round may still add after this pass's first (the request's limit and the
+            # controller's length cap; a room of the whole request had GuessLength price ~100 row counts)
+            room = min(limit, dec.controller.max_draft) - j - 1
+            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, room))
             fed = [token] + guess
             started = time.perf_counter()
             if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
