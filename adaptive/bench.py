@@ -32,7 +32,7 @@ from .runtime import ASSETS_DIR, Runtime
 from .speculation_ceiling import depth_ceilings
 
 CONTROL_ROW = "full_control"
-GUESS_ROW = "self_guess"  # a --speculative entry: the self drafter with guess_drafts=True
+NOGUESS_ROW = "self_noguess"  # a --speculative entry: the self drafter with guess_drafts=False
 OVERLAP_ROW = "self_overlap"  # a --speculative entry: the self drafter with overlap=True
 RANDOM_LLAMA = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                     intermediate_size=688, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=True)
@@ -92,8 +92,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() rows")
     p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit rows")
     p.add_argument("--speculative", default="self,lookup",
-                   help=f"speculative drafters to measure (comma-separated; '' for none; {GUESS_ROW}: self-drafting "
-                        f"that checks context guesses in its passes, guess_drafts=True; {OVERLAP_ROW}: self-drafting "
+                   help=f"speculative drafters to measure (comma-separated; '' for none; {NOGUESS_ROW}: self-drafting "
+                        f"without checking context guesses in its passes, guess_drafts=False; {OVERLAP_ROW}: self-drafting "
                         "that drafts the next block while a worker thread verifies, overlap=True)")
     p.add_argument("--hf-assistant", action=argparse.BooleanOptionalAction, default=True,
                    help="HF generate() with assistant_early_exit and prompt_lookup_num_tokens=10")
@@ -194,7 +194,7 @@ def run(args) -> dict:
         for thr in (float(t) for t in args.thresholds.split(",") if t):
             rows.append(Row(f"early_exit@{thr:g}", "early_exit", {"threshold": thr, **ee_knobs}))
     for drafter in (d for d in args.speculative.split(",") if d):
-        options = ({"drafter": "self", "guess_drafts": True} if drafter == GUESS_ROW else
+        options = ({"drafter": "self", "guess_drafts": False} if drafter == NOGUESS_ROW else
                    {"drafter": "self", "overlap": True} if drafter == OVERLAP_ROW else {"drafter": drafter})
         rows.append(Row(f"speculative_{drafter}", "speculative", options))
     # (getattr: callers such as finalize-model build their own Namespace without these newer options)

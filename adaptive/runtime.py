@@ -256,7 +256,7 @@ class Runtime:
             raise InvalidRequestError(f"draft_vocab_size must be an integer >= 0 (0 = full vocabulary), got {vocab_size!r}")
         draft_ids = self._shortlist(vocab_size, prompt_ids)
         draft_head_ms = self.draft_head_ms(int(draft_ids.numel())) if draft_ids is not None else None
-        guess_drafts = knobs.get("guess_drafts", False)  # off by default: see README, "Guessed drafts"
+        guess_drafts = knobs.get("guess_drafts", True)  # see README, "Guessed drafts"
         if not isinstance(guess_drafts, bool):
             raise InvalidRequestError(f"guess_drafts must be true or false, got {guess_drafts!r}")
         controller = SpeculationController(self.host_costs(), L, self.acceptance, self.draft_depths, max_draft=max_draft,

@@ -138,10 +138,16 @@ def test_a_right_guess_drafts_the_whole_block_in_one_pass():
     assert dec.cache.fill[:2] == [len(prompt) + len(draft.tokens)] * 2
 
 
-def test_guess_drafts_are_opt_in_and_must_be_a_bool():
+def test_guess_drafts_are_on_by_default_can_be_switched_off_and_must_be_a_bool():
     rt = cheap_rows(Runtime.from_model(make_model("llama")))
-    plain = rt.generate(random_prompt(5, 1) * 3, max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=6)
+    knobs = dict(max_new_tokens=30, mode="speculative", draft_depth=2, draft_length=6)
+    default = rt.generate(random_prompt(5, 1) * 3, **knobs)
+    assert default.stats["guess_drafts"] is True
+    plain = rt.generate(random_prompt(5, 1) * 3, guess_drafts=False, **knobs)
     assert plain.stats["guess_drafts"] is False and all(r.guessed == 0 for r in plain.rounds)
+    assert plain.token_ids == default.token_ids
+    sampled = rt.generate(random_prompt(5, 1) * 3, temperature=0.8, seed=1, **knobs)
+    assert sampled.stats["guess_drafts"] is False  # sampling draws one token per pass
     with pytest.raises(InvalidRequestError, match="guess_drafts"):
         rt.generate(random_prompt(3, 0), max_new_tokens=4, mode="speculative", guess_drafts="yes")
 
