@@ -124,7 +124,9 @@ def test_native_greedy_draft_step_is_bit_identical(family):
     timing enters the plan), and the verifier accepts the same prefixes."""
     rt = drafting_runtime(family)
     prompt = random_prompt(8, seed=5)
-    knobs = dict(max_new_tokens=40, mode="speculative", draft_depth=2, draft_length=4, draft_vocab_size=30)
+    # one-token passes: how long a guess to check follows timings (the several-row pass is tested below)
+    knobs = dict(max_new_tokens=40, mode="speculative", draft_depth=2, draft_length=4, draft_vocab_size=30,
+                 guess_drafts=False)
     runs = {}
     for native in (False, True):
         rt.model.use_native = native
