@@ -115,6 +115,8 @@ def _build():
 def extension():
     """The compiled module, building it on the first call; None where it is switched off or cannot be built."""
     global _extension, _status
+    if _status is not None:  # settled (set after _extension): the hot path (norms, heads) takes no lock
+        return _extension
     with _lock:
         if _status is None:
             switch = os.environ.get(ENV_SWITCH, "1")

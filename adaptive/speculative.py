@@ -301,22 +301,20 @@ class SpeculationController:
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup, -2 datastore.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
     # each (depth, k) is interpolated once.
-    def raw_draft_step_ms(self, depth: int) -> float:
-        key = ("draft", depth)
+    def _once(self, key: tuple, compute) -> float:
+        """``compute()``, worked out on the first call per ``key`` and kept (the costs do not change)."""
         if key not in self._memo:
-            self._memo[key] = self._draft_step_ms(depth)
+            self._memo[key] = compute()
         return self._memo[key]
+
+    def raw_draft_step_ms(self, depth: int) -> float:
+        return self._once(("draft", depth), lambda: self._draft_step_ms(depth))
 
     def raw_verify_ms(self, depth: int, k: int) -> float:
-        key = ("verify", depth, k)
-        if key not in self._memo:
-            self._memo[key] = self._verify_ms(depth, k)
-        return self._memo[key]
+        return self._once(("verify", depth, k), lambda: self._verify_ms(depth, k))
 
     def raw_full_step(self) -> float:
-        if "full" not in self._memo:
-            self._memo["full"] = self.host.full_step()
-        return self._memo["full"]
+        return self._once(("full",), self.host.full_step)
 
     # predictions corrected by what rounds measured on this host
     def draft_step_ms(self, depth: int) -> float:
@@ -369,10 +367,7 @@ class SpeculationController:
         (the shortlist head's measured single-row cost, scaled with rows as the full head scales).
         Asked for every row count up to the draft's room before each guessed pass (GuessLength.choose):
         interpolated once per (depth, rows), since recomputing it cost ~0.45 ms a pass, as much as the pass."""
-        key = ("pass", depth, rows)
-        if key not in self._memo:
-            self._memo[key] = self._draft_pass_ms(depth, rows)
-        return self._memo[key]
+        return self._once(("pass", depth, rows), lambda: self._draft_pass_ms(depth, rows))
 
     def _draft_pass_ms(self, depth: int, rows: int) -> float:
         if self.draft_head_ms is None:
