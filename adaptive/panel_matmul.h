@@ -34,7 +34,7 @@ inline vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec zero() { return _mm512_setzero_ps(); }
 inline vec broadcast(float a) { return _mm512_set1_ps(a); }
-inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 }  // namespace panel_simd
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -45,7 +45,7 @@ inline vec load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec zero() { return _mm256_setzero_ps(); }
 inline vec broadcast(float a) { return _mm256_set1_ps(a); }
-inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 }  // namespace panel_simd
 #else  // any other CPU: one lane, the same fused multiply-add per element
 namespace panel_simd {
@@ -55,7 +55,7 @@ inline vec load(const float* p) { return *p; }
 inline void store(float* p, vec v) { *p = v; }
 inline vec zero() { return 0.f; }
 inline vec broadcast(float a) { return a; }
-inline vec fma(vec a, vec b, vec c) { return std::fma(a, b, c); }
+inline vec fmadd(vec a, vec b, vec c) { return std::fma(a, b, c); }
 }  // namespace panel_simd
 #endif
 
@@ -80,7 +80,7 @@ void tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out
     for (int j = 0; j < VECTORS; ++j) wk[j] = load(w + j * WIDTH);
     for (int i = 0; i < ROWS; ++i) {
       const vec xk = broadcast(x[i * ldx + k]);
-      for (int j = 0; j < VECTORS; ++j) acc[i][j] = fma(xk, wk[j], acc[i][j]);
+      for (int j = 0; j < VECTORS; ++j) acc[i][j] = fmadd(xk, wk[j], acc[i][j]);
     }
   }
   for (int i = 0; i < ROWS; ++i)

@@ -27,64 +27,72 @@ namespace rows {
 using panel_simd::vec;
 using panel_simd::WIDTH;
 
-// exp(x) for a vector of x: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (Cody-Waite split,
-// |r| <= 0.35), e^r by its Taylor series to r^7 (relative error < 3e-8 there). Inputs are clamped to
-// [-87, 88], where 2^n is a normal float; e^-87 ~ 1.6e-38 is as good as zero for a softmax or a SiLU.
+// Lane-wise arithmetic and reductions per instruction set (panel_simd has loads, stores and fmadd).
+// vround: to the nearest integer; vfnmadd(a, b, c) = c - a * b, fused; vpow2(n) = 2^n for integral n
+// whose 2^n is a normal float (built in the exponent bits).
 #if defined(__AVX512F__)
-inline vec vexp(vec x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
-  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  vec p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
-}
-inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline vec vexp(vec x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
-  const vec n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  vec p = _mm256_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 inline float hsum(vec v) {  // a fixed tree: (lo + hi) halves down to one lane
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 inline float hmax(vec v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
-inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 #else
-inline vec vexp(vec x) { return std::exp(std::min(std::max(x, -87.f), 88.f)); }
-inline float hsum(vec v) { return v; }
 inline vec vmax(vec a, vec b) { return std::max(a, b); }
-inline float hmax(vec v) { return v; }
 inline vec vmul(vec a, vec b) { return a * b; }
 inline vec vdiv(vec a, vec b) { return a / b; }
 inline vec vadd(vec a, vec b) { return a + b; }
 inline vec vsub(vec a, vec b) { return a - b; }
+inline float hsum(vec v) { return v; }
+inline float hmax(vec v) { return v; }
+#endif
+
+// exp(x) for a vector of x: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (Cody-Waite split,
+// |r| <= 0.35), e^r by its Taylor series to r^7 (relative error < 3e-8 there). Inputs are clamped to
+// [-87, 88], where 2^n is a normal float; e^-87 ~ 1.6e-38 is as good as zero for a softmax or a SiLU.
+// One lane (no vector unit): std::exp.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+inline vec vexp(vec x) {
+  using panel_simd::broadcast;
+  x = vmax(vmin(x, broadcast(88.f)), broadcast(-87.f));
+  const vec n = vround(vmul(x, broadcast(1.44269504088896341f)));
+  vec r = vfnmadd(n, broadcast(0.693145751953125f), x);
+  r = vfnmadd(n, broadcast(1.428606765330187e-06f), r);
+  vec p = broadcast(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = panel_simd::fmadd(p, r, broadcast(c));
+  return vmul(p, vpow2(n));
+}
+#else
+inline vec vexp(vec x) { return std::exp(std::min(std::max(x, -87.f), 88.f)); }
 #endif
 
 // Sum of a[i] * b[i] over n elements: WIDTH-lane partial sums, then the lanes; a scalar tail after them.
@@ -92,7 +100,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
   using namespace panel_simd;
   vec acc = zero();
   int64_t i = 0;
-  for (; i + WIDTH <= n; i += WIDTH) acc = fma(load(a + i), load(b + i), acc);
+  for (; i + WIDTH <= n; i += WIDTH) acc = fmadd(load(a + i), load(b + i), acc);
   float s = hsum(acc);
   for (; i < n; ++i) s = std::fma(a[i], b[i], s);
   return s;
@@ -103,7 +111,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   using namespace panel_simd;
   const vec av = broadcast(a);
   int64_t i = 0;
-  for (; i + WIDTH <= n; i += WIDTH) store(y + i, fma(av, load(x + i), load(y + i)));
+  for (; i + WIDTH <= n; i += WIDTH) store(y + i, fmadd(av, load(x + i), load(y + i)));
   for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
 }
 
