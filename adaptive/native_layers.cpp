@@ -128,6 +128,26 @@ OptTensor silu_mul_rows(const Tensor& gate_up) {
   return out;
 }
 
+// The greedy verdict on logits (k, V) for the drafted tokens (k of them): (argmax per row, softmax
+// probability of each row's token), or nullopt where the kernel does not serve (not fp32 rows on the
+// CPU, more than SMALL_ROWS rows, a token out of range, a NaN or an infinity): speculative.py's _accept
+// then uses torch.
+std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_verdict_rows(
+    const Tensor& logits, const std::vector<int64_t>& tokens) {
+  const int64_t k = static_cast<int64_t>(tokens.size());
+  if (!rows_serve(logits) || logits.dim() != 2 || logits.size(0) != k || k < 1 || k > panel::SMALL_ROWS ||
+      logits.stride(1) != 1) {
+    return std::nullopt;
+  }
+  std::vector<int64_t> best(k);
+  std::vector<float> p(k);
+  if (!rows::greedy_verdict(logits.data_ptr<float>(), logits.stride(0), k, logits.size(1), tokens.data(),
+                            best.data(), p.data())) {
+    return std::nullopt;
+  }
+  return std::make_pair(best, std::vector<double>(p.begin(), p.end()));
+}
+
 }  // namespace
 
 // One decoder layer's tensors. Projections are (in, out) views, as LeanModel._mm holds them; a layer
@@ -330,6 +350,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention_rows, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("pos"),
         py::arg("key_start"), py::arg("window"), py::arg("scale"));
   m.def("silu_mul", &silu_mul_rows, py::arg("gate_up"));
+  m.def("greedy_verdict", &greedy_verdict_rows, py::arg("logits"), py::arg("tokens"));
   py::class_<PackedWeight, Packed>(m, "PackedWeight")
       .def(py::init<Tensor>(), py::arg("source"))
       .def("repack", &PackedWeight::repack, py::arg("start"), py::arg("end"))

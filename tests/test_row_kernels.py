@@ -81,3 +81,34 @@ def test_what_the_kernels_decline(ext):
     assert ext.attention(torch.randn(1, 2, 1, 8), k, k, 3, 0, -1, 1.0) is None  # keys do not end at pos + T
     assert ext.attention(torch.randn(1, 3, 1, 8), k, k, 19, 0, -1, 1.0) is None  # 3 heads over 2 kv heads
     assert ext.attention(torch.randn(1, 2, 1, 8), k, k, 19, 0, -1, 1.0) is not None
+
+
+def test_greedy_verdict_matches_softmax_and_max(ext):
+    g = torch.Generator().manual_seed(3)
+    for vocab in (8192, 8193, 7):  # a tail after the lanes, and a row shorter than one vector
+        logits = torch.randn(8, vocab, generator=g) * 6
+        logits[3] = 0.5  # every element tied: the first wins
+        logits[5, vocab // 2:] = logits[5].max() + 1  # a tied maximum after others
+        tokens = torch.randint(0, vocab, (8,), generator=g).tolist()
+        best, p = ext.greedy_verdict(logits, tokens)
+        assert best == logits.max(dim=-1).indices.tolist()
+        assert best[3] == 0 and best[5] == vocab // 2
+        expected = torch.softmax(logits.double(), dim=-1)[torch.arange(8), tokens]
+        torch.testing.assert_close(torch.tensor(p, dtype=torch.float64), expected, rtol=5e-6, atol=1e-30)
+    rows = torch.randn(4, 300, generator=g)
+    alone = ext.greedy_verdict(rows[2:3], [17])
+    assert alone[0][0] == ext.greedy_verdict(rows, [0, 0, 17, 0])[0][2]
+    assert alone[1][0] == ext.greedy_verdict(rows, [0, 0, 17, 0])[1][2]  # a row alone: the same bits
+
+
+def test_greedy_verdict_declines_what_torch_should_judge(ext):
+    logits = torch.randn(4, 100)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        spoiled = logits.clone()
+        spoiled[2, 7] = bad
+        assert ext.greedy_verdict(spoiled, [0] * 4) is None
+    assert ext.greedy_verdict(logits, [0, 0, 0, 100]) is None  # a token outside the vocabulary
+    assert ext.greedy_verdict(logits, [0, 0, 0]) is None  # a token per row
+    assert ext.greedy_verdict(logits[:, ::2], [0] * 4) is None  # rows not contiguous
+    assert ext.greedy_verdict(logits.double(), [0] * 4) is None
+    assert ext.greedy_verdict(torch.randn(17, 10), [0] * 17) is None  # more rows than SMALL_ROWS

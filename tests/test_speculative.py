@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptive import Runtime
+from adaptive import Runtime, native_layers
 from adaptive.config import SamplingConfig
 from adaptive.sampling import Sampler
 from adaptive.speculative import Draft, LookupDrafter, SpeculativeDecoder
@@ -65,6 +65,25 @@ def test_greedy_equals_full_with_a_draft_shortlist(family):
     # a token outside the starting shortlist was drafted once emitted (llama, gpt2: some tiny random models
     # only repeat prompt tokens)
     assert drafted_new == bool(set(full) - start)
+
+
+def test_the_native_greedy_verdict_and_torchs_agree(monkeypatch):
+    """_accept judges greedy drafts with row_kernels.h's greedy_verdict; torch's softmax and max(dim) are
+    its fallback: the same tokens, verdicts and (to rounding) verifier probabilities either way."""
+    ext = native_layers.extension()
+    if ext is None:
+        pytest.skip(native_layers.status())
+    rt = Runtime.from_model(make_model("llama"))  # a tiny model whose drafts get rejected (some only repeat)
+    prompt = random_prompt(5, seed=3)
+    settings = dict(max_new_tokens=30, mode="speculative", draft_depth=1, draft_length=4, guess_drafts=False)
+    native = rt.generate(prompt, **settings)
+    monkeypatch.setattr(ext, "greedy_verdict", lambda logits, tokens: None)
+    fallback = rt.generate(prompt, **settings)
+    assert native.token_ids == fallback.token_ids
+    assert [(r.drafted, r.accepted) for r in native.rounds] == [(r.drafted, r.accepted) for r in fallback.rounds]
+    assert any(r.accepted < len(r.drafted) for r in native.rounds)  # a rejection was judged too
+    for a, b in zip(native.rounds, fallback.rounds):
+        torch.testing.assert_close(a.p_probs, b.p_probs, rtol=5e-6, atol=1e-12)
 
 
 def test_eos_inside_a_drafted_block_stops_there():
