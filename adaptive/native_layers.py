@@ -41,9 +41,13 @@ _HEADERS = [Path(__file__).with_name(name) for name in ("panel_matmul.h", "row_k
 
 
 def _compile_flags() -> list[str]:
-    """-O3, and on x86-64 Linux the build machine's own vector instructions (AVX2 / AVX-512 for
-    panel_matmul.h). The extension is compiled on the machine that runs it, on first use."""
-    flags = ["-O3"]
+    """-O3, OpenMP, and on x86-64 Linux the build machine's own vector instructions (AVX2 / AVX-512 for
+    panel_matmul.h). The extension is compiled on the machine that runs it, on first use.
+
+    -fopenmp: at::parallel_for is an inline header whose threaded branch exists only under _OPENMP; built
+    without it, panel_matmul.h ran every matrix on one thread whatever torch.set_num_threads said. The
+    OpenMP runtime it links (libgomp.so.1) is the one torch already loaded under that name."""
+    flags = ["-O3", "-fopenmp"]
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     return flags
@@ -109,7 +113,8 @@ def _build():
         os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
     if not built:
         print("adaptive: compiling the C++ layer loop (once per machine, about 30 s)", file=sys.stderr)
-    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(), verbose=False)
+    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(),
+                              extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def extension():
