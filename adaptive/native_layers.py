@@ -46,11 +46,16 @@ def _compile_flags() -> list[str]:
 
     -fopenmp: at::parallel_for is an inline header whose threaded branch exists only under _OPENMP; built
     without it, panel_matmul.h ran every matrix on one thread whatever torch.set_num_threads said. The
-    OpenMP runtime it links (libgomp.so.1) is the one torch already loaded under that name."""
-    flags = ["-O3", "-fopenmp"]
+    OpenMP runtime it links (libgomp.so.1) is the one torch already loaded under that name. Linux only:
+    Apple's clang has no -fopenmp (there the panels stay on one thread, as before)."""
+    flags = ["-O3"] + _openmp_flags()
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     return flags
+
+
+def _openmp_flags() -> list[str]:
+    return ["-fopenmp"] if platform.system() == "Linux" else []
 
 
 def _cpu_tag() -> str:
@@ -114,7 +119,7 @@ def _build():
     if not built:
         print("adaptive: compiling the C++ layer loop (once per machine, about 30 s)", file=sys.stderr)
     return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_compile_flags(),
-                              extra_ldflags=["-fopenmp"], verbose=False)
+                              extra_ldflags=_openmp_flags(), verbose=False)
 
 
 def extension():

@@ -34,6 +34,26 @@ def test_panels_compute_the_matmul_and_a_row_alone_gets_the_same_bits(ext, K, N)
     assert narrow.shape == (3, N - 5) and torch.equal(narrow, packed.mm(x[:3])[:, :N - 5])
 
 
+def test_panels_use_the_threads_they_are_given_and_keep_their_bits(ext):
+    """The extension is built with OpenMP (at::parallel_for runs serially without it) and each output
+    column is still one thread's whole sum: 1 and 2 threads give the same bits."""
+    import platform
+    if platform.system() == "Linux":
+        assert "-fopenmp" in native_layers._compile_flags()
+    g = torch.Generator().manual_seed(5)
+    wt, x = torch.randn(192, 8192, generator=g), torch.randn(8, 192, generator=g)
+    packed = ext.PackedWeight(wt)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed.mm(x)
+        torch.set_num_threads(2)
+        two = packed.mm(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 def test_panels_decline_what_they_do_not_serve(ext):
     wt = torch.randn(32, 48)
     packed = ext.PackedWeight(wt)
