@@ -404,7 +404,6 @@ class LeanModel:
             return native.run_layers(h, index, index + 1, pos, cache)
         spec, lw, mm, panels = self.spec, self.w.layers[index], self._mm[index], self.packed_projections()[index]
         B, T, d = h.shape
-        H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         frame = frame or self.frame(pos, T)
         h = h.view(B * T, d)  # (B*T, d)
 
@@ -422,18 +421,7 @@ class LeanModel:
             attn = ext.attention(q, keys, values, pos, key_start, -1 if window is None else window,
                                  self.attention_scale(index))
         if attn is None:
-            mask, causal = None, False
-            if frame.pads is not None:  # batched rows: pads are masked even for a single new token
-                mask = frame.mask(self, key_start, window)
-            elif T > 1:
-                if key_start == 0 and pos == 0 and (window is None or window >= T):
-                    causal = True
-                else:
-                    mask = frame.mask(self, key_start, window)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                  scale=self.attention_scale(index),
-                                                  enable_gqa=Hkv != H)  # (B, H, T, hd)
-            attn = attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
+            attn = self._sdpa(q, keys, values, frame, index, pos, key_start, window)  # (B*T, H*hd)
         h = project(attn, mm["o_w"], lw.o_b, residual=h, panels=panels.get("o_w"))
 
         x = self.norm(h, lw.mlp_norm_w, lw.mlp_norm_b)
@@ -449,6 +437,25 @@ class LeanModel:
         else:
             inner = self._act(project(x, mm["up_w"], lw.up_b, panels=panels.get("up_w")))
         return project(inner, mm["down_w"], lw.down_b, residual=h, panels=panels.get("down_w")).view(B, T, d)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, frame: "Frame", index: int,
+              pos: int, key_start: int, window: int | None) -> torch.Tensor:
+        """torch's SDPA where the row kernel does not serve (left-padded batch rows, a prefill's many rows):
+        q (B, H, T, hd) over keys / values (B, Hkv, S, hd) of positions [key_start, pos + T) -> (B*T, H*hd).
+        The C++ loop's ``sdpa`` makes the same calls."""
+        B, H, T, hd = q.shape
+        mask, causal = None, False
+        if frame.pads is not None:  # batched rows: pads are masked even for a single new token
+            mask = frame.mask(self, key_start, window)
+        elif T > 1:
+            if key_start == 0 and pos == 0 and (window is None or window >= T):
+                causal = True
+            else:
+                mask = frame.mask(self, key_start, window)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              scale=self.attention_scale(index),
+                                              enable_gqa=keys.shape[1] != H)  # (B, H, T, hd)
+        return attn.transpose(1, 2).reshape(B * T, H * hd)  # (B*T, H*hd)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int, cache: KVCache,
                    pads: torch.Tensor | None = None) -> torch.Tensor:
