@@ -327,7 +327,12 @@ class SpeculationController:
         return self.raw_draft_step_ms(depth) * self.timings.get(("draft_first", depth, self.draft_variant))
 
     def draft_round_ms(self, depth: int, k: int) -> float:
-        return self.draft_first_ms(depth) + (k - 1) * self.draft_step_ms(depth) if k > 0 else 0.0
+        return self._round_ms(self.draft_first_ms(depth), self.draft_step_ms(depth), k)
+
+    @staticmethod
+    def _round_ms(first_ms: float, step_ms: float, k: int) -> float:
+        """A round of k drafts: its first pass, then k - 1 more steps (0 for no drafts)."""
+        return first_ms + (k - 1) * step_ms if k > 0 else 0.0
 
     def verify_ms(self, depth: int, k: int) -> float:
         return self.raw_verify_ms(depth, k) * self.timings.get(("verify", depth))
@@ -414,8 +419,7 @@ class SpeculationController:
         best, tokens = (0.0, 0), 0.0
         for k in range(1, self.max_draft + 1):
             tokens += alpha ** (k - 1)
-            draft_ms = first + (k - 1) * step  # draft_round_ms(depth, k)
-            gain = tokens * full / (draft_ms + self.raw_verify_ms(depth, k) * verify_ratio)
+            gain = tokens * full / (self._round_ms(first, step, k) + self.raw_verify_ms(depth, k) * verify_ratio)
             best = max(best, (gain, k))
         return best
 
