@@ -16,6 +16,7 @@
 #include "row_kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <map>
 #include <optional>
@@ -148,6 +149,23 @@ std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_verdi
   return std::make_pair(best, std::vector<double>(p.begin(), p.end()));
 }
 
+// Greedy drafts from logits (T, n): (argmax per row, its softmax probability), or nullopt where the
+// kernel does not serve (as greedy_verdict_rows). speculative.py's Python draft pass calls it, so the
+// Python and C++ passes give the same confidences bit for bit.
+std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_rows(const Tensor& logits) {
+  if (!rows_serve(logits) || logits.dim() != 2 || logits.size(0) < 1 || logits.size(0) > panel::SMALL_ROWS ||
+      logits.stride(1) != 1) {
+    return std::nullopt;
+  }
+  const int64_t T = logits.size(0);
+  std::vector<int64_t> best(T);
+  std::vector<float> p(T);
+  if (!rows::greedy_rows(logits.data_ptr<float>(), logits.stride(0), T, logits.size(1), best.data(), p.data())) {
+    return std::nullopt;
+  }
+  return std::make_pair(best, std::vector<double>(p.begin(), p.end()));
+}
+
 }  // namespace
 
 // One decoder layer's tensors. Projections are (in, out) views, as LeanModel._mm holds them; a layer
@@ -215,13 +233,20 @@ class NativeModel {
       const Tensor& head_ids, const Packed& head_p) const {
     const int64_t T = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(T >= 1, "draft_greedy needs at least one token");
-    Tensor ids = at::tensor(tokens, at::TensorOptions().dtype(at::kLong)).to(embed_.device()).view({1, T});
-    Tensor h = at::embedding(embed_, ids);  // (1, T, d): LeanModel.embed
+    Tensor h = embed_rows(tokens);  // (1, T, d): LeanModel.embed
     if (pos_embed_) h = h + pos_embed_->narrow(0, pos, T);
     h = run_layers(h, 0, depth, pos, kv);
     Tensor adapted = adapter_w ? h + at::linear(h, *adapter_w, adapter_b) : h;  // ExitHeads.adapt
     Tensor x = norm(adapted, final_norm_w_, final_norm_b_);
     Tensor logits = project(x.view({T, -1}), head_t, std::nullopt, nullptr, head_p);  // (T, n): ShortlistHead.rows_logits
+    if (head_ids.scalar_type() == at::kLong && head_ids.is_contiguous() && head_ids.device().is_cpu()) {
+      if (auto drafts = greedy_rows(logits)) {  // the row kernel: _python_pass calls the same one
+        const int64_t* id = head_ids.data_ptr<int64_t>();
+        std::vector<int64_t> chosen(T);
+        for (int64_t r = 0; r < T; ++r) chosen[r] = id[drafts->first[r]];
+        return {h, drafts->second, chosen};
+      }
+    }
     auto best = at::softmax(logits.to(at::kFloat), -1).max(-1);     // draw: one softmax, its max per row
     Tensor confidence = std::get<0>(best).to(at::kDouble).cpu().contiguous();
     Tensor chosen = head_ids.index_select(0, std::get<1>(best)).to(at::kLong).cpu().contiguous();
@@ -242,6 +267,23 @@ class NativeModel {
       return at::rms_norm(x, {d}, w, eps_);
     }
     return at::layer_norm(x, {d}, w, b, eps_);
+  }
+
+  // F.embedding of one row of token ids: (1, T, d). The rows are copied straight from a contiguous CPU
+  // table (the same values, without building an index tensor and dispatching embedding's index_select).
+  Tensor embed_rows(const std::vector<int64_t>& tokens) const {
+    const int64_t T = static_cast<int64_t>(tokens.size()), V = embed_.size(0), d = embed_.size(1);
+    for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "token id ", t, " is outside the vocabulary [0, ", V, ")");
+    if (!embed_.device().is_cpu() || !embed_.is_contiguous()) {
+      Tensor ids = at::tensor(tokens, at::TensorOptions().dtype(at::kLong)).to(embed_.device()).view({1, T});
+      return at::embedding(embed_, ids);
+    }
+    Tensor h = at::empty({1, T, d}, embed_.options());
+    const size_t row_bytes = static_cast<size_t>(d) * embed_.element_size();
+    const char* table = static_cast<const char*>(embed_.data_ptr());
+    char* out = static_cast<char*>(h.data_ptr());
+    for (int64_t t = 0; t < T; ++t) std::memcpy(out + t * row_bytes, table + tokens[t] * row_bytes, row_bytes);
+    return h;
   }
 
   Tensor act(const Tensor& x) const {
@@ -351,6 +393,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_start"), py::arg("window"), py::arg("scale"));
   m.def("silu_mul", &silu_mul_rows, py::arg("gate_up"));
   m.def("greedy_verdict", &greedy_verdict_rows, py::arg("logits"), py::arg("tokens"));
+  m.def("greedy_rows", &greedy_rows, py::arg("logits"));
   py::class_<PackedWeight, Packed>(m, "PackedWeight")
       .def(py::init<Tensor>(), py::arg("source"))
       .def("repack", &PackedWeight::repack, py::arg("start"), py::arg("end"))

@@ -155,45 +155,68 @@ inline void silu_mul(const float* in, int64_t ld_in, int64_t count, int64_t ff, 
   }
 }
 
+// One row of logits x (width V >= 1): its maximum, the first index holding it (as torch's max(dim)) and
+// sum_j exp(x[j] - max), the sum over WIDTH-lane partials in a fixed order. One pass for the maximum,
+// one for the sum. False (nothing written) for a row holding a NaN or an infinity, left to torch.
+inline bool softmax_stats(const float* x, int64_t V, float& top, int64_t& arg, float& sum) {
+  using namespace panel_simd;
+  // x * 0 is 0 for every finite x and NaN for a NaN or an infinity: one fmadd a vector flags both
+  vec m = broadcast(x[0]), flag = zero();
+  const vec nothing = zero();
+  int64_t i = 0;
+  for (; i + WIDTH <= V; i += WIDTH) {
+    const vec xv = load(x + i);
+    m = vmax(m, xv);
+    flag = fmadd(xv, nothing, flag);
+  }
+  float best = hmax(m), flagged = hsum(flag);
+  for (; i < V; ++i) {
+    best = std::max(best, x[i]);
+    flagged += x[i] * 0.f;
+  }
+  if (flagged != 0.f) return false;  // (true for NaN as well)
+  int64_t first = 0;
+  while (x[first] != best) ++first;  // best is one of the row's values
+  const vec shift = broadcast(best);
+  vec total = zero();
+  i = 0;
+  for (; i + WIDTH <= V; i += WIDTH) total = vadd(total, vexp(vsub(load(x + i), shift)));
+  float s = hsum(total);
+  for (; i < V; ++i) s += vexp_one(x[i] - best);
+  top = best;
+  arg = first;
+  sum = s;
+  return true;
+}
+
 // The greedy verifier's verdict on `count` rows of logits (width V, row stride ld): per row the argmax
-// (the first of tied maxima, as torch's max(dim)) and the softmax probability of tokens[r],
-// exp(x[t] - max) / sum_j exp(x[j] - max), with the sum over WIDTH-lane partials in a fixed order. One
-// pass for the maximum, one for the sum: at k = 8 rows of the bundled model's 8192 logits, torch's
-// softmax, gather and max(dim) took ~70 us back to back and ~235 us a round inside the decode loop.
-// Returns false (nothing written past the rows done) when a row holds a NaN or an infinity, which the
-// caller leaves to torch, or a token is outside [0, V).
+// and the softmax probability of tokens[r], exp(x[t] - max) / sum_j exp(x[j] - max) (softmax_stats).
+// At k = 8 rows of the bundled model's 8192 logits, torch's softmax, gather and max(dim) took ~70 us
+// back to back and ~235 us a round inside the decode loop. Returns false (nothing written past the rows
+// done) when a row holds a NaN or an infinity, or a token is outside [0, V).
 inline bool greedy_verdict(const float* logits, int64_t ld, int64_t count, int64_t V, const int64_t* tokens,
                            int64_t* best, float* p_token) {
-  using namespace panel_simd;
   if (V < 1) return false;
   for (int64_t r = 0; r < count; ++r) {
     const float* x = logits + r * ld;
     if (tokens[r] < 0 || tokens[r] >= V) return false;
-    // x * 0 is 0 for every finite x and NaN for a NaN or an infinity: one fmadd a vector flags both
-    vec m = broadcast(x[0]), flag = zero();
-    const vec nothing = zero();
-    int64_t i = 0;
-    for (; i + WIDTH <= V; i += WIDTH) {
-      const vec xv = load(x + i);
-      m = vmax(m, xv);
-      flag = fmadd(xv, nothing, flag);
-    }
-    float top = hmax(m), flagged = hsum(flag);
-    for (; i < V; ++i) {
-      top = std::max(top, x[i]);
-      flagged += x[i] * 0.f;
-    }
-    if (flagged != 0.f) return false;  // (true for NaN as well)
-    int64_t arg = 0;
-    while (x[arg] != top) ++arg;  // top is one of the row's values
-    const vec shift = broadcast(top);
-    vec total = zero();
-    i = 0;
-    for (; i + WIDTH <= V; i += WIDTH) total = vadd(total, vexp(vsub(load(x + i), shift)));
-    float sum = hsum(total);
-    for (; i < V; ++i) sum += vexp_one(x[i] - top);
-    best[r] = arg;
+    float top, sum;
+    if (!softmax_stats(x, V, top, best[r], sum)) return false;
     p_token[r] = vexp_one(x[tokens[r]] - top) / sum;
+  }
+  return true;
+}
+
+// A greedy draft per row: the argmax and its softmax probability (the draft's confidence), the same
+// arithmetic as greedy_verdict judging the argmax itself. Replaces torch's softmax, max(dim) and the
+// dtype copies after them in each draft pass (~4 calls, several us each at batch 1).
+inline bool greedy_rows(const float* logits, int64_t ld, int64_t count, int64_t V, int64_t* best, float* p_best) {
+  if (V < 1) return false;
+  for (int64_t r = 0; r < count; ++r) {
+    const float* x = logits + r * ld;
+    float top, sum;
+    if (!softmax_stats(x, V, top, best[r], sum)) return false;
+    p_best[r] = vexp_one(x[best[r]] - top) / sum;
   }
   return true;
 }

@@ -616,9 +616,17 @@ class SelfDrafter:
         (1, T, d), max draft probability per row, greedy draft per row), as ``NativeLayers.draft_greedy``."""
         model, head = dec.model, dec.draft_head
         h = model.run_layers(model.embed(torch.tensor([fed], device=model.device), pos), 0, depth, pos, dec.cache)
-        conf, best = torch.softmax(head.rows_logits(h, depth).float(), dim=-1).max(dim=-1)  # (T,) each
-        ids = best if head.ids is None else head.ids[best]
-        return h, conf.tolist(), ids.tolist()
+        logits = head.rows_logits(h, depth)  # (T, n)
+        ext = native_layers.extension()
+        # the row kernel the C++ pass uses for a shortlist of int64 ids (None where it does not serve)
+        drafts = (ext.greedy_rows(logits) if ext is not None and head.ids is not None and head.ids.dtype == torch.long
+                  else None)
+        if drafts is not None:
+            best, conf = drafts
+            return h, conf, head.ids[best].tolist()
+        conf_t, best_t = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # (T,) each
+        ids = best_t if head.ids is None else head.ids[best_t]
+        return h, conf_t.tolist(), ids.tolist()
 
 
 class LookupDrafter:

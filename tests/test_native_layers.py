@@ -243,3 +243,14 @@ def test_one_pass_rope_equals_the_rotation_matrix_form():
     cos, sin = model.cos[pos:pos + T], model.sin[pos:pos + T]
     expected = torch.addcmul(qk * cos, torch.matmul(qk, model._rotate), sin)
     torch.testing.assert_close(native_layers.extension().rope(qk, cos, sin), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_native_draft_pass_refuses_a_token_outside_the_vocabulary():
+    """The C++ pass copies embedding rows itself: an id past the table is an error, never a stray read."""
+    rt = drafting_runtime("llama")
+    rt.model.use_native = True
+    dec, t0 = prefilled_speculative_decoder(rt, random_prompt(8, seed=5), draft_depth=2, draft_vocab_size=30)
+    head, vocab = dec.draft_head, rt.spec.vocab_size
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside the vocabulary"):
+        dec.native_draft().draft_greedy([t0, vocab], 8, 2, dec.cache, head.heads.adapter(2), head.weight_t,
+                                        head.ids, head.panels)

@@ -112,3 +112,23 @@ def test_greedy_verdict_declines_what_torch_should_judge(ext):
     assert ext.greedy_verdict(logits[:, ::2], [0] * 4) is None  # rows not contiguous
     assert ext.greedy_verdict(logits.double(), [0] * 4) is None
     assert ext.greedy_verdict(torch.randn(17, 10), [0] * 17) is None  # more rows than SMALL_ROWS
+
+
+def test_greedy_rows_is_the_verdict_on_each_rows_own_argmax(ext):
+    """A draft pass's greedy pick and confidence: torch's argmax (first of ties) and max softmax
+    probability, with the verdict's bits for the same token, and None where torch should decide."""
+    g = torch.Generator().manual_seed(4)
+    for vocab in (1280, 1283, 5):
+        logits = torch.randn(6, vocab, generator=g) * 6
+        logits[1] = -2.0  # every element tied: the first wins
+        best, p = ext.greedy_rows(logits)
+        assert best == logits.max(dim=-1).indices.tolist() and best[1] == 0
+        expected = torch.softmax(logits.double(), dim=-1).max(dim=-1).values
+        torch.testing.assert_close(torch.tensor(p, dtype=torch.float64), expected, rtol=5e-6, atol=1e-30)
+        assert (best, p) == ext.greedy_verdict(logits, best)
+    spoiled = torch.randn(3, 50)
+    spoiled[1, 4] = float("nan")
+    assert ext.greedy_rows(spoiled) is None
+    assert ext.greedy_rows(torch.randn(3, 50)[:, ::2]) is None  # rows not contiguous
+    assert ext.greedy_rows(torch.randn(17, 10)) is None  # more rows than SMALL_ROWS
+    assert ext.greedy_rows(torch.randn(0, 10)) is None
