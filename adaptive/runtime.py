@@ -45,11 +45,13 @@ EARLY_EXIT_KNOBS = ("threshold", "measure", "min_layer", "kv_policy", "exit_laye
 SAMPLING_KNOBS = ("top_k", "top_p")
 SPECULATIVE_KNOBS = ("drafter", "draft_model", "draft_depth", "draft_length", "max_draft", "draft_vocab_size",
                      "datastore", "guess_drafts", "overlap")
-# The draft head's shortlist (plus the prompt's tokens; emitted ones join it). 1024 rather than 2048: on the
-# bench prompts (9 x 128 tokens, fixed depth 3 / 4, 8 drafts, no guesses) 2048 had 985 / 1040 drafts
-# accepted, 1024 983 / 1039, 512 982 / 1038, the full vocabulary 990 / 1046; each draft pass reads 1024
-# fewer head columns (0.8 MB of a depth-3 pass's 7.1 MB on the bundled model).
-DEFAULT_DRAFT_VOCAB_SIZE = 1024
+# The draft head's shortlist (plus the prompt's tokens; emitted ones join it). 512: on the bench prompts
+# (9 x 128 tokens, fixed depth 3 / 4, 8 drafts, no guesses) 2048 had 985 / 1040 drafts accepted, 1024
+# 983 / 1039, 512 982 / 1038, 256 975 / 1027, the full vocabulary 990 / 1046. A draft pass of several
+# rows is bound by arithmetic on a small CPU, not by memory, and a 2048-token head costs as much per row
+# as a whole layer of the bundled model: with the adaptive controller 512 ran 1.54-1.61x full's tokens/s
+# where 2048 ran 1.34-1.49x (same runs, same prompts).
+DEFAULT_DRAFT_VOCAB_SIZE = 512
 
 
 class GenerationStream:

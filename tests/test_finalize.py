@@ -200,9 +200,11 @@ def test_calibrate_chooses_a_confirmed_setting_and_merges_defaults(tmp_path, tin
     assert defaults["early_exit"] == cal.chosen and set(defaults["speculative"]["acceptance_priors"]) == {"1", "2"}
     # the priors alone, refreshed from what the report records: the same prompts, so the same numbers
     assert C.refresh_acceptance_priors(rt, cal.to_dict(), progress=False) == cal.acceptance_priors
-    C.write_acceptance_priors(model_dir, {"1": 0.25})
+    assert defaults["speculative"]["acceptance_priors_vocab_size"] == cal.draft_vocab_size
+    C.write_acceptance_priors(model_dir, {"1": 0.25}, 300)
     rewritten = json.loads((model_dir / "adaptive_defaults.json").read_text())
     assert rewritten["speculative"]["acceptance_priors"] == {"1": 0.25}
+    assert rewritten["speculative"]["acceptance_priors_vocab_size"] == 300  # the shortlist they were read over
     others = {k: v for k, v in defaults.items() if k != "speculative"}
     assert {k: v for k, v in rewritten.items() if k != "speculative"} == others
     # The runtime accepts what was written.

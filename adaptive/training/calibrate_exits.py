@@ -1111,11 +1111,13 @@ def write_defaults(model_dir: str | Path, cal: Calibration) -> Path:
         spec = defaults.setdefault("speculative", {})
         spec["draft_vocab_size"] = cal.draft_vocab_size
         spec["acceptance_priors"] = cal.acceptance_priors
+        spec["acceptance_priors_vocab_size"] = cal.draft_vocab_size  # the shortlist the priors were read over
 
     return _update_defaults(model_dir, update)
 
 
-def write_acceptance_priors(model_dir: str | Path, priors: dict[str, float]) -> Path:
-    """Replace only the speculative acceptance priors in adaptive_defaults.json."""
+def write_acceptance_priors(model_dir: str | Path, priors: dict[str, float], vocab_size: int) -> Path:
+    """Replace only the speculative acceptance priors (read over a ``vocab_size`` draft shortlist) in
+    adaptive_defaults.json."""
     return _update_defaults(model_dir, lambda defaults: defaults.setdefault("speculative", {}).update(
-        acceptance_priors=priors))
+        acceptance_priors=priors, acceptance_priors_vocab_size=vocab_size))

@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-minutes", type=float, default=6.0, help="time for the replay search")
     g.add_argument("--offset-families", type=int, default=3,
                    help="replayed passes given per-exit-layer thresholds by coordinate descent (0: none)")
-    g.add_argument("--draft-vocab-size", type=int, default=2048)
+    g.add_argument("--draft-vocab-size", type=int, default=512)
     g = p.add_argument_group("card")
     g.add_argument("--card-prompts", type=int, default=48,
                    help="test-split prompts of the decoding table (12 were too few to tell 99%% from 98.5%%)")
@@ -235,7 +235,7 @@ def main(args) -> int:
                                  f"{report_path} has no calibration yet: run the calibrate stage first")
             rt = Runtime.from_pretrained(model_dir)
             priors = calibrate_exits.refresh_acceptance_priors(rt, report["calibration"])
-            calibrate_exits.write_acceptance_priors(model_dir, priors)
+            calibrate_exits.write_acceptance_priors(model_dir, priors, report["calibration"]["draft_vocab_size"])
             print(f"acceptance priors {report['calibration']['acceptance_priors']} -> {priors}")
             report["calibration"]["acceptance_priors"] = priors
         elif stage == "card":

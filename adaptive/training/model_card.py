@@ -448,7 +448,8 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
         out += ["## Speculative decoding priors", "",
                 f"`speculative`: `{json.dumps(sp)}` — `acceptance_priors[d]` is the measured teacher-forced agreement of "
                 f"the exit head after d layers with the final layer on the calibration prompts, read as the drafter "
-                f"reads it: over the {sp.get('draft_vocab_size')}-token draft shortlist plus the prompt's tokens, which "
+                f"reads it: over the {sp.get('acceptance_priors_vocab_size', sp.get('draft_vocab_size'))}-token draft "
+                f"shortlist plus the prompt's tokens, which "
                 "every produced token joins, at every step but the prefill's; the runtime starts from it and updates "
                 "it as requests run.", ""]
 
