@@ -70,6 +70,25 @@ def test_attention_matches_sdpa_and_a_row_alone_gets_the_same_bits(ext, heads, k
         assert torch.equal(alone[0], got[t]), t
 
 
+def test_attention_gives_the_same_bits_on_one_thread_and_on_two(ext):
+    """Long enough a context that the (row, head) pairs are shared among threads: the split changes
+    nothing, since each pair runs the same instructions on whichever thread takes it."""
+    g = torch.Generator().manual_seed(6)
+    pos, T, heads, hd = 300, 8, 6, 32
+    cache_k, cache_v = torch.randn(1, heads, pos + T, hd, generator=g), torch.randn(1, heads, pos + T, hd, generator=g)
+    q = torch.randn(1, T, heads, hd, generator=g).transpose(1, 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.attention(q, cache_k, cache_v, pos, 0, -1, hd ** -0.5)
+        torch.set_num_threads(2)
+        two = ext.attention(q, cache_k, cache_v, pos, 0, -1, hd ** -0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(two, sdpa_reference(q, cache_k, cache_v, pos, None, hd ** -0.5), rtol=1e-5, atol=1e-5)
+
+
 def test_what_the_kernels_decline(ext):
     x, w = torch.randn(2, 8), torch.randn(8)
     assert ext.rms_norm(x.bfloat16(), w.bfloat16(), 1e-5) is None
