@@ -53,3 +53,29 @@ def test_full_decode_fills_every_layer():
     list(stream)
     # the 6th token was sampled but never fed back: 5 prompt + 5 fed tokens are cached
     assert stream.result.traces[-1].position == 10
+
+
+@pytest.mark.parametrize("length,passes", [(16, 1), (40, 3), (64, 4), (65, 1)])
+def test_a_short_prompt_prefills_in_passes_of_sixteen_rows(family, length, passes, monkeypatch):
+    """Up to 64 prompt tokens run in passes of 16 rows (the panels' few-row path), longer prompts in one
+    pass; either way the first token's logits and the cache agree with one pass over the whole prompt."""
+    from adaptive.costs import CostModel
+    from adaptive.decoding import FullDecoder
+
+    hf = make_model(family)
+    loaded = from_hf_model(hf)
+    model = LeanModel(loaded.spec, loaded.weights)
+    prompt = torch.tensor([random_prompt(length, seed=4)])
+    L = model.spec.num_layers
+    with torch.inference_mode():
+        whole = model.new_cache(1, 96)
+        expected = model.head(model.run_layers(model.embed(prompt, 0), 0, L, 0, whole))[0, -1]
+        decoder = FullDecoder(model, CostModel.from_spec(model.spec), 96)
+        calls = []
+        run_layers = model.run_layers
+        monkeypatch.setattr(model, "run_layers", lambda h, *a, **k: calls.append(h.shape[1]) or run_layers(h, *a, **k))
+        outcome = decoder.prefill(prompt)
+    assert len(calls) == passes and sum(calls) == length and max(calls) <= max(16, length * (passes == 1))
+    assert decoder.pos == length and decoder.cache.fill == [length] * L
+    torch.testing.assert_close(outcome.logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoder.cache.k[:, :, :, :length], whole.k[:, :, :, :length], rtol=1e-4, atol=1e-4)
