@@ -24,6 +24,16 @@ def test_loads_offline_with_tokenizer_and_sidecars(rt):
     assert rt.decode(rt.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
 
 
+def test_each_traced_token_carries_its_own_text(rt):
+    """A token's text comes from the runtime's per-id memo (token_text): the tokenizer's text for that id
+    alone, in every mode's traces."""
+    for mode in ("full", "speculative"):
+        res = rt.generate("def f(x):\n", max_new_tokens=12, mode=mode)
+        assert [t.text for t in res.traces] == [rt.decode([t.token_id]) for t in res.traces]
+    token = res.traces[0].token_id
+    assert rt._token_texts[token] == rt.decode([token]) and rt.token_text(token) is rt.token_text(token)
+
+
 @pytest.mark.parametrize("settings", [dict(), dict(drafter="lookup"), dict(draft_depth=4, draft_length=3),
                                       dict(draft_depth=2, draft_vocab_size=0)],
                          ids=["self-adaptive", "lookup", "depth4-len3", "depth2-fullhead"])
