@@ -129,6 +129,12 @@ OptTensor silu_mul_rows(const Tensor& gate_up) {
   return out;
 }
 
+// Logits the greedy row kernels read: 1..SMALL_ROWS fp32 CPU rows (T, n), each contiguous.
+bool logit_rows_serve(const Tensor& logits) {
+  return rows_serve(logits) && logits.dim() == 2 && logits.size(0) >= 1 && logits.size(0) <= panel::SMALL_ROWS &&
+         logits.stride(1) == 1;
+}
+
 // The greedy verdict on logits (k, V) for the drafted tokens (k of them): (argmax per row, softmax
 // probability of each row's token), or nullopt where the kernel does not serve (not fp32 rows on the
 // CPU, more than SMALL_ROWS rows, a token out of range, a NaN or an infinity): speculative.py's _accept
@@ -136,10 +142,7 @@ OptTensor silu_mul_rows(const Tensor& gate_up) {
 std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_verdict_rows(
     const Tensor& logits, const std::vector<int64_t>& tokens) {
   const int64_t k = static_cast<int64_t>(tokens.size());
-  if (!rows_serve(logits) || logits.dim() != 2 || logits.size(0) != k || k < 1 || k > panel::SMALL_ROWS ||
-      logits.stride(1) != 1) {
-    return std::nullopt;
-  }
+  if (!logit_rows_serve(logits) || logits.size(0) != k) return std::nullopt;
   std::vector<int64_t> best(k);
   std::vector<float> p(k);
   if (!rows::greedy_verdict(logits.data_ptr<float>(), logits.stride(0), k, logits.size(1), tokens.data(),
@@ -153,10 +156,7 @@ std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_verdi
 // kernel does not serve (as greedy_verdict_rows). speculative.py's Python draft pass calls it, so the
 // Python and C++ passes give the same confidences bit for bit.
 std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_rows(const Tensor& logits) {
-  if (!rows_serve(logits) || logits.dim() != 2 || logits.size(0) < 1 || logits.size(0) > panel::SMALL_ROWS ||
-      logits.stride(1) != 1) {
-    return std::nullopt;
-  }
+  if (!logit_rows_serve(logits)) return std::nullopt;
   const int64_t T = logits.size(0);
   std::vector<int64_t> best(T);
   std::vector<float> p(T);
