@@ -52,6 +52,15 @@ class CostModel:
             return max(0, end - start) * (self.layer_weight_macs + self.attention_macs_per_key * (position + 1))
         return sum(self.layer_macs(layer, position) for layer in range(start, end))
 
+    def positions_macs(self, start: int, end: int, first_position: int, count: int) -> int:
+        """Layers [start, end) for ``count`` consecutive positions from ``first_position`` (a draft pass of
+        several rows, a verification, a prompt)."""
+        if self._no_windows:
+            # closed form of the sum below: the keys seen, sum of (position + 1) over the span
+            keys = count * (first_position + 1) + count * (count - 1) // 2
+            return max(0, end - start) * (count * self.layer_weight_macs + self.attention_macs_per_key * keys)
+        return sum(self.layers_macs(start, end, p) for p in range(first_position, first_position + count))
+
     def full_token_macs(self, position: int) -> int:
         """Full depth for one token: every layer plus one LM head."""
         return self.layers_macs(0, self.num_layers, position) + self.head_macs
@@ -59,4 +68,4 @@ class CostModel:
     def prefill_macs(self, length: int) -> int:
         """A prompt of ``length`` tokens at full depth: every layer at every position, one LM head (only the
         last position's prediction is read)."""
-        return sum(self.layers_macs(0, self.num_layers, p) for p in range(length)) + self.head_macs
+        return self.positions_macs(0, self.num_layers, 0, length) + self.head_macs

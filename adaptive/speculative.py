@@ -579,7 +579,7 @@ class SelfDrafter:
                                                         head.weight_t, head.ids, head.panels)
             else:
                 h, confs, drafted = self._python_pass(dec, fed, pos + j, depth)
-            macs += sum(dec.costs.layers_macs(0, depth, pos + j + i) for i in range(len(fed)))
+            macs += dec.costs.positions_macs(0, depth, pos + j, len(fed))
             macs += len(fed) * dec.costs.hidden_size * head.size
             used, missed = 0, False
             for i, (drafted_token, conf) in enumerate(zip(drafted, confs)):
@@ -705,7 +705,7 @@ class DraftModelDrafter:
         pending = (dec.context + [t0])[self.synced:pos + 1]  # tokens the draft model has not seen yet
         h = model.run_layers(model.embed(torch.tensor([pending], device=model.device), self.synced), 0, L,
                              self.synced, self.cache)[:, -1:]
-        macs = sum(self.costs.layers_macs(0, L, p) for p in range(self.synced, pos + 1))
+        macs = self.costs.positions_macs(0, L, self.synced, pos + 1 - self.synced)
         self.synced = pos + 1
         log, stop = DraftLog(DRAFT_MODEL_KEY), "max_len"
         for j in range(limit):
@@ -876,8 +876,7 @@ class SpeculativeDecoder(Decoder):
             logits = self._verify_pass(x, first_layer, pos)
         n_pos = max(k, 1)
         macs = (draft.macs if draft and not draft.ahead else 0)  # an ahead draft was counted in its round
-        macs += self.costs.head_macs * n_pos + sum(self.costs.layers_macs(first_layer, L, p)
-                                                   for p in range(pos, pos + n_pos))
+        macs += self.costs.head_macs * n_pos + self.costs.positions_macs(first_layer, L, pos, n_pos)
         if ahead is not None:  # counted whether it is kept or dropped
             macs += ahead.macs
         if draft is None:

@@ -369,4 +369,8 @@ def test_layer_span_costs_are_the_sum_of_their_layers():
         for start, end, pos in ((0, 4, 0), (1, 3, 9), (2, 2, 5), (0, 4, 100)):
             assert c.layers_macs(start, end, pos) == sum(c.layer_macs(i, pos) for i in range(start, end))
     assert plain.layers_macs(0, 4, 9) == 4 * (1000 + 7 * 10)
+    for c in (plain, windowed):  # spans of positions: a draft pass of several rows, a verification, a prompt
+        for start, end, first, count in ((0, 4, 0, 1), (1, 3, 9, 5), (2, 2, 5, 3), (0, 4, 100, 8), (0, 4, 7, 0)):
+            assert c.positions_macs(start, end, first, count) == sum(c.layers_macs(start, end, p)
+                                                                     for p in range(first, first + count))
     assert windowed.layers_macs(0, 4, 9) == 2 * (1000 + 7 * 10) + 2 * (1000 + 7 * 4)
