@@ -100,11 +100,12 @@ class GuessLength:
         self.agreed[depth] = self.agreed.get(depth, 0) + agreed
         self.compared[depth] = self.compared.get(depth, 0) + compared
 
-    def choose(self, depth: int, room: int) -> int:
-        """The guess length (0..room) with the most expected drafts per predicted ms."""
+    def choose(self, depth: int, room: int, pass_ms: tuple[float, ...] | None = None) -> int:
+        """The guess length (0..room) with the most expected drafts per predicted ms. ``pass_ms``: the
+        predicted ms of passes of 1, 2, ... rows, at least room + 1 of them (None: ask ``self.pass_ms``)."""
         if room <= 0:
             return 0
-        costs = [self.pass_ms(depth, rows) for rows in range(1, room + 2)]
+        costs = pass_ms or [self.pass_ms(depth, rows) for rows in range(1, room + 2)]
         beta = self.beta(depth)
         best_rate, best = 1.0 / costs[0], 0
         expected, p = 1.0, 1.0

@@ -175,6 +175,21 @@ class Emitted:
     source: str  # "draft", "correction" or "verified"
 
 
+@dataclass(frozen=True)
+class DraftCosts:
+    """The controller's costs (ms) that a drafted round reads after every drafted token (the stop rule)
+    and before every guessed pass (the guess length), fixed when the round starts drafting.
+
+    Asked of the controller live, they cost ~15 us a drafted token and ~30 us a pass (each a handful of
+    memoised lookups and median ratios): ~0.1 ms of a ~2 ms round on the bundled model. Nothing the stop
+    rule reads changes during a round (the timings it reads are recorded after the round); the pass costs
+    a round measures reach the guess length from the next round on."""
+    full_step: float
+    draft_step: float
+    marginal_verify: tuple[float, ...]  # [n]: one more verified position after n drafts, n < max_draft
+    pass_ms: tuple[float, ...]  # [r - 1]: a draft pass of r rows, r = 1..max_draft + 1 (self drafts only)
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens a round of k drafts emits on average when each is accepted with probability alpha."""
     return sum(alpha ** j for j in range(k))
@@ -292,6 +307,8 @@ class SpeculationController:
         self.pause = FIRST_PAUSE  # the next pause's length (doubles while probes keep failing)
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
         self._memo: dict[tuple, float] = {}
+        self._verify_by_length: dict[int, tuple[float, ...]] = {}  # see raw_verify_by_length
+        self._pass_by_rows: dict[int, tuple[float, ...]] = {}  # see raw_pass_by_rows
         self.rounds_planned = 0
         self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
         self.last_gain: float | None = None  # the latest plan's predicted speedup (None: not evaluated)
@@ -410,18 +427,32 @@ class SpeculationController:
         """(tokens per full-step time, best draft length) at ``depth`` under the running acceptance:
         the gain expected_tokens(alpha, k) * full / (draft_round_ms + verify_ms) maximised over k.
 
-        Asked for every depth before each round, so the loop over k does the same arithmetic from
-        values fetched once (the expected tokens summed as it goes, as ``expected_tokens`` sums them)
-        instead of ~10 method calls per k: 226 us a round before, a twentieth of a round."""
+        Asked for every depth before each round (plan() took 64 us a round, 3.3% of a speculative request
+        on the bundled model, when this loop asked for each k's costs by method calls), so the loop does
+        the same arithmetic from values fetched once: the expected tokens and the round's draft time
+        summed as it goes, the start-up verify costs of every k interpolated once per depth."""
         alpha, full = self.alpha(depth), self.full_step()
         first, step = self.draft_first_ms(depth), self.draft_step_ms(depth)
         verify_ratio = self.timings.get(("verify", depth))
-        best, tokens = (0.0, 0), 0.0
-        for k in range(1, self.max_draft + 1):
+        best_gain, best_k, tokens = 0.0, 0, 0.0
+        for k, raw_verify in enumerate(self.raw_verify_by_length(depth), start=1):
             tokens += alpha ** (k - 1)
-            gain = tokens * full / (self._round_ms(first, step, k) + self.raw_verify_ms(depth, k) * verify_ratio)
-            best = max(best, (gain, k))
-        return best
+            gain = tokens * full / (first + (k - 1) * step + raw_verify * verify_ratio)
+            if gain >= best_gain:  # the longer draft on a tie
+                best_gain, best_k = gain, k
+        return best_gain, best_k
+
+    def raw_pass_by_rows(self, depth: int) -> tuple[float, ...]:
+        """``draft_pass_ms(depth, rows)`` for rows = 1..max_draft + 1."""
+        if depth not in self._pass_by_rows:
+            self._pass_by_rows[depth] = tuple(self.draft_pass_ms(depth, rows) for rows in range(1, self.max_draft + 2))
+        return self._pass_by_rows[depth]
+
+    def raw_verify_by_length(self, depth: int) -> tuple[float, ...]:
+        """``raw_verify_ms(depth, k)`` for k = 1..max_draft."""
+        if depth not in self._verify_by_length:
+            self._verify_by_length[depth] = tuple(self.raw_verify_ms(depth, k) for k in range(1, self.max_draft + 1))
+        return self._verify_by_length[depth]
 
     def plan(self) -> int | None:
         """The draft depth for the next round, or None for a plain step (speculation off).
@@ -454,21 +485,34 @@ class SpeculationController:
         self.pause = FIRST_PAUSE
         return depth
 
-    def keep_drafting(self, depth: int, drafted: int, survive: float) -> bool:
-        return self.draft_stop(depth, drafted, survive) is None
+    def draft_costs(self, depth: int) -> DraftCosts:
+        """The costs a round drafting at ``depth`` (a stats key) reads, as they stand now."""
+        # = verify_ms(depth, n) for n = 0..max_draft and measured_pass_ms(depth, rows) for rows =
+        # 1..max_draft + 1, from the start-up costs interpolated once (it runs once per drafted round)
+        raw_verify, verify_ratio = self.raw_verify_by_length(depth), self.timings.get(("verify", depth))
+        verify = [raw_verify[0] * verify_ratio] + [ms * verify_ratio for ms in raw_verify]  # 0 drafts: as 1
+        passes = tuple(ms * self.timings.get(("pass", depth, rows))
+                       for rows, ms in enumerate(self.raw_pass_by_rows(depth), start=1)) if depth >= 1 else ()
+        return DraftCosts(full_step=self.full_step(), draft_step=self.draft_step_ms(depth),
+                          marginal_verify=tuple(verify[n + 1] - verify[n] for n in range(self.max_draft)),
+                          pass_ms=passes)
 
-    def draft_stop(self, depth: int, drafted: int, survive: float) -> str | None:
+    def keep_drafting(self, depth: int, drafted: int, survive: float, costs: DraftCosts | None = None) -> bool:
+        return self.draft_stop(depth, drafted, survive, costs) is None
+
+    def draft_stop(self, depth: int, drafted: int, survive: float, costs: DraftCosts | None = None) -> str | None:
         """Why drafting stops after ``drafted`` tokens, or None to draft one more. One more is drafted
         while P(all drafted so far are accepted) x (a full step saved) pays for one draft step plus one
-        more verified position (the rule SpecDec++ learns, here from costs)."""
+        more verified position (the rule SpecDec++ learns, here from costs). ``costs``: the round's
+        ``draft_costs(depth)`` (None: as they stand now)."""
         if drafted >= self.max_draft:
             return "max_len"
         if self.fixed_length is not None:
             return None
         if depth >= DRAFT_MODEL_KEY and drafted >= self.length_cap:  # model drafts cost time; lookups do not
             return "length_cap"
-        marginal_verify = self.verify_ms(depth, drafted + 1) - self.verify_ms(depth, drafted)
-        if survive * self.full_step() > self.draft_step_ms(depth) + marginal_verify:
+        costs = costs or self.draft_costs(depth)
+        if survive * costs.full_step > costs.draft_step + costs.marginal_verify[drafted]:
             return None
         return "predicted_reject"
 
@@ -478,8 +522,8 @@ class SpeculationController:
 class DraftLog:
     """What a model drafter accumulates token by token, and the running P(all drafts survive)."""
 
-    def __init__(self, stats_key: int):
-        self.stats_key = stats_key
+    def __init__(self, stats_key: int, costs: DraftCosts):
+        self.stats_key, self.costs = stats_key, costs  # costs: the controller's draft_costs(stats_key)
         self.tokens: list[int] = []
         self.q: list[torch.Tensor | None] = []
         self.q_probs: list[float] = []
@@ -512,7 +556,7 @@ class DraftLog:
             return "eos"
         if n >= limit:
             return "max_len"
-        return dec.controller.draft_stop(self.stats_key, n, self.survive)
+        return dec.controller.draft_stop(self.stats_key, n, self.survive, self.costs)
 
     def draft(self, depth: int, hidden: torch.Tensor | None, stop: str, macs: int, drafter: str) -> Draft:
         return Draft(tokens=self.tokens, q=self.q, q_probs=self.q_probs, depth=depth, hidden=hidden,
@@ -540,7 +584,7 @@ class SelfDrafter:
         if dec.sampler.config.greedy:
             return self._draft_greedy(dec, t0, depth, limit)
         model, pos, head = dec.model, dec.pos, dec.draft_head
-        log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, "max_len"
+        log, hiddens, token, macs, stop = DraftLog(depth, dec.controller.draft_costs(depth)), [], t0, 0, "max_len"
         for j in range(limit):
             ids = torch.tensor([[token]], device=model.device)
             h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
@@ -564,14 +608,14 @@ class SelfDrafter:
         head, ngrams = dec.draft_head, dec.ngrams
         pos, before = ahead_of if ahead_of is not None else (dec.pos, [])
         recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
-        log, hiddens, token, macs, stop = DraftLog(depth), [], t0, 0, None
+        log, hiddens, token, macs, stop = DraftLog(depth, dec.controller.draft_costs(depth)), [], t0, 0, None
         native = dec.native_draft()
         while stop is None:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
             # room: drafts this round may still add after this pass's first (the request's limit and the
             # controller's length cap; a room of the whole request had GuessLength price ~100 row counts)
             room = min(limit, dec.controller.max_draft) - j - 1
-            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, room))
+            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, room, log.costs.pass_ms))
             fed = [token] + guess
             started = time.perf_counter()
             if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
@@ -674,14 +718,14 @@ class LookupDrafter:
             return None
         # Keep as many proposed tokens as the predicted acceptance pays for (drafting is free, but every
         # extra verified position is not).
-        tokens, stop, survive = [], "max_len", 1.0
+        tokens, stop, survive, costs = [], "max_len", 1.0, dec.controller.draft_costs(key)
         for token, accept in zip(proposal, predicted):
             tokens.append(token)
             survive *= accept
             if token in dec.eos:
                 stop = "eos"
                 break
-            if not dec.controller.keep_drafting(key, len(tokens), survive):
+            if not dec.controller.keep_drafting(key, len(tokens), survive, costs):
                 stop = "predicted_reject"
                 break
         n = len(tokens)
@@ -707,7 +751,7 @@ class DraftModelDrafter:
                              self.synced, self.cache)[:, -1:]
         macs = self.costs.positions_macs(0, L, self.synced, pos + 1 - self.synced)
         self.synced = pos + 1
-        log, stop = DraftLog(DRAFT_MODEL_KEY), "max_len"
+        log, stop = DraftLog(DRAFT_MODEL_KEY, dec.controller.draft_costs(DRAFT_MODEL_KEY)), "max_len"
         for j in range(limit):
             token, q, q_tok, conf = dec.draw(model.head(h)[0, 0])
             macs += self.costs.head_macs
@@ -782,9 +826,10 @@ class SpeculativeDecoder(Decoder):
             pick = int(ids[pick])
         return pick, q, q_tok, conf
 
-    def guess_length(self, depth: int, room: int) -> int:
-        """How many guessed tokens the self drafter's next pass checks (room: drafts the round has left)."""
-        return self.guesses.choose(depth, room) if self.guess_drafts else 0
+    def guess_length(self, depth: int, room: int, pass_ms: tuple[float, ...] | None = None) -> int:
+        """How many guessed tokens the self drafter's next pass checks (room: drafts the round has left;
+        pass_ms: the round's ``DraftCosts.pass_ms``, None to ask the controller)."""
+        return self.guesses.choose(depth, room, pass_ms) if self.guess_drafts else 0
 
     def native_draft(self) -> NativeLayers | None:
         """The C++ greedy draft step (``NativeLayers.draft_greedy``) where it computes what ``draw`` would:

@@ -111,7 +111,7 @@ def test_a_wrong_guess_costs_rows_but_never_leaks_into_the_cache_or_the_draft(fa
 
     vocab = rt.spec.vocab_size
     dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=True)
-    dec.guesses.choose = lambda depth, room: room  # always check as long a guess as the round allows
+    dec.guesses.choose = lambda depth, room, pass_ms=None: room  # always check as long a guess as the round allows
     # always wrong: one past the token the draft chooses next (each pass then drafts exactly one token)
     dec.ngrams = _StubNgrams(lambda call: [(t + 1) % vocab for t in expected.tokens[call:]])
     draft = dec.self_drafter.draft(dec, t0, 2, 5)
@@ -130,7 +130,7 @@ def test_a_right_guess_drafts_the_whole_block_in_one_pass():
     reference, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=False)
     expected = reference.self_drafter.draft(reference, t0, 2, 5)
     dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_length=5, guess_drafts=True)
-    dec.guesses.choose = lambda depth, room: room
+    dec.guesses.choose = lambda depth, room, pass_ms=None: room
     dec.ngrams = _StubNgrams(lambda call: list(expected.tokens))  # the draft's own tokens, from the start
     draft = dec.self_drafter.draft(dec, t0, 2, 5)
     assert draft.tokens == expected.tokens and draft.passes == 1 and draft.guessed == len(expected.tokens) - 1

@@ -387,6 +387,33 @@ def test_a_capped_round_says_so_in_its_trace(tiny_checkpoint):
     assert drafted[0].stop_reason == "length_cap" and len(drafted[0].drafted) == 2
 
 
+def test_a_rounds_cost_snapshot_equals_the_controllers_live_costs():
+    """A drafted round reads the controller's costs once (DraftCosts) instead of after every drafted token:
+    the snapshot must hold exactly the live figures, and the stop rule must decide the same with it."""
+    from adaptive.host_costs import HostCosts
+    from adaptive.speculative import LOOKUP_KEY, MIN_TIMINGS, AcceptanceStats, SpeculationController
+
+    host = HostCosts(layer_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, head_ms={1: 0.5, 2: 0.6, 4: 0.8, 8: 1.1}, num_layers=8)
+    ctl = SpeculationController(host, 8, AcceptanceStats({4: 0.8}), depths=(4,), draft_head_ms=0.2)
+    for i in range(MIN_TIMINGS):  # measured ratios away from 1 on every side the snapshot reads
+        ctl.record_round(None, 0, 0.0, ctl.raw_full_step() * 1.3)
+        ctl.record_round(4, 6, 5.0 + i, 2.5, rest_ms=3.0, rest_drafts=4, first_rows=2)
+        for rows in (1, 2, 9):
+            ctl.record_pass(4, rows, ctl.draft_pass_ms(4, rows) * (0.7 + rows / 10))
+    costs = ctl.draft_costs(4)
+    assert costs.full_step == ctl.full_step() and costs.draft_step == ctl.draft_step_ms(4)
+    assert costs.marginal_verify == tuple(ctl.verify_ms(4, n + 1) - ctl.verify_ms(4, n) for n in range(8))
+    assert costs.pass_ms == tuple(ctl.measured_pass_ms(4, rows) for rows in range(1, 10))
+    assert costs.pass_ms[1] != ctl.draft_pass_ms(4, 2)  # the measured ratio is in
+    ctl.length_cap = 8
+    for key in (4, LOOKUP_KEY):
+        snapshot = ctl.draft_costs(key)
+        decisions = [(ctl.draft_stop(key, n, survive), ctl.draft_stop(key, n, survive, snapshot))
+                     for n in range(1, 10) for survive in (0.05, 0.3, 0.6, 0.9, 1.0)]
+        assert all(live == fixed for live, fixed in decisions)
+        assert {live for live, _ in decisions} >= {None, "predicted_reject", "max_len"}  # the grid spans the rule
+
+
 def test_a_rounds_first_draft_pass_is_predicted_apart_from_the_rest():
     """The first pass of a round follows a verification (the draft layers' weights left the cache) and
     carries the round's planning: the controller times it apart, so short probe rounds, made almost only
