@@ -12,10 +12,12 @@
 
 #include <torch/extension.h>
 
+#include "draft_round.h"
 #include "panel_matmul.h"
 #include "row_kernels.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <map>
@@ -168,6 +170,19 @@ std::optional<std::pair<std::vector<int64_t>, std::vector<double>>> greedy_rows(
 
 }  // namespace
 
+// What NativeModel::draft_round drafted: the fields of speculative.py's Draft it fills, and per pass
+// what the Python bookkeeping after the round needs (MACs, the controller's pass timings).
+struct DraftRound {
+  Tensor hidden;  // (1, k, d): hidden states after the draft's layers for t0..t_{k-1}
+  std::vector<int64_t> tokens;
+  std::vector<double> confidences, predicted;  // max draft probability, predicted acceptance, per draft
+  std::string stop;
+  std::vector<int64_t> pass_rows, pass_used;  // per pass: positions fed, drafts kept
+  std::vector<double> pass_ms;                // per pass: its time with the choices around it
+  int64_t guessed = 0, agreed = 0, compared = 0;  // drafts that came from guesses; guessed tokens judged
+  double rest_ms = 0.0;                       // time after the first pass
+};
+
 // One decoder layer's tensors. Projections are (in, out) views, as LeanModel._mm holds them; a layer
 // has either the fused qkv / gate_up matrices or the separate ones (weights shared with another model).
 struct NativeLayer {
@@ -253,6 +268,70 @@ class NativeModel {
     const double* c = confidence.data_ptr<double>();
     const int64_t* t = chosen.data_ptr<int64_t>();
     return {h, std::vector<double>(c, c + T), std::vector<int64_t>(t, t + T)};
+  }
+
+  // A whole greedy self-drafted round from t0 at pos: passes of draft_greedy, each feeding the token to
+  // draft after and a guess of the tokens after it, with the rules between passes (draft_round.h) that
+  // SelfDrafter._draft_greedy applies in Python, in the same order. `context`: the committed tokens
+  // (t0 excluded). Rows a pass fed after a rejected guess stay in the cache buffers as stale slots; the
+  // caller marks layers [0, depth) filled up to pos + drafts, as the Python's crop leaves them.
+  DraftRound draft_round(int64_t t0, int64_t pos, int64_t depth, NativeKV& kv, const OptTensor& adapter_w,
+                         const OptTensor& adapter_b, const Tensor& head_t, const Tensor& head_ids,
+                         const Packed& head_p, const std::vector<int64_t>& context, draft::Rules rules) const {
+    using clock = std::chrono::steady_clock;
+    const auto ms_since = [](clock::time_point t) {
+      return std::chrono::duration<double, std::milli>(clock::now() - t).count();
+    };
+    DraftRound out;
+    std::vector<int64_t> recent(context.end() - std::min<int64_t>(rules.max_ngram, context.size()), context.end());
+    recent.push_back(t0);  // the sequence's last tokens, drafts included: the guesses' n-gram tail
+    std::vector<Tensor> hiddens;
+    clock::time_point rest_start;
+    double survive = 1.0;
+    int64_t token = t0;
+    while (out.stop.empty()) {
+      const auto started = clock::now();
+      const int64_t j = static_cast<int64_t>(out.tokens.size());  // this pass's first row is position pos + j
+      const int64_t room = std::min(rules.limit, rules.max_draft) - j - 1;
+      const int64_t length = rules.guesses ? draft::guess_length(room, rules.beta(), rules.pass_ms) : 0;
+      const std::vector<int64_t> tail(recent.end() - std::min<int64_t>(rules.max_ngram, recent.size()), recent.end());
+      const std::vector<int64_t> guess = draft::guess(context, tail, rules.max_ngram, rules.min_ngram, length);
+      std::vector<int64_t> fed{token};
+      fed.insert(fed.end(), guess.begin(), guess.end());
+      auto [h, confs, drafted] = draft_greedy(fed, pos + j, depth, kv, adapter_w, adapter_b, head_t, head_ids, head_p);
+      const int64_t rows = static_cast<int64_t>(fed.size()), guessed = static_cast<int64_t>(guess.size());
+      int64_t used = 0;
+      bool missed = false;
+      for (int64_t i = 0; i < rows; ++i) {
+        ++used;
+        out.tokens.push_back(drafted[i]);
+        out.confidences.push_back(confs[i]);
+        const double accept = rules.predict(confs[i]);
+        out.predicted.push_back(accept);
+        survive *= accept;
+        out.guessed += i > 0;
+        out.stop = rules.stop(drafted[i], static_cast<int64_t>(out.tokens.size()), survive);
+        if (!out.stop.empty() || i == guessed) break;
+        if (drafted[i] != guess[i]) {  // the next row was fed a token the draft did not choose
+          missed = true;
+          break;
+        }
+      }
+      if (guessed > 0) {  // rows 1..used-1 were fed agreeing guesses; a miss was compared too
+        rules.agreed += used - 1, rules.compared += used - 1 + missed;
+        out.agreed += used - 1, out.compared += used - 1 + missed;
+      }
+      hiddens.push_back(h.narrow(1, 0, used));
+      recent.insert(recent.end(), drafted.begin(), drafted.begin() + used);
+      token = drafted[used - 1];
+      out.pass_rows.push_back(rows);
+      out.pass_used.push_back(used);
+      out.pass_ms.push_back(ms_since(started));
+      if (out.pass_rows.size() == 1) rest_start = clock::now();
+    }
+    out.hidden = hiddens.size() == 1 ? hiddens[0] : at::cat(hiddens, 1);
+    out.rest_ms = ms_since(rest_start);
+    return out;
   }
 
  private:
@@ -435,5 +514,44 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     OptTensor, Tensor, Tensor, double, std::string, std::string, int64_t, int64_t, int64_t>())
       // No Python object is touched inside, so other threads (the app's sessions) run meanwhile.
       .def("run_layers", &NativeModel::run_layers, py::call_guard<py::gil_scoped_release>())
-      .def("draft_greedy", &NativeModel::draft_greedy, py::call_guard<py::gil_scoped_release>());
+      .def("draft_greedy", &NativeModel::draft_greedy, py::call_guard<py::gil_scoped_release>())
+      .def("draft_round", &NativeModel::draft_round, py::call_guard<py::gil_scoped_release>());
+  py::class_<draft::Rules>(m, "DraftRules")
+      .def(py::init<>())
+      .def_readwrite("eos", &draft::Rules::eos)
+      .def_readwrite("limit", &draft::Rules::limit)
+      .def_readwrite("max_draft", &draft::Rules::max_draft)
+      .def_readwrite("length_cap", &draft::Rules::length_cap)
+      .def_readwrite("fixed_length", &draft::Rules::fixed_length)
+      .def_readwrite("full_step", &draft::Rules::full_step)
+      .def_readwrite("draft_step", &draft::Rules::draft_step)
+      .def_readwrite("marginal_verify", &draft::Rules::marginal_verify)
+      .def_readwrite("bin_accepted", &draft::Rules::bin_accepted)
+      .def_readwrite("bin_total", &draft::Rules::bin_total)
+      .def_readwrite("alpha", &draft::Rules::alpha)
+      .def_readwrite("guesses", &draft::Rules::guesses)
+      .def_readwrite("agreed", &draft::Rules::agreed)
+      .def_readwrite("compared", &draft::Rules::compared)
+      .def_readwrite("prior_weight", &draft::Rules::prior_weight)
+      .def_readwrite("prior", &draft::Rules::prior)
+      .def_readwrite("pass_ms", &draft::Rules::pass_ms)
+      .def_readwrite("max_ngram", &draft::Rules::max_ngram)
+      .def_readwrite("min_ngram", &draft::Rules::min_ngram);
+  // the n-gram guess and the guess length alone, for tests against draft_guesses.py
+  m.def("draft_guess", &draft::guess, py::arg("tokens"), py::arg("tail"), py::arg("max_ngram"), py::arg("min_ngram"),
+        py::arg("length"));
+  m.def("draft_guess_length", &draft::guess_length, py::arg("room"), py::arg("beta"), py::arg("pass_ms"));
+  py::class_<DraftRound>(m, "DraftRound")
+      .def_readonly("hidden", &DraftRound::hidden)
+      .def_readonly("tokens", &DraftRound::tokens)
+      .def_readonly("confidences", &DraftRound::confidences)
+      .def_readonly("predicted", &DraftRound::predicted)
+      .def_readonly("stop", &DraftRound::stop)
+      .def_readonly("pass_rows", &DraftRound::pass_rows)
+      .def_readonly("pass_used", &DraftRound::pass_used)
+      .def_readonly("pass_ms", &DraftRound::pass_ms)
+      .def_readonly("guessed", &DraftRound::guessed)
+      .def_readonly("agreed", &DraftRound::agreed)
+      .def_readonly("compared", &DraftRound::compared)
+      .def_readonly("rest_ms", &DraftRound::rest_ms);
 }

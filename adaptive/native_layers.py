@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ENV_SWITCH = "ADAPTIVE_NATIVE"  # "0" (or false / no / off) keeps every layer in Python
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old belongs to a build that was killed
 _SOURCE = Path(__file__).with_name("native_layers.cpp")
-_HEADERS = [Path(__file__).with_name(name) for name in ("panel_matmul.h", "row_kernels.h")]  # included by the source
+_HEADERS = [Path(__file__).with_name(name) for name in ("draft_round.h", "panel_matmul.h", "row_kernels.h")]  # included by the source
 
 
 def _compile_flags() -> list[str]:
@@ -200,4 +200,21 @@ class NativeLayers:
         w, b = adapter if adapter is not None else (None, None)
         out = self._model.draft_greedy(tokens, pos, depth, self._bind(cache), w, b, head_t, head_ids, head_panels)
         cache.mark_filled(0, depth, end)
+        return out
+
+    def draft_rules(self):
+        """A fresh ``DraftRules`` (draft_round.h's Rules) for ``draft_round`` to fill."""
+        return self._ext.DraftRules()
+
+    def draft_round(self, t0: int, pos: int, depth: int, cache: KVCache,
+                    adapter: tuple[torch.Tensor, torch.Tensor | None] | None, head_t: torch.Tensor,
+                    head_ids: torch.Tensor, head_panels, context: list[int], rules):
+        """A whole greedy self-drafted round from t0 at ``pos`` (draft_greedy passes with the drafter's
+        rules between them, ``rules``: an ``ext.DraftRules``): the extension's ``DraftRound``. Layers
+        [0, depth) end up filled up to pos + its drafts; it writes at most up to pos + min(limit, max_draft)."""
+        cache.check_write(0, depth, pos, pos + min(rules.limit, rules.max_draft))
+        w, b = adapter if adapter is not None else (None, None)
+        out = self._model.draft_round(t0, pos, depth, self._bind(cache), w, b, head_t, head_ids, head_panels,
+                                      context, rules)
+        cache.mark_filled(0, depth, pos + len(out.tokens))
         return out

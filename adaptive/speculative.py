@@ -604,12 +604,14 @@ class SelfDrafter:
         """Greedy drafting from t0 at ``dec.pos``. ``ahead_of`` = (pos, tokens before t0 not yet in the
         context): a block drafted ahead from that position while a verification runs (see
         ``verifier_pool``); ``done()`` True ends it ("verified": the verification it overlapped finished)."""
+        native = dec.native_draft()
+        if native is not None and ahead_of is None:  # the same round in one C++ call
+            return self._native_round(dec, native, t0, depth, limit)
         drafting_started = time.perf_counter()
         head, ngrams = dec.draft_head, dec.ngrams
         pos, before = ahead_of if ahead_of is not None else (dec.pos, [])
         recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
         log, hiddens, token, macs, stop = DraftLog(depth, dec.controller.draft_costs(depth)), [], t0, 0, None
-        native = dec.native_draft()
         while stop is None:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
             # room: drafts this round may still add after this pass's first (the request's limit and the
@@ -653,6 +655,40 @@ class SelfDrafter:
         if ahead_of is not None:
             draft.ahead_ms = (time.perf_counter() - drafting_started) * 1000
         return draft
+
+    def _native_round(self, dec: "SpeculativeDecoder", native: NativeLayers, t0: int, depth: int, limit: int) -> Draft:
+        """``_draft_greedy``'s round in one C++ call (``NativeModel::draft_round``: the same passes with the
+        same rules between them, draft_round.h), then the bookkeeping its loop does per pass. The rules
+        read what the loop reads: this round's ``DraftCosts``, the acceptance predictor's bins and the
+        guesses' running agreement (both only change after the round, or inside it as the C++ tracks)."""
+        controller, stats, guesses, head = dec.controller, dec.controller.stats, dec.guesses, dec.draft_head
+        costs = controller.draft_costs(depth)
+        rules = native.draft_rules()
+        rules.eos, rules.limit, rules.max_draft = list(dec.eos), limit, controller.max_draft
+        rules.length_cap, rules.fixed_length = controller.length_cap, controller.fixed_length is not None
+        rules.full_step, rules.draft_step, rules.marginal_verify = costs.full_step, costs.draft_step, costs.marginal_verify
+        bins = stats.bins.get(depth) or [(0, 0)] * _CONFIDENCE_BINS
+        rules.bin_accepted, rules.bin_total, rules.alpha = [b[0] for b in bins], [b[1] for b in bins], stats.alpha(depth)
+        rules.guesses, rules.pass_ms = dec.guess_drafts, costs.pass_ms
+        rules.agreed, rules.compared = guesses.agreed.get(depth, 0), guesses.compared.get(depth, 0)
+        rules.prior_weight, rules.prior = guesses.PRIOR_WEIGHT, guesses.PRIOR
+        rules.max_ngram, rules.min_ngram = dec.ngrams.max_ngram, dec.ngrams.min_ngram
+        pos = dec.pos
+        out = native.draft_round(t0, pos, depth, dec.cache, head.heads.adapter(depth), head.weight_t, head.ids,
+                                 head.panels, dec.context, rules)
+        tokens, confidences, pass_rows, pass_used = out.tokens, out.confidences, out.pass_rows, out.pass_used
+        macs, drafted = 0, 0
+        for index, (rows, used, ms) in enumerate(zip(pass_rows, pass_used, out.pass_ms)):
+            macs += dec.costs.positions_macs(0, depth, pos + drafted, rows) + rows * dec.costs.hidden_size * head.size
+            drafted += used
+            if index:  # a round's first pass costs more (Draft.rest_ms)
+                controller.record_pass(depth, rows, ms)
+        if out.compared:
+            guesses.record(depth, out.agreed, out.compared)
+        return Draft(tokens=tokens, q=[None] * len(tokens), q_probs=list(confidences), depth=depth, hidden=out.hidden,
+                     stop_reason=out.stop, predicted_accept=out.predicted, confidences=confidences, macs=macs,
+                     drafter=self.name, passes=len(pass_rows), guessed=out.guessed, rest_ms=out.rest_ms,
+                     rest_drafts=len(tokens) - pass_used[0], first_rows=pass_rows[0])
 
     @staticmethod
     def _python_pass(dec: "SpeculativeDecoder", fed: list[int], pos: int, depth: int):

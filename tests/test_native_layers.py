@@ -254,3 +254,84 @@ def test_native_draft_pass_refuses_a_token_outside_the_vocabulary():
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside the vocabulary"):
         dec.native_draft().draft_greedy([t0, vocab], 8, 2, dec.cache, head.heads.adapter(2), head.weight_t,
                                         head.ids, head.panels)
+
+
+def test_native_guess_rules_match_draft_guesses():
+    """draft_round.h's n-gram guess (a scan of the committed tokens) and guess length are the Python's
+    ContextNgrams.guess (an index) and GuessLength.choose, on sequences full of repeats."""
+    from adaptive.draft_guesses import ContextNgrams, GuessLength
+
+    ext = native_layers.extension()
+    g = torch.Generator().manual_seed(0)
+    found = 0
+    for case in range(300):
+        size = int(torch.randint(0, 40, (1,), generator=g))
+        tokens = torch.randint(0, 4, (size,), generator=g).tolist()  # 4 ids: many earlier occurrences
+        tail = torch.randint(0, 4, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        length, max_ngram, min_ngram = case % 7, 1 + case % 3, 1 + (case // 3) % 2
+        if min_ngram > max_ngram:
+            min_ngram = max_ngram
+        expected = ContextNgrams(tokens, max_ngram=max_ngram, min_ngram=min_ngram).guess(tail, length)
+        assert ext.draft_guess(tokens, tail, max_ngram, min_ngram, length) == expected, (tokens, tail, length)
+        found += bool(expected) and len(expected) < length  # the longest-continuation fallback was used
+    assert found > 10
+    for beta in (0.0, 0.3, 0.6, 0.95):
+        for costs in ([1.0 + 0.01 * r for r in range(9)], [float(r + 1) for r in range(9)], [1.0, 1.5, 1.6, 3.0] * 3):
+            rule = GuessLength(lambda depth, rows: costs[rows - 1])
+            rule.agreed[2], rule.compared[2] = 0, 0
+            rule.PRIOR, rule.PRIOR_WEIGHT = beta, 1  # beta(2) = beta
+            for room in range(0, 8):
+                assert ext.draft_guess_length(room, rule.beta(2), costs) == rule.choose(2, room), (beta, costs, room)
+
+
+def test_native_draft_round_matches_the_python_loop():
+    """A whole greedy round in one C++ call (NativeModel::draft_round) makes the choices the Python loop
+    makes between its passes: the same guesses checked, drafts, confidences, predicted acceptances, stop
+    reason, passes and MACs, the same hidden states, K/V and fill levels, the same guess statistics. The
+    round's costs are fixed (they come from timings) so that both read the same ones."""
+    from adaptive.speculative import DraftCosts
+
+    guessed = 0  # drafts that came from an agreeing guess, over both models (one is enough)
+    for family in ("llama", "gpt2"):  # RoPE; learned positions added at the embedding
+        rt = drafting_runtime(family)
+        rt.acceptance.record(2, [0.05, 0.3, 0.55, 0.75, 0.95, 0.97], [False, True, False, True, True, True])
+        base = random_prompt(8, seed=1)
+        with torch.inference_mode():
+            dec, t0 = prefilled_speculative_decoder(rt, base, draft_depth=2, draft_vocab_size=30)
+            drafted = SelfDrafter()._draft_greedy(dec, t0, 2, 4).tokens
+        prompt = base + [t0] + drafted * 3  # the drafts the path makes, repeated: guesses it may agree with
+        cheap_rows = tuple(1.0 + 0.01 * r for r in range(9))
+        configs = [  # (limit, guess_drafts, length_cap, fixed_length, draft_step, pass costs)
+            (8, True, 8, False, 0.1, cheap_rows), (8, True, 8, False, 0.45, cheap_rows), (3, True, 8, False, 0.1, cheap_rows),
+            (8, True, 2, False, 0.1, cheap_rows), (8, True, 8, True, 0.1, cheap_rows), (8, False, 8, False, 0.1, cheap_rows),
+            (8, True, 8, False, 0.1, tuple(float(r + 1) for r in range(9)))]
+        seen = {"guessed": 0, "stops": set()}
+        for limit, guessing, cap, fixed, step, passes in configs:
+            costs = DraftCosts(full_step=1.0, draft_step=step, marginal_verify=tuple(0.05 for _ in range(8)), pass_ms=passes)
+            out = {}
+            for native in (True, False):
+                with torch.inference_mode():
+                    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_vocab_size=30,
+                                                            guess_drafts=guessing)
+                    dec.controller.draft_costs = lambda depth: costs
+                    dec.controller.record_pass = lambda *args: None  # timings only matter from the next round on
+                    dec.controller.length_cap, dec.controller.max_draft = cap, 8
+                    dec.controller.fixed_length = 8 if fixed else None
+                    if not native:
+                        dec.native_draft = lambda: None  # the Python loop with the Python pass
+                    d = SelfDrafter()._draft_greedy(dec, t0, 2, limit)
+                k, pos = len(d.tokens), len(prompt)
+                out[native] = (d, dec.cache.fill[:], dec.cache.k[:2, :, :, :pos + k].clone(),
+                               dec.cache.v[:2, :, :, :pos + k].clone(), dict(dec.guesses.agreed), dict(dec.guesses.compared))
+            (dn, fill_n, kn, vn, an, cn), (dp, fill_p, kp, vp, ap, cp) = out[True], out[False]
+            fields = ("tokens", "confidences", "q_probs", "predicted_accept", "stop_reason", "passes", "guessed",
+                      "first_rows", "rest_drafts", "macs", "depth", "drafter")
+            assert [getattr(dn, f) for f in fields] == [getattr(dp, f) for f in fields], (limit, guessing, cap, fixed, step)
+            assert torch.equal(dn.hidden, dp.hidden) and dn.q == dp.q
+            assert fill_n == fill_p and torch.equal(kn, kp) and torch.equal(vn, vp)
+            assert (an.get(2, 0), cn.get(2, 0)) == (ap.get(2, 0), cp.get(2, 0))  # guessed tokens agreed / compared
+            seen["guessed"] += dn.guessed
+            seen["stops"].add(dn.stop_reason)
+        assert {"max_len", "length_cap", "predicted_reject"} <= seen["stops"], (family, seen)
+        guessed += seen["guessed"]
+    assert guessed > 0
