@@ -3,9 +3,9 @@
 //
 // Why: a drafted round makes ~2-3 passes, and between two passes the Python drafter (speculative.py,
 // SelfDrafter._draft_greedy) chose a guess, read the acceptance predictor and the stop rule per drafted
-// token, sliced hidden states and kept its logs: ~70 us a pass inside the decode loop on one AMD EPYC
-// host (the interpreter's working set leaves the caches while a pass streams the weights, so the same
-// Python costs several times what it costs in a tight loop), ~8% of a speculative request's time.
+// token, sliced hidden states and kept its logs: 100-220 us a round inside the decode loop on one AMD
+// EPYC host, 5-10% of a speculative request's time (the interpreter's data leaves the caches while a
+// pass streams the weights, so the same Python costs several times what it costs in a tight loop).
 //
 // Each function here is the Python rule it names, operation for operation in double precision, so a
 // round drafted here and one drafted by the Python loop make the same choices and the same tokens

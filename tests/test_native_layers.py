@@ -295,9 +295,11 @@ def test_native_draft_round_matches_the_python_loop():
     for family in ("llama", "gpt2"):  # RoPE; learned positions added at the embedding
         rt = drafting_runtime(family)
         rt.acceptance.record(2, [0.05, 0.3, 0.55, 0.75, 0.95, 0.97], [False, True, False, True, True, True])
-        base = random_prompt(8, seed=1)
+        base = random_prompt(8, seed=7)  # (a seed where one model's drafts agree with a guess: checked below)
         with torch.inference_mode():
-            dec, t0 = prefilled_speculative_decoder(rt, base, draft_depth=2, draft_vocab_size=30)
+            # fixed length, no guesses: these drafts do not depend on this host's timings
+            dec, t0 = prefilled_speculative_decoder(rt, base, draft_depth=2, draft_vocab_size=30, draft_length=4,
+                                                    guess_drafts=False)
             drafted = SelfDrafter()._draft_greedy(dec, t0, 2, 4).tokens
         prompt = base + [t0] + drafted * 3  # the drafts the path makes, repeated: guesses it may agree with
         cheap_rows = tuple(1.0 + 0.01 * r for r in range(9))
@@ -334,4 +336,4 @@ def test_native_draft_round_matches_the_python_loop():
             seen["stops"].add(dn.stop_reason)
         assert {"max_len", "length_cap", "predicted_reject"} <= seen["stops"], (family, seen)
         guessed += seen["guessed"]
-    assert guessed > 0
+    assert guessed > 0, guessed
