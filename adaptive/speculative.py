@@ -309,7 +309,6 @@ class SpeculationController:
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
         self._memo: dict[tuple, float] = {}
         self._verify_by_length: dict[int, tuple[float, ...]] = {}  # see raw_verify_by_length
-        self._pass_by_rows: dict[int, tuple[float, ...]] = {}  # see raw_pass_by_rows
         self.rounds_planned = 0
         self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
         self.last_gain: float | None = None  # the latest plan's predicted speedup (None: not evaluated)
@@ -429,8 +428,8 @@ class SpeculationController:
         the gain expected_tokens(alpha, k) * full / (draft_round_ms + verify_ms) maximised over k.
 
         Asked for every depth before each round, so the loop does the same arithmetic from values fetched
-        once: the expected tokens and the round's draft time summed as it goes, the start-up verify costs
-        of every k interpolated once per depth (plan() in a tight loop: 23 us when the loop asked for each
+        once: the expected tokens summed as it goes, the start-up verify costs of every k interpolated once
+        per depth (plan() in a tight loop: 23 us when the loop asked for each
         k's costs by method calls, 11-16 us now; inside the decode loop, where the interpreter's data has
         left the caches, 45-70 us either way)."""
         alpha, full = self.alpha(depth), self.full_step()
@@ -439,16 +438,10 @@ class SpeculationController:
         best_gain, best_k, tokens = 0.0, 0, 0.0
         for k, raw_verify in enumerate(self.raw_verify_by_length(depth), start=1):
             tokens += alpha ** (k - 1)
-            gain = tokens * full / (first + (k - 1) * step + raw_verify * verify_ratio)
+            gain = tokens * full / (self._round_ms(first, step, k) + raw_verify * verify_ratio)
             if gain >= best_gain:  # the longer draft on a tie
                 best_gain, best_k = gain, k
         return best_gain, best_k
-
-    def raw_pass_by_rows(self, depth: int) -> tuple[float, ...]:
-        """``draft_pass_ms(depth, rows)`` for rows = 1..max_draft + 1."""
-        if depth not in self._pass_by_rows:
-            self._pass_by_rows[depth] = tuple(self.draft_pass_ms(depth, rows) for rows in range(1, self.max_draft + 2))
-        return self._pass_by_rows[depth]
 
     def raw_verify_by_length(self, depth: int) -> tuple[float, ...]:
         """``raw_verify_ms(depth, k)`` for k = 1..max_draft."""
@@ -489,12 +482,10 @@ class SpeculationController:
 
     def draft_costs(self, depth: int) -> DraftCosts:
         """The costs a round drafting at ``depth`` (a stats key) reads, as they stand now."""
-        # = verify_ms(depth, n) for n = 0..max_draft and measured_pass_ms(depth, rows) for rows =
-        # 1..max_draft + 1, from the start-up costs interpolated once (it runs once per drafted round)
-        raw_verify, verify_ratio = self.raw_verify_by_length(depth), self.timings.get(("verify", depth))
-        verify = [raw_verify[0] * verify_ratio] + [ms * verify_ratio for ms in raw_verify]  # 0 drafts: as 1
-        passes = tuple(ms * self.timings.get(("pass", depth, rows))
-                       for rows, ms in enumerate(self.raw_pass_by_rows(depth), start=1)) if depth >= 1 else ()
+        # verify_ms(depth, n) for n = 0..max_draft, from the start-up costs interpolated once per depth
+        verify_ratio = self.timings.get(("verify", depth))
+        verify = [ms * verify_ratio for ms in (self.raw_verify_ms(depth, 0), *self.raw_verify_by_length(depth))]
+        passes = tuple(self.measured_pass_ms(depth, rows) for rows in range(1, self.max_draft + 2)) if depth >= 1 else ()
         return DraftCosts(full_step=self.full_step(), draft_step=self.draft_step_ms(depth),
                           marginal_verify=tuple(verify[n + 1] - verify[n] for n in range(self.max_draft)),
                           pass_ms=passes)
