@@ -583,7 +583,7 @@ class SelfDrafter:
             h = model.run_layers(model.embed(ids, pos + j), 0, depth, pos + j, dec.cache)  # (1, 1, d)
             token, q, q_tok, conf = dec.draw(head.logits(h, depth), head.ids)
             hiddens.append(h)
-            macs += dec.costs.layers_macs(0, depth, pos + j) + dec.costs.hidden_size * head.size
+            macs += dec.draft_pass_macs(depth, pos + j, 1)
             log.add(dec, token, q, q_tok, conf)
             log.pass_done()
             reason = log.stop_reason(dec, limit)
@@ -618,8 +618,7 @@ class SelfDrafter:
                                                         head.weight_t, head.ids, head.panels)
             else:
                 h, confs, drafted = self._python_pass(dec, fed, pos + j, depth)
-            macs += dec.costs.positions_macs(0, depth, pos + j, len(fed))
-            macs += len(fed) * dec.costs.hidden_size * head.size
+            macs += dec.draft_pass_macs(depth, pos + j, len(fed))
             used, missed = 0, False
             for i, (drafted_token, conf) in enumerate(zip(drafted, confs)):
                 used += 1
@@ -672,7 +671,7 @@ class SelfDrafter:
         tokens, confidences, pass_rows, pass_used = out.tokens, out.confidences, out.pass_rows, out.pass_used
         macs, drafted = 0, 0
         for index, (rows, used, ms) in enumerate(zip(pass_rows, pass_used, out.pass_ms)):
-            macs += dec.costs.positions_macs(0, depth, pos + drafted, rows) + rows * dec.costs.hidden_size * head.size
+            macs += dec.draft_pass_macs(depth, pos + drafted, rows)
             drafted += used
             if index:  # a round's first pass costs more (Draft.rest_ms)
                 controller.record_pass(depth, rows, ms)
@@ -859,6 +858,12 @@ class SpeculativeDecoder(Decoder):
         """How many guessed tokens the self drafter's next pass checks (room: drafts the round has left;
         pass_ms: the round's ``DraftCosts.pass_ms``, None to ask the controller)."""
         return self.guesses.choose(depth, room, pass_ms) if self.guess_drafts else 0
+
+    def draft_pass_macs(self, depth: int, first_position: int, rows: int) -> int:
+        """A self-draft pass: layers [0, depth) over ``rows`` positions from ``first_position``, and the
+        draft head (a d x shortlist product per row)."""
+        return (self.costs.positions_macs(0, depth, first_position, rows)
+                + rows * self.costs.hidden_size * self.draft_head.size)
 
     def native_draft(self) -> NativeLayers | None:
         """The C++ greedy draft step (``NativeLayers.draft_greedy``) where it computes what ``draw`` would:
