@@ -243,47 +243,106 @@ struct AttentionArgs {
 // kv head h / (heads / kv_heads) (grouped-query heads share a kv head, as SDPA's enable_gqa). The
 // softmax is exp(s - max) / sum, its sums over WIDTH-lane partials then across lanes, in a fixed order.
 //
-// The (row, head) pairs are independent, so they are shared among torch's threads once there is enough
-// work (ATTENTION_WORK_PER_THREAD query-key products per thread): a verification's rows had run on one
+// Work is shared among torch's threads by (head, block of ATTENTION_ROW_BLOCK rows) once there is enough
+// of it (ATTENTION_WORK_PER_THREAD query-key products per thread): a verification's rows had run on one
 // core while the other idled. Measured on the bundled model, layers 3-8 over 6 rows, back to back: 582
 // against 696 us at position 150, 337 against 363 us at position 60.
-// Every pair is computed by the same instructions whichever thread runs it, so the bits do not change.
+//
+// The weighted sum of the values keeps a block's output rows in registers and reads each value row once
+// for all of them (value_sum): accumulating in memory, one key after another, made every row's sum a
+// chain of store-to-load round trips, the larger part of the kernel's time.
+//
+// Every row is computed by the same instructions in the same order (its own keys, ascending) whichever
+// rows share its block and whichever thread runs it, so the bits do not depend on T or the split.
 constexpr int64_t ATTENTION_WORK_PER_THREAD = 16 * 1024;
+constexpr int64_t ATTENTION_ROW_BLOCK = 4;  // rows whose outputs share the registers (4 x 2 vectors at hd = 32)
+
+// out[r] = sum over key positions p in [first[r], last[r]] of w[r][p - first[r]] * value row p, for the
+// block's `rows` rows, as fused multiply-adds in ascending p from zero, kept in registers (NV vectors a
+// row: hd = NV * WIDTH). `values` points at the value row of key position key_start.
+template <int NV>
+void value_sum(int64_t rows, const int64_t* first, const int64_t* last, float* const* w, const float* values,
+               int64_t key_start, int64_t hd, float* const* out) {
+  using namespace panel_simd;
+  vec acc[ATTENTION_ROW_BLOCK][NV];
+  for (int64_t r = 0; r < ATTENTION_ROW_BLOCK; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = zero();
+  int64_t lo = first[0], hi = last[0];
+  for (int64_t r = 1; r < rows; ++r) lo = std::min(lo, first[r]), hi = std::max(hi, last[r]);
+  for (int64_t p = lo; p <= hi; ++p) {
+    const float* v = values + (p - key_start) * hd;
+    vec vp[NV];
+    for (int n = 0; n < NV; ++n) vp[n] = load(v + n * WIDTH);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (p < first[r] || p > last[r]) continue;
+      const vec weight = broadcast(w[r][p - first[r]]);
+      for (int n = 0; n < NV; ++n) acc[r][n] = fmadd(weight, vp[n], acc[r][n]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int n = 0; n < NV; ++n) store(out[r] + n * WIDTH, acc[r][n]);
+}
 
 inline void attention(const AttentionArgs& a) {
   using namespace panel_simd;
   const int64_t group = a.heads / a.kv_heads;
   const int64_t most_keys = a.pos + a.T - a.key_start;  // no row sees more (window or not)
-  const int64_t pairs = a.T * a.heads;
-  const int64_t grain = std::max<int64_t>(1, ATTENTION_WORK_PER_THREAD / std::max<int64_t>(1, most_keys * a.hd));
-  at::parallel_for(0, pairs, grain, [&](int64_t first_pair, int64_t end_pair) {
-    std::vector<float> weights(static_cast<size_t>(most_keys + WIDTH));
-    float* w = weights.data();
-    for (int64_t pair = first_pair; pair < end_pair; ++pair) {
-      const int64_t t = pair / a.heads, h = pair % a.heads;
-      const int64_t last = a.pos + t;
-      const int64_t first = a.window < 0 ? a.key_start : std::max<int64_t>(a.key_start, last - a.window + 1);
-      const int64_t S = last - first + 1;
-      const int64_t padded = (S + WIDTH - 1) / WIDTH * WIDTH;
-      const float* q = a.q + t * a.q_row + h * a.q_head;
-      const int64_t offset = (h / group) * a.kv_head + (first - a.key_start) * a.hd;
-      const float* k = a.keys + offset;
-      const float* v = a.values + offset;
-      for (int64_t j = 0; j < S; ++j) w[j] = dot(q, k + j * a.hd, a.hd) * a.scale;
-      for (int64_t j = S; j < padded; ++j) w[j] = w[0];  // padding that cannot change the max
-      vec m = load(w);
-      for (int64_t j = WIDTH; j < padded; j += WIDTH) m = vmax(m, load(w + j));
-      const vec top = broadcast(hmax(m));
-      for (int64_t j = 0; j < padded; j += WIDTH) store(w + j, vexp(vsub(load(w + j), top)));
-      vec total = zero();
-      for (int64_t j = 0; j + WIDTH < padded; j += WIDTH) total = vadd(total, load(w + j));
-      float sum = hsum(total);
-      for (int64_t j = padded - WIDTH; j < S; ++j) sum += w[j];  // the last chunk's real lanes, one by one
-      float* o = a.out + t * a.heads * a.hd + h * a.hd;
-      std::fill(o, o + a.hd, 0.f);
-      for (int64_t j = 0; j < S; ++j) axpy(w[j], v + j * a.hd, o, a.hd);
-      const float inv = 1.f / sum;
-      for (int64_t i = 0; i < a.hd; ++i) o[i] *= inv;
+  const int64_t blocks = (a.T + ATTENTION_ROW_BLOCK - 1) / ATTENTION_ROW_BLOCK;
+  const int64_t items = a.heads * blocks;  // (head, block of rows)
+  const int64_t block_work = std::min(a.T, ATTENTION_ROW_BLOCK) * most_keys * a.hd;
+  const int64_t grain = std::max<int64_t>(1, ATTENTION_WORK_PER_THREAD / std::max<int64_t>(1, block_work));
+  const int64_t nv = a.hd % WIDTH == 0 ? a.hd / WIDTH : 0;  // value_sum's vectors a row, 0: the plain loop
+  at::parallel_for(0, items, grain, [&](int64_t first_item, int64_t end_item) {
+    const int64_t stride = most_keys + WIDTH;
+    std::vector<float> weights(static_cast<size_t>(ATTENTION_ROW_BLOCK * stride));
+    int64_t first[ATTENTION_ROW_BLOCK], last[ATTENTION_ROW_BLOCK];
+    float* w[ATTENTION_ROW_BLOCK];
+    float* o[ATTENTION_ROW_BLOCK];
+    float sums[ATTENTION_ROW_BLOCK];
+    for (int64_t item = first_item; item < end_item; ++item) {
+      const int64_t h = item / blocks, t0 = (item % blocks) * ATTENTION_ROW_BLOCK;
+      const int64_t rows = std::min(ATTENTION_ROW_BLOCK, a.T - t0);
+      const float* k = a.keys + (h / group) * a.kv_head;
+      const float* v = a.values + (h / group) * a.kv_head;
+      for (int64_t r = 0; r < rows; ++r) {  // scores and softmax weights of row t0 + r
+        const int64_t t = t0 + r;
+        last[r] = a.pos + t;
+        first[r] = a.window < 0 ? a.key_start : std::max<int64_t>(a.key_start, last[r] - a.window + 1);
+        w[r] = weights.data() + r * stride;
+        o[r] = a.out + t * a.heads * a.hd + h * a.hd;
+        const int64_t S = last[r] - first[r] + 1;
+        const int64_t padded = (S + WIDTH - 1) / WIDTH * WIDTH;
+        const float* q = a.q + t * a.q_row + h * a.q_head;
+        const float* kr = k + (first[r] - a.key_start) * a.hd;
+        float* wr = w[r];
+        for (int64_t j = 0; j < S; ++j) wr[j] = dot(q, kr + j * a.hd, a.hd) * a.scale;
+        for (int64_t j = S; j < padded; ++j) wr[j] = wr[0];  // padding that cannot change the max
+        vec m = load(wr);
+        for (int64_t j = WIDTH; j < padded; j += WIDTH) m = vmax(m, load(wr + j));
+        const vec top = broadcast(hmax(m));
+        for (int64_t j = 0; j < padded; j += WIDTH) store(wr + j, vexp(vsub(load(wr + j), top)));
+        vec total = zero();
+        for (int64_t j = 0; j + WIDTH < padded; j += WIDTH) total = vadd(total, load(wr + j));
+        float sum = hsum(total);
+        for (int64_t j = padded - WIDTH; j < S; ++j) sum += wr[j];  // the last chunk's real lanes, one by one
+        sums[r] = sum;
+      }
+      switch (nv) {  // unnormalised outputs: sum of weight x value row
+        case 1: value_sum<1>(rows, first, last, w, v, a.key_start, a.hd, o); break;
+        case 2: value_sum<2>(rows, first, last, w, v, a.key_start, a.hd, o); break;
+        case 3: value_sum<3>(rows, first, last, w, v, a.key_start, a.hd, o); break;
+        case 4: value_sum<4>(rows, first, last, w, v, a.key_start, a.hd, o); break;
+        default:  // other head sizes: the same sums, one row at a time in memory
+          for (int64_t r = 0; r < rows; ++r) {
+            std::fill(o[r], o[r] + a.hd, 0.f);
+            const float* vr = v + (first[r] - a.key_start) * a.hd;
+            for (int64_t j = 0; j <= last[r] - first[r]; ++j) axpy(w[r][j], vr + j * a.hd, o[r], a.hd);
+          }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / sums[r];
+        for (int64_t i = 0; i < a.hd; ++i) o[r][i] *= inv;
+      }
     }
   });
 }

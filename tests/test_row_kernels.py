@@ -49,8 +49,8 @@ def sdpa_reference(q, keys, values, pos, window, scale):
     return out.float().transpose(1, 2).reshape(T, -1)
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd,window", [(6, 6, 32, None), (4, 2, 16, None), (4, 1, 24, 5)],
-                         ids=["mha", "gqa", "mqa-window-tail"])
+@pytest.mark.parametrize("heads,kv_heads,hd,window", [(6, 6, 32, None), (4, 2, 16, None), (4, 1, 24, 5), (6, 2, 32, 5)],
+                         ids=["mha", "gqa", "mqa-window-tail", "gqa-window"])
 def test_attention_matches_sdpa_and_a_row_alone_gets_the_same_bits(ext, heads, kv_heads, hd, window):
     g = torch.Generator().manual_seed(2)
     pos, T, capacity = 37, 6, 64
