@@ -42,7 +42,33 @@ inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_
 inline vec vpow2(vec n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
-inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+// A fixed tree (GCC's _mm512_reduce_add_ps, spelled out so that every compiler adds alike and hsum16 can
+// repeat it): lane i + lane i+8, then + lane i+4, then lanes i + i+2 of a quarter, then its lanes 0 + 1.
+inline float hsum(vec v) {
+  const __m256 halves = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                                      _mm512_castps512_ps256(v));
+  const __m128 quarter = _mm_add_ps(_mm256_extractf128_ps(halves, 1), _mm256_castps256_ps128(halves));
+  const __m128 pairs = _mm_add_ps(quarter, _mm_shuffle_ps(quarter, quarter, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+// hsum of 16 vectors at once, by the same additions on each (the same four steps, four vectors' lanes
+// moved together): lane 4k + r of the result is hsum(v[4r + k]). A key's score costs ~1 shuffle and add
+// instead of hsum's ~7.
+inline vec hsum16(const vec* v) {
+  vec halves[8], quarters[4], pairs[2];
+  for (int m = 0; m < 8; ++m)  // 128-bit quarters [Q0 + Q2, Q1 + Q3] of v[2m], then of v[2m + 1]
+    halves[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int m = 0; m < 4; ++m)  // quarter k: the halves' Q0 + Q1 of v[4m + k]
+    quarters[m] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * m], halves[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(halves[2 * m], halves[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int m = 0; m < 2; ++m)  // quarter k: lanes [0 + 2, 1 + 3] of v[8m + k], then of v[8m + 4 + k]
+    pairs[m] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * m], quarters[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(quarters[2 * m], quarters[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // quarter k: lanes 0 + 1 of v[k], v[4 + k], v[8 + k], v[12 + k]
+  return _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
@@ -115,6 +141,41 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = hsum(acc);
   for (; i < n; ++i) s = std::fma(a[i], b[i], s);
   return s;
+}
+
+#if defined(__AVX512F__)
+// Scores of 16 consecutive keys (hd = NV * WIDTH floats each, compile-time so the partial sums stay in
+// registers): out[j] = dot(q, key j) * scale, the same multiply-adds per key as dot, their lanes summed
+// by hsum16 (the same additions as dot's hsum), so the same bits as dot.
+template <int NV>
+void scores16(const float* q, const float* keys, float scale, float* out) {
+  using namespace panel_simd;
+  constexpr int64_t hd = NV * WIDTH;
+  vec qv[NV];
+  for (int n = 0; n < NV; ++n) qv[n] = load(q + n * WIDTH);
+  vec part[16];
+  for (int m = 0; m < 16; ++m) {  // slot m holds key 4 (m % 4) + m / 4, so lane L of hsum16 is key L
+    const float* k = keys + (4 * (m % 4) + m / 4) * hd;
+    vec acc = zero();
+    for (int n = 0; n < NV; ++n) acc = fmadd(qv[n], load(k + n * WIDTH), acc);
+    part[m] = acc;
+  }
+  store(out, vmul(hsum16(part), broadcast(scale)));
+}
+#endif
+
+// out[j] = dot(q, key j) * scale for S keys of hd floats each, one after another (16 at a time through
+// scores16 where it serves: the same bits).
+inline void scores(const float* q, const float* keys, int64_t S, int64_t hd, float scale, float* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  typedef void (*Scores16Fn)(const float*, const float*, float, float*);
+  static const Scores16Fn by_vectors[4] = {scores16<1>, scores16<2>, scores16<3>, scores16<4>};
+  const int64_t nv = hd % WIDTH == 0 ? hd / WIDTH : 0;
+  if (nv >= 1 && nv <= 4)
+    for (; j + 16 <= S; j += 16) by_vectors[nv - 1](q, keys + j * hd, scale, out + j);
+#endif
+  for (; j < S; ++j) out[j] = dot(q, keys + j * hd, hd) * scale;
 }
 
 // y += a * x over n elements.
@@ -258,29 +319,43 @@ constexpr int64_t ATTENTION_WORK_PER_THREAD = 16 * 1024;
 constexpr int64_t ATTENTION_ROW_BLOCK = 4;  // rows whose outputs share the registers (4 x 2 vectors at hd = 32)
 
 // out[r] = sum over key positions p in [first[r], last[r]] of w[r][p - first[r]] * value row p, for the
-// block's `rows` rows, as fused multiply-adds in ascending p from zero, kept in registers (NV vectors a
-// row: hd = NV * WIDTH). `values` points at the value row of key position key_start.
-template <int NV>
-void value_sum(int64_t rows, const int64_t* first, const int64_t* last, float* const* w, const float* values,
-               int64_t key_start, int64_t hd, float* const* out) {
+// block's ROWS rows, as fused multiply-adds in ascending p from zero, kept in registers (NV vectors a
+// row: hd = NV * WIDTH; both compile-time, or the accumulators would live on the stack and every
+// multiply-add wait on a store again). `values` points at the value row of key position key_start.
+template <int NV, int ROWS>
+void value_sum(const int64_t* first, const int64_t* last, float* const* w, const float* values, int64_t key_start,
+               float* const* out) {
   using namespace panel_simd;
-  vec acc[ATTENTION_ROW_BLOCK][NV];
-  for (int64_t r = 0; r < ATTENTION_ROW_BLOCK; ++r)
+  constexpr int64_t hd = NV * WIDTH;
+  vec acc[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
     for (int n = 0; n < NV; ++n) acc[r][n] = zero();
   int64_t lo = first[0], hi = last[0];
-  for (int64_t r = 1; r < rows; ++r) lo = std::min(lo, first[r]), hi = std::max(hi, last[r]);
+  for (int r = 1; r < ROWS; ++r) lo = std::min(lo, first[r]), hi = std::max(hi, last[r]);
   for (int64_t p = lo; p <= hi; ++p) {
     const float* v = values + (p - key_start) * hd;
     vec vp[NV];
     for (int n = 0; n < NV; ++n) vp[n] = load(v + n * WIDTH);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
       if (p < first[r] || p > last[r]) continue;
       const vec weight = broadcast(w[r][p - first[r]]);
       for (int n = 0; n < NV; ++n) acc[r][n] = fmadd(weight, vp[n], acc[r][n]);
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
+  for (int r = 0; r < ROWS; ++r)
     for (int n = 0; n < NV; ++n) store(out[r] + n * WIDTH, acc[r][n]);
+}
+
+typedef void (*ValueSumFn)(const int64_t*, const int64_t*, float* const*, const float*, int64_t, float* const*);
+
+// value_sum for hd = nv * WIDTH and `rows` rows (1..ATTENTION_ROW_BLOCK), or nullptr (then the plain loop).
+inline ValueSumFn value_sum_for(int64_t nv, int64_t rows) {
+  static const ValueSumFn table[4][ATTENTION_ROW_BLOCK] = {
+      {value_sum<1, 1>, value_sum<1, 2>, value_sum<1, 3>, value_sum<1, 4>},
+      {value_sum<2, 1>, value_sum<2, 2>, value_sum<2, 3>, value_sum<2, 4>},
+      {value_sum<3, 1>, value_sum<3, 2>, value_sum<3, 3>, value_sum<3, 4>},
+      {value_sum<4, 1>, value_sum<4, 2>, value_sum<4, 3>, value_sum<4, 4>}};
+  return nv >= 1 && nv <= 4 && rows >= 1 && rows <= ATTENTION_ROW_BLOCK ? table[nv - 1][rows - 1] : nullptr;
 }
 
 inline void attention(const AttentionArgs& a) {
@@ -315,7 +390,7 @@ inline void attention(const AttentionArgs& a) {
         const float* q = a.q + t * a.q_row + h * a.q_head;
         const float* kr = k + (first[r] - a.key_start) * a.hd;
         float* wr = w[r];
-        for (int64_t j = 0; j < S; ++j) wr[j] = dot(q, kr + j * a.hd, a.hd) * a.scale;
+        scores(q, kr, S, a.hd, a.scale, wr);
         for (int64_t j = S; j < padded; ++j) wr[j] = wr[0];  // padding that cannot change the max
         vec m = load(wr);
         for (int64_t j = WIDTH; j < padded; j += WIDTH) m = vmax(m, load(wr + j));
@@ -327,17 +402,14 @@ inline void attention(const AttentionArgs& a) {
         for (int64_t j = padded - WIDTH; j < S; ++j) sum += wr[j];  // the last chunk's real lanes, one by one
         sums[r] = sum;
       }
-      switch (nv) {  // unnormalised outputs: sum of weight x value row
-        case 1: value_sum<1>(rows, first, last, w, v, a.key_start, a.hd, o); break;
-        case 2: value_sum<2>(rows, first, last, w, v, a.key_start, a.hd, o); break;
-        case 3: value_sum<3>(rows, first, last, w, v, a.key_start, a.hd, o); break;
-        case 4: value_sum<4>(rows, first, last, w, v, a.key_start, a.hd, o); break;
-        default:  // other head sizes: the same sums, one row at a time in memory
-          for (int64_t r = 0; r < rows; ++r) {
-            std::fill(o[r], o[r] + a.hd, 0.f);
-            const float* vr = v + (first[r] - a.key_start) * a.hd;
-            for (int64_t j = 0; j <= last[r] - first[r]; ++j) axpy(w[r][j], vr + j * a.hd, o[r], a.hd);
-          }
+      if (ValueSumFn sum_values = value_sum_for(nv, rows)) {  // unnormalised outputs: weights x value rows
+        sum_values(first, last, w, v, a.key_start, o);
+      } else {  // other head sizes: the same sums, one row at a time in memory
+        for (int64_t r = 0; r < rows; ++r) {
+          std::fill(o[r], o[r] + a.hd, 0.f);
+          const float* vr = v + (first[r] - a.key_start) * a.hd;
+          for (int64_t j = 0; j <= last[r] - first[r]; ++j) axpy(w[r][j], vr + j * a.hd, o[r], a.hd);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / sums[r];
