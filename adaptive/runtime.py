@@ -101,18 +101,25 @@ class Runtime:
 
     @property
     def draft_depths(self) -> tuple[int, ...]:
-        """What self-drafting chooses from: the light and standard paths and up to three depths between
-        them (every one on a small model). A depth between the paths can draft better per unit of cost
-        than either: on the bundled 8-layer model the exit after 3 layers agrees with full depth on 0.864
-        of calibration tokens, nearly the 0.887 after 4, at three quarters of the draft cost, and adding
-        it took self-speculation from 1.09-1.10x to 1.14x full's tokens/s in the benchmark (2 threads,
-        5 repeats)."""
+        """What self-drafting chooses from: from the light path to three quarters of the layers, the standard
+        path and up to three depths between (every one on a small model).
+
+        A depth between the paths can draft better per unit of cost than either: on the bundled 8-layer model
+        the exit after 3 layers agreed with full depth on 0.864 of calibration tokens when this was measured,
+        nearly the 0.887 after 4, at three quarters of the draft cost, and adding it took self-speculation from 1.09-1.10x to 1.14x
+        full's tokens/s in the benchmark (2 threads, 5 repeats). Depths past the standard path cost more a
+        drafted token but leave fewer layers to verify and are accepted more often (the bundled model's
+        prior after 6 layers is 0.952, after 4 0.913), and with checked guesses a pass drafts ~2.4 tokens, so
+        the draft's extra layers are paid less than once a token: letting the controller also choose 5 and 6
+        made self-speculation 1.09x and 1.12x faster than choosing among 2-4 (two runtimes in one process,
+        interleaved per prompt, the bench prompts, 3 repeats: /tmp/s23/deep.py in the session-23 note)."""
         L = self.spec.num_layers
         if L < 2:
             return ()  # no shallow path to draft with
         light, standard = self.paths["light"], self.paths["standard"]  # both below L once L >= 2
-        step = max(1, -(-(standard - light) // 4))  # ceil: at most 5 depths, whatever the model's size
-        return tuple(sorted({*range(light, standard, step), standard}))
+        deep = max(standard, 3 * L // 4)  # below L too
+        step = max(1, -(-(deep - light) // 4))  # ceil: at most 6 depths, whatever the model's size
+        return tuple(sorted({*range(light, deep, step), standard, deep}))
 
     def host_costs(self) -> HostCosts:
         """Per-layer and head wall times on this host, measured once on first use."""

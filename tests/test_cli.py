@@ -48,7 +48,8 @@ def test_bench_on_random_llama(tmp_path):
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ["hf_generate", "hf_assistant_early_exit@2", "hf_assistant_early_exit@3",
-                          "hf_assistant_early_exit@4", "hf_prompt_lookup@10", "full", "early_exit@0.5",
+                          "hf_assistant_early_exit@4", "hf_assistant_early_exit@5", "hf_assistant_early_exit@6",
+                          "hf_prompt_lookup@10", "full", "early_exit@0.5",
                           "speculative_self", "speculative_lookup", "full_control"]
     assert "vs the fastest HF assistant row (hf_assistant_early_exit@" in proc.stdout
     # the control row is full again: lossless, and its per-prompt ratio is the noise yardstick

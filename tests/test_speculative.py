@@ -330,16 +330,18 @@ def test_speculation_ceiling_from_measured_rounds():
     assert c.at_measured_acceptance < c.ceiling
 
 
-@pytest.mark.parametrize("layers, depths", [(1, ()), (4, (1, 2)), (8, (2, 3, 4)), (12, (3, 4, 5, 6)),
-                                            (32, (8, 10, 12, 14, 16))])
-def test_draft_depths_run_from_the_light_to_the_standard_path(layers, depths):
+@pytest.mark.parametrize("layers, depths", [(1, ()), (2, (1,)), (4, (1, 2, 3)), (8, (2, 3, 4, 5, 6)),
+                                            (12, (3, 5, 6, 7, 9)), (32, (8, 12, 16, 20, 24))])
+def test_draft_depths_run_from_the_light_path_to_three_quarters_of_the_layers(layers, depths):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     rt = Runtime.from_model(LlamaForCausalLM(config).eval())
     assert rt.draft_depths == depths
-    assert not depths or (depths[0], depths[-1]) == (rt.paths["light"], rt.paths["standard"])
+    assert not depths or (depths[0], depths[-1]) == (rt.paths["light"], max(rt.paths["standard"], 3 * layers // 4))
+    assert not depths or rt.paths["standard"] in depths
+    assert all(d < layers for d in depths)
 
 
 def test_a_request_ramps_its_draft_length_up_from_two():

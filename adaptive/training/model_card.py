@@ -451,7 +451,7 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
                 f"reads it: over the {sp.get('acceptance_priors_vocab_size', sp.get('draft_vocab_size'))}-token draft "
                 f"shortlist plus the prompt's tokens, which "
                 "every produced token joins, at every step but the prefill's; the runtime starts from it and updates "
-                "it as requests run.", ""]
+                "it as requests run." + _shortlist_note(sp), ""]
 
     cert = report.get("certificate")
     if cert is None and "certificate" in report:  # the stage ran and certified nothing
@@ -525,6 +525,15 @@ def render(model_dir: str | Path, report: dict, log_path: str | Path | None = No
             "K/V fill added (`--with-kv-fill`, opt-in); the card is re-rendered from the stored report. Speed "
             "numbers depend on the host; losses, agreements and compute fractions are deterministic.", ""]
     return "\n".join(out)
+
+
+def _shortlist_note(sp: dict) -> str:
+    """A sentence for when the drafter's shortlist differs from the one the priors were read over."""
+    used, read = sp.get("draft_vocab_size"), sp.get("acceptance_priors_vocab_size")
+    if used is None or read is None or used == read:
+        return ""
+    return (f" The drafter's shortlist is {used} tokens while the priors were read over {read} (why, and what it "
+            "changes in accepted drafts: the note at `DEFAULT_DRAFT_VOCAB_SIZE` in `adaptive/runtime.py`).")
 
 
 def write_card(model_dir: str | Path, report: dict, log_path: str | Path | None = None) -> Path:
