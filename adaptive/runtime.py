@@ -111,8 +111,9 @@ class Runtime:
         drafted token but leave fewer layers to verify and are accepted more often (the bundled model's
         prior after 6 layers is 0.952, after 4 0.913), and with checked guesses a pass drafts ~2.4 tokens, so
         the draft's extra layers are paid less than once a token: letting the controller also choose 5 and 6
-        made self-speculation 1.09x and 1.12x faster than choosing among 2-4 (two runtimes in one process,
-        interleaved per prompt, the bench prompts, 3 repeats: /tmp/s23/deep.py in the session-23 note)."""
+        made self-speculation 1.046x as fast as choosing among 2-4 on average (median 1.031x, faster in 19 of
+        30 runs; each run two runtimes in one process, interleaved per prompt, 3 repeats of the bench
+        prompts: /tmp/s23/deep4.py in the session-23 note). A small gain on this host, with a wide spread."""
         L = self.spec.num_layers
         if L < 2:
             return ()  # no shallow path to draft with
