@@ -101,19 +101,19 @@ class Runtime:
 
     @property
     def draft_depths(self) -> tuple[int, ...]:
-        """What self-drafting chooses from: from the light path to three quarters of the layers, the standard
-        path and up to three depths between (every one on a small model).
+        """What self-drafting chooses from: a grid of at most five depths from the light path to three
+        quarters of the layers (every depth on a small model), plus the standard path.
 
-        A depth between the paths can draft better per unit of cost than either: on the bundled 8-layer model
-        the exit after 3 layers agreed with full depth on 0.864 of calibration tokens when this was measured,
-        nearly the 0.887 after 4, at three quarters of the draft cost, and adding it took self-speculation from 1.09-1.10x to 1.14x
-        full's tokens/s in the benchmark (2 threads, 5 repeats). Depths past the standard path cost more a
-        drafted token but leave fewer layers to verify and are accepted more often (the bundled model's
-        prior after 6 layers is 0.952, after 4 0.913), and with checked guesses a pass drafts ~2.4 tokens, so
-        the draft's extra layers are paid less than once a token: letting the controller also choose 5 and 6
-        made self-speculation 1.046x as fast as choosing among 2-4 on average (median 1.031x, faster in 19 of
-        30 runs; each run two runtimes in one process, interleaved per prompt, 3 repeats of the bench
-        prompts: /tmp/s23/deep4.py in the session-23 note). A small gain on this host, with a wide spread."""
+        A depth between the paths can draft better per unit of cost than either: on the bundled 8-layer
+        model the exit after 3 layers agreed with full depth on 0.864 of calibration tokens when this was
+        measured, nearly the 0.887 after 4, at three quarters of the draft cost, and adding it took
+        self-speculation from 1.09-1.10x to 1.14x full's tokens/s in the benchmark (2 threads, 5 repeats).
+        Depths past the standard path cost more a drafted token but leave fewer layers to verify and are
+        accepted more often (the bundled model's prior after 6 layers is 0.952, after 4 0.913), and with
+        checked guesses a pass drafts ~2.4 tokens, so a draft's extra layers are paid less than once a
+        token: letting the controller also choose 5 and 6 made self-speculation 1.046x as fast as choosing
+        among 2-4 on average (median 1.031x, faster in 19 of 30 runs, each two runtimes in one process
+        interleaved per prompt over 3 repeats of the bench prompts). A small gain here, with a wide spread."""
         L = self.spec.num_layers
         if L < 2:
             return ()  # no shallow path to draft with
