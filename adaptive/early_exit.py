@@ -67,7 +67,7 @@ class EarlyExitDecoder(Decoder):
             caught_up = x_start - owed_from
             x_start = owed_from
         out = self.model.layer(layer, x, x_start, self.cache)
-        macs = sum(self.costs.layer_macs(layer, p) for p in range(x_start, x_start + x.shape[1]))
+        macs = self.costs.positions_macs(layer, layer + 1, x_start, x.shape[1])
         return out, x_start, macs, caught_up
 
     def _check(self, h: torch.Tensor, prev: torch.Tensor, k: int, outcome: StepOutcome,
@@ -99,7 +99,7 @@ class EarlyExitDecoder(Decoder):
             layer_macs += macs
             if caught_up:
                 # The caught-up positions' share of this pass is bookkeeping for earlier tokens.
-                catch_up_macs += sum(costs.layer_macs(layer, p) for p in range(x_start, x_start + caught_up))
+                catch_up_macs += costs.positions_macs(layer, layer + 1, x_start, caught_up)
                 outcome.deferred_positions = max(outcome.deferred_positions, x.shape[1] - 1)
             k = layer + 1
             if k not in self.exit_points:
@@ -164,7 +164,7 @@ class EarlyExitDecoder(Decoder):
                     continue
                 x, x_start = self.pending[:, owed_from:self.pos], owed_from
                 out = self.model.layer(layer, x, x_start, self.cache)
-                macs = sum(self.costs.layer_macs(layer, p) for p in range(x_start, self.pos))
+                macs = self.costs.positions_macs(layer, layer + 1, x_start, self.pos - x_start)
             else:
                 out, x_start, macs, _ = self._run_layer(layer, x, x_start)
             x = out

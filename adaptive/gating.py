@@ -71,7 +71,7 @@ def prompt_features(runtime, prompt_ids: list[int], layers: int) -> tuple[torch.
                "distinct_share": len(set(prompt_ids)) / n,
                "repeated_bigram_share": repeats / max(1, len(bigrams))}
     vec = torch.cat([h.float().mean(0), h[-1].float(), torch.tensor([scalars[k] for k in SCALAR_FEATURES])])
-    macs = sum(runtime.costs.layers_macs(0, layers, p) for p in range(n)) + runtime.costs.head_macs
+    macs = runtime.costs.positions_macs(0, layers, 0, n) + runtime.costs.head_macs
     return vec, scalars, macs
 
 
