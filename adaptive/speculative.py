@@ -429,9 +429,9 @@ class SpeculationController:
 
         Asked for every depth before each round, so the loop does the same arithmetic from values fetched
         once: the expected tokens summed as it goes, the start-up verify costs of every k interpolated once
-        per depth (plan() in a tight loop: 23 us when the loop asked for each
-        k's costs by method calls, 11-16 us now; inside the decode loop, where the interpreter's data has
-        left the caches, 45-70 us either way)."""
+        per depth (plan() in a tight loop: 23 us when the loop asked for each k's costs by method calls,
+        11-16 us now; inside the decode loop, where the interpreter's data has left the caches, 45-70 us
+        either way)."""
         alpha, full = self.alpha(depth), self.full_step()
         first, step = self.draft_first_ms(depth), self.draft_step_ms(depth)
         verify_ratio = self.timings.get(("verify", depth))
