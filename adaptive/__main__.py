@@ -22,7 +22,7 @@ _EXTERNAL_COMMANDS = {
     "fit-kv-fill": ("adaptive.training.fit_kv_fill",
                     "fit the learned K/V fill of the propagate policy for a checkpoint (experimental)"),
     "build-datastore": ("adaptive.training.build_datastore",
-                        "the corpus n-gram datastore lookup drafting falls back to"),
+                        "the corpus n-gram datastore (lookup drafts, self-draft guesses)"),
     "train-gate": ("adaptive.training.train_gate",
                    "train the prompt-level gate (which path is enough for a prompt) from real runs"),
     "finalize-model": ("adaptive.training.finalize",

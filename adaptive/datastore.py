@@ -32,9 +32,19 @@ class NgramStore:
                  source: str = ""):
         self.keys, self.next, self.share = keys, next_tokens, shares
         self.vocab_size, self.source = vocab_size, source
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see ``tensors``
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys int64, next int32, share float32) as tensors sharing this store's memory, for the C++
+        drafter (``DraftRules.set_store``)."""
+        if self._tensors is None:
+            self._tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                                  (self.keys.astype(np.int64, copy=False), self.next.astype(np.int32, copy=False),
+                                   self.share.astype(np.float32, copy=False)))
+        return self._tensors
 
     @classmethod
     def build(cls, tokens: np.ndarray, vocab_size: int, min_count: int = 3, min_share: float = 0.5,

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,33 @@ inline std::vector<int64_t> guess(const std::vector<int64_t>& tokens, const std:
   }
   return {};
 }
+
+// NgramStore.propose (datastore.py): up to `length` tokens chained from the corpus 3-gram table, starting
+// from the last three of `recent`; each step looks the latest three tokens up (keys sorted, key =
+// (t1 * vocab + t2) * vocab + t3) and stops at a missing key or a share below min_share.
+struct NgramTable {
+  const int64_t* keys = nullptr;
+  const int32_t* next = nullptr;
+  const float* share = nullptr;
+  int64_t size = 0, vocab = 0;
+  double min_share = 0.5;
+
+  std::vector<int64_t> propose(const std::vector<int64_t>& recent, int64_t length) const {
+    std::vector<int64_t> out;
+    if (keys == nullptr || static_cast<int64_t>(recent.size()) < 3 || length <= 0) return out;
+    int64_t t1 = recent[recent.size() - 3], t2 = recent[recent.size() - 2], t3 = recent.back();
+    for (int64_t i = 0; i < length; ++i) {
+      const int64_t key = (t1 * vocab + t2) * vocab + t3;
+      const int64_t* found = std::lower_bound(keys, keys + size, key);
+      if (found == keys + size || *found != key) break;
+      const int64_t index = found - keys;
+      if (static_cast<double>(share[index]) < min_share) break;
+      out.push_back(next[index]);
+      t1 = t2, t2 = t3, t3 = next[index];
+    }
+    return out;
+  }
+};
 
 // GuessLength.choose: the guess length in [0, room] with the most expected drafts per predicted ms, for
 // guessed tokens each agreeing with probability beta; pass_ms[r - 1]: a pass of r rows (>= room + 1 of them).
@@ -80,6 +108,10 @@ struct Rules {
   double prior = 0.0;
   std::vector<double> pass_ms;  // [r - 1]: a pass of r rows
   int64_t max_ngram = 3, min_ngram = 1;
+  // corpus n-grams, guessed from where the context has no match (SpeculativeDecoder.guess); empty: none.
+  // `store_owner` keeps the arrays `store` points into alive (native_layers.cpp's set_store).
+  NgramTable store;
+  std::shared_ptr<const void> store_owner;
 
   // AcceptanceStats.predict: P(accepted) for a draft of this confidence
   double predict(double confidence) const {

@@ -295,7 +295,8 @@ class NativeModel {
       const int64_t room = std::min(rules.limit, rules.max_draft) - j - 1;
       const int64_t length = rules.guesses ? draft::guess_length(room, rules.beta(), rules.pass_ms) : 0;
       const std::vector<int64_t> tail(recent.end() - std::min<int64_t>(rules.max_ngram, recent.size()), recent.end());
-      const std::vector<int64_t> guess = draft::guess(context, tail, rules.max_ngram, rules.min_ngram, length);
+      std::vector<int64_t> guess = draft::guess(context, tail, rules.max_ngram, rules.min_ngram, length);
+      if (guess.empty()) guess = rules.store.propose(recent, length);  // the corpus's n-grams, if any
       std::vector<int64_t> fed{token};
       fed.insert(fed.end(), guess.begin(), guess.end());
       auto [h, confs, drafted] = draft_greedy(fed, pos + j, depth, kv, adapter_w, adapter_b, head_t, head_ids, head_p);
@@ -459,6 +460,16 @@ class NativeModel {
   int64_t H_, Hkv_, hd_;
 };
 
+// An NgramStore's arrays (datastore.py) as draft_round.h's table; the tensors must outlive it.
+static draft::NgramTable ngram_table(const Tensor& keys, const Tensor& next, const Tensor& share, int64_t vocab,
+                              double min_share) {
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong && keys.is_contiguous(), "keys: 1-d int64");
+  TORCH_CHECK(next.dim() == 1 && next.scalar_type() == at::kInt && next.is_contiguous(), "next: 1-d int32");
+  TORCH_CHECK(share.dim() == 1 && share.scalar_type() == at::kFloat && share.is_contiguous(), "share: 1-d float32");
+  TORCH_CHECK(keys.numel() == next.numel() && keys.numel() == share.numel(), "keys, next, share: one length");
+  return {keys.data_ptr<int64_t>(), next.data_ptr<int32_t>(), share.data_ptr<float>(), keys.numel(), vocab, min_share};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SMALL_ROWS") = panel::SMALL_ROWS;
   // RoPE in one pass, or None where it does not serve (see rope_applies): the Python layer's choice
@@ -536,9 +547,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("prior", &draft::Rules::prior)
       .def_readwrite("pass_ms", &draft::Rules::pass_ms)
       .def_readwrite("max_ngram", &draft::Rules::max_ngram)
-      .def_readwrite("min_ngram", &draft::Rules::min_ngram);
+      .def_readwrite("min_ngram", &draft::Rules::min_ngram)
+      // the corpus n-gram table (NgramStore's sorted int64 keys, int32 next tokens, float32 shares)
+      .def("set_store", [](draft::Rules& rules, const Tensor& keys, const Tensor& next, const Tensor& share,
+                           int64_t vocab, double min_share) {
+        rules.store = ngram_table(keys, next, share, vocab, min_share);
+        rules.store_owner = std::make_shared<std::vector<Tensor>>(std::vector<Tensor>{keys, next, share});
+      }, py::arg("keys"), py::arg("next"), py::arg("share"), py::arg("vocab"), py::arg("min_share"));
   // the n-gram guess and the guess length alone, for tests against draft_guesses.py
   m.def("draft_guess", &draft::guess, py::arg("tokens"), py::arg("tail"), py::arg("max_ngram"), py::arg("min_ngram"),
+        py::arg("length"));
+  m.def("draft_store_propose", [](const Tensor& keys, const Tensor& next, const Tensor& share, int64_t vocab,
+                                  double min_share, const std::vector<int64_t>& recent, int64_t length) {
+    return ngram_table(keys, next, share, vocab, min_share).propose(recent, length);
+  }, py::arg("keys"), py::arg("next"), py::arg("share"), py::arg("vocab"), py::arg("min_share"), py::arg("recent"),
         py::arg("length"));
   m.def("draft_guess_length", &draft::guess_length, py::arg("room"), py::arg("beta"), py::arg("pass_ms"));
   py::class_<DraftRound>(m, "DraftRound")

@@ -80,7 +80,8 @@ class Runtime:
         self.exit_classifier: ExitClassifier | None = None  # learned exit decisions (measure="classifier")
         self.certificate: Certificate | None = None  # Learn-then-Test certificate of an early-exit setting
         self.gate: PromptGate | None = None  # prompt-level gate: which path is enough for a prompt
-        self.datastore: NgramStore | None = None  # corpus n-grams: lookup drafts when the prompt has no match
+        # corpus n-grams: lookup drafts and self-draft guesses where the context has no match
+        self.datastore: NgramStore | None = None
         if loaded.directory is not None:
             self._load_sidecars(loaded.directory)
         self._host_costs: HostCosts | None = None
@@ -292,7 +293,8 @@ class Runtime:
         use_store = knobs.get("datastore", True)
         if not isinstance(use_store, bool):
             raise InvalidRequestError(f"datastore must be true or false, got {use_store!r}")
-        datastore = self.datastore if use_store and drafter == "lookup" else None
+        # lookup drafts from the corpus where the prompt has no match; self drafts guess from it likewise
+        datastore = self.datastore if use_store and drafter in ("lookup", "self") else None
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
                                      draft_model=draft_model, draft_ids=draft_ids, datastore=datastore,
                                      guess_drafts=guess_drafts, overlap=overlap)

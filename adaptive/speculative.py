@@ -73,6 +73,9 @@ FIRST_LENGTH_CAP = 2
 # stayed off for the next requests that would have accepted 85-99% of their drafts.
 GUESS_PRIOR_WEIGHT, CALIBRATED_PRIOR_WEIGHT = 8, 64
 DRAFT_SHORTLIST_SPARE = 256  # room for tokens the sequence adds to the draft shortlist before a copy
+# A corpus guess keeps chaining while the 3-gram's most frequent next token has at least this share of its
+# occurrences (the datastore keeps no 3-gram below it: build_datastore's default).
+GUESS_MIN_SHARE = 0.5
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
 
 
@@ -601,16 +604,16 @@ class SelfDrafter:
         if native is not None and ahead_of is None:  # the same round in one C++ call
             return self._native_round(dec, native, t0, depth, limit)
         drafting_started = time.perf_counter()
-        head, ngrams = dec.draft_head, dec.ngrams
+        head = dec.draft_head
         pos, before = ahead_of if ahead_of is not None else (dec.pos, [])
-        recent = (dec.context + before)[-ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
+        recent = (dec.context + before)[-dec.ngrams.max_ngram:] + [t0]  # the sequence's last tokens, drafts included
         log, hiddens, token, macs, stop = DraftLog(depth, dec.controller.draft_costs(depth)), [], t0, 0, None
         while stop is None:
             j = len(log.tokens)  # drafted so far: this pass's first row is position pos + j
             # room: drafts this round may still add after this pass's first (the request's limit and the
             # controller's length cap; a room of the whole request had GuessLength price ~100 row counts)
             room = min(limit, dec.controller.max_draft) - j - 1
-            guess = ngrams.guess(recent[-ngrams.max_ngram:], dec.guess_length(depth, room, log.costs.pass_ms))
+            guess = dec.guess(recent, dec.guess_length(depth, room, log.costs.pass_ms))
             fed = [token] + guess
             started = time.perf_counter()
             if native is not None:  # one C++ call: bit-identical to the Python below, without its ~10 ops
@@ -665,6 +668,8 @@ class SelfDrafter:
         rules.agreed, rules.compared = guesses.agreed.get(depth, 0), guesses.compared.get(depth, 0)
         rules.prior_weight, rules.prior = guesses.PRIOR_WEIGHT, guesses.PRIOR
         rules.max_ngram, rules.min_ngram = dec.ngrams.max_ngram, dec.ngrams.min_ngram
+        if dec.guess_drafts and dec.datastore is not None:
+            rules.set_store(*dec.datastore.tensors(), dec.datastore.vocab_size, GUESS_MIN_SHARE)
         pos = dec.pos
         out = native.draft_round(t0, pos, depth, dec.cache, head.heads.adapter(depth), head.weight_t, head.ids,
                                  head.panels, dec.context, rules)
@@ -816,6 +821,7 @@ class SpeculativeDecoder(Decoder):
         # A drafter that needs no model call (prompt lookup, or a stub in tests) is tried first each round;
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
         self.free_drafter = LookupDrafter(datastore=datastore) if drafter == "lookup" else None
+        self.datastore = datastore  # corpus n-grams: guesses where the context has no match (see ``guess``)
         self.draft_model = draft_model
         # The draft shortlist grows with the sequence: every emitted token joins it (ShortlistHead.add).
         self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
@@ -853,6 +859,17 @@ class SpeculativeDecoder(Decoder):
             q = torch.zeros(self.model.spec.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
             pick = int(ids[pick])
         return pick, q, q_tok, conf
+
+    def guess(self, recent: list[int], length: int) -> list[int]:
+        """Up to ``length`` tokens guessed to follow ``recent`` (the sequence's last tokens, drafts
+        included): the continuation of an earlier occurrence in the context (``ContextNgrams``), else the
+        corpus's most frequent continuation of the last three tokens (the datastore, where there is one:
+        a fresh line of code has no earlier occurrence, see README, "Guessed drafts"). The C++ round
+        (``NativeModel::draft_round``) guesses alike."""
+        found = self.ngrams.guess(recent[-self.ngrams.max_ngram:], length)
+        if not found and self.datastore is not None:
+            found = self.datastore.propose(recent, length, GUESS_MIN_SHARE)[0]
+        return found
 
     def guess_length(self, depth: int, room: int, pass_ms: tuple[float, ...] | None = None) -> int:
         """How many guessed tokens the self drafter's next pass checks (room: drafts the round has left;

@@ -1,7 +1,9 @@
-"""The corpus n-gram datastore: counts, chained proposals, file checks, and lossless lookup drafting."""
+"""The corpus n-gram datastore: counts, chained proposals, file checks, lossless lookup drafting, and the
+self drafter's guesses from it."""
 
 import numpy as np
 import pytest
+import torch
 
 from adaptive import Runtime
 from adaptive.datastore import DATASTORE_FILE, NgramStore
@@ -49,3 +51,29 @@ def test_lookup_with_a_datastore_is_lossless():
     off = rt.generate(prompt, max_new_tokens=40, mode="speculative", drafter="lookup", stop_at_eos=False,
                       datastore=False)
     assert off.token_ids == full.token_ids and "datastore" not in off.stats["drafter_histogram"]
+
+
+def test_self_drafts_guess_from_the_datastore_where_the_context_has_no_match():
+    from adaptive.config import SamplingConfig
+    from adaptive.sampling import Sampler
+
+    rt = Runtime.from_model(make_model("llama"), share_weights=False)
+    prompt = random_prompt(12, seed=4)
+    full = rt.generate(prompt, max_new_tokens=40, mode="full", stop_at_eos=False)
+    store = NgramStore.build(np.array(prompt + full.token_ids), rt.spec.vocab_size, min_count=1, min_share=0.0)
+    rt.datastore = store
+    dec, settings = rt._speculative_decoder({}, 60, Sampler(SamplingConfig()), set(), prompt)
+    dec.prefill(torch.tensor([prompt]))
+    assert settings["datastore"] is not None
+    seen = prompt[2:5]  # occurs in the context: its continuation there comes first
+    assert dec.guess(seen, 4) == dec.ngrams.guess(seen, 4) == prompt[5:9]
+    novel = [t for t in range(rt.spec.vocab_size) if t not in prompt][:3]  # no match: the corpus's guess
+    assert dec.ngrams.guess(novel, 4) == [] and dec.guess(novel, 4) == store.propose(novel, 4)[0]
+    off, off_settings = rt._speculative_decoder({"datastore": False}, 60, Sampler(SamplingConfig()), set(), prompt)
+    assert off.guess(novel, 4) == [] and off_settings["datastore"] is None
+    # lossless with the corpus's guesses, right or corrupted
+    bad = NgramStore(store.keys, (store.next + 1) % rt.spec.vocab_size, store.share, rt.spec.vocab_size)
+    for table in (store, bad):
+        rt.datastore = table
+        res = rt.generate(prompt, max_new_tokens=40, mode="speculative", stop_at_eos=False)
+        assert res.token_ids == full.token_ids and res.stats["datastore"] is not None

@@ -13,6 +13,7 @@ from adaptive.kv_cache import CacheHoleError
 from adaptive.loading import from_hf_model
 from adaptive.model import LeanModel
 from adaptive.speculative import SelfDrafter
+from adaptive.datastore import NgramStore
 
 from conftest import make_model, prefilled_speculative_decoder, random_prompt
 
@@ -284,6 +285,23 @@ def test_native_guess_rules_match_draft_guesses():
                 assert ext.draft_guess_length(room, rule.beta(2), costs) == rule.choose(2, room), (beta, costs, room)
 
 
+def test_native_store_guess_matches_the_datastore():
+    """draft_round.h's corpus guess (NgramTable.propose, a binary search per token) chains the same tokens
+    as NgramStore.propose, stopping at the same missing key or low share."""
+    ext = native_layers.extension()
+    g = torch.Generator().manual_seed(3)
+    corpus = torch.randint(0, 6, (400,), generator=g).numpy()  # 6 ids: 3-grams recur with mixed shares
+    store = NgramStore.build(corpus, 6, min_count=2, min_share=0.3)
+    chained = 0
+    for case in range(300):
+        recent = torch.randint(0, 6, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
+        length, min_share = case % 6, (0.3, 0.5, 0.7)[case % 3]
+        expected = store.propose(recent, length, min_share)[0]
+        assert ext.draft_store_propose(*store.tensors(), 6, min_share, recent, length) == expected, (recent, length)
+        chained += len(expected) > 1
+    assert chained > 10
+
+
 def test_native_draft_round_matches_the_python_loop():
     """A whole greedy round in one C++ call (NativeModel::draft_round) makes the choices the Python loop
     makes between its passes: the same guesses checked, drafts, confidences, predicted acceptances, stop
@@ -291,7 +309,7 @@ def test_native_draft_round_matches_the_python_loop():
     round's costs are fixed (they come from timings) so that both read the same ones."""
     from adaptive.speculative import DraftCosts
 
-    guessed = 0  # drafts that came from an agreeing guess, over both models (one is enough)
+    guessed = store_guessed = 0  # drafts that came from an agreeing guess (context / corpus), over both models
     for family in ("llama", "gpt2"):  # RoPE; learned positions added at the embedding
         rt = drafting_runtime(family)
         rt.acceptance.record(2, [0.05, 0.3, 0.55, 0.75, 0.95, 0.97], [False, True, False, True, True, True])
@@ -307,14 +325,18 @@ def test_native_draft_round_matches_the_python_loop():
             (8, True, 8, False, 0.1, cheap_rows), (8, True, 8, False, 0.45, cheap_rows), (3, True, 8, False, 0.1, cheap_rows),
             (8, True, 2, False, 0.1, cheap_rows), (8, True, 8, True, 0.1, cheap_rows), (8, False, 8, False, 0.1, cheap_rows),
             (8, True, 8, False, 0.1, tuple(float(r + 1) for r in range(9)))]
-        seen = {"guessed": 0, "stops": set()}
-        for limit, guessing, cap, fixed, step, passes in configs:
+        # corpus guesses: a datastore that knows the path's drafts, and a prompt whose context does not
+        store = NgramStore.build(torch.tensor(prompt).numpy(), rt.spec.vocab_size, min_count=1)
+        configs += [(8, True, 8, False, 0.1, cheap_rows, store)]
+        seen = {"guessed": 0, "stops": set(), "store_guessed": 0}
+        for limit, guessing, cap, fixed, step, passes, *with_store in configs:
             costs = DraftCosts(full_step=1.0, draft_step=step, marginal_verify=tuple(0.05 for _ in range(8)), pass_ms=passes)
+            rt.datastore = with_store[0] if with_store else None
             out = {}
             for native in (True, False):
                 with torch.inference_mode():
-                    dec, t0 = prefilled_speculative_decoder(rt, prompt, draft_depth=2, draft_vocab_size=30,
-                                                            guess_drafts=guessing)
+                    dec, t0 = prefilled_speculative_decoder(rt, base if with_store else prompt, draft_depth=2,
+                                                            draft_vocab_size=30, guess_drafts=guessing)
                     dec.controller.draft_costs = lambda depth: costs
                     dec.controller.record_pass = lambda *args: None  # timings only matter from the next round on
                     dec.controller.length_cap, dec.controller.max_draft = cap, 8
@@ -322,7 +344,7 @@ def test_native_draft_round_matches_the_python_loop():
                     if not native:
                         dec.native_draft = lambda: None  # the Python loop with the Python pass
                     d = SelfDrafter()._draft_greedy(dec, t0, 2, limit)
-                k, pos = len(d.tokens), len(prompt)
+                k, pos = len(d.tokens), len(base if with_store else prompt)
                 out[native] = (d, dec.cache.fill[:], dec.cache.k[:2, :, :, :pos + k].clone(),
                                dec.cache.v[:2, :, :, :pos + k].clone(), dict(dec.guesses.agreed), dict(dec.guesses.compared))
             (dn, fill_n, kn, vn, an, cn), (dp, fill_p, kp, vp, ap, cp) = out[True], out[False]
@@ -332,8 +354,10 @@ def test_native_draft_round_matches_the_python_loop():
             assert torch.equal(dn.hidden, dp.hidden) and dn.q == dp.q
             assert fill_n == fill_p and torch.equal(kn, kp) and torch.equal(vn, vp)
             assert (an.get(2, 0), cn.get(2, 0)) == (ap.get(2, 0), cp.get(2, 0))  # guessed tokens agreed / compared
-            seen["guessed"] += dn.guessed
+            seen["store_guessed" if with_store else "guessed"] += dn.guessed
             seen["stops"].add(dn.stop_reason)
+        rt.datastore = None
         assert {"max_len", "length_cap", "predicted_reject"} <= seen["stops"], (family, seen)
         guessed += seen["guessed"]
-    assert guessed > 0, guessed
+        store_guessed += seen["store_guessed"]
+    assert guessed > 0 and store_guessed > 0, (guessed, store_guessed)
