@@ -312,6 +312,8 @@ class SpeculationController:
         self.probe_due = False  # after a pause, one exploratory round refreshes the acceptance estimate
         self._memo: dict[tuple, float] = {}
         self._verify_by_length: dict[int, tuple[float, ...]] = {}  # see raw_verify_by_length
+        self._round_costs: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {}  # see draft_costs
+        self._gains: dict[int, tuple[tuple, tuple[float, int]]] = {}  # see predicted_speedup
         self.rounds_planned = 0
         self.plain_reason = "off"  # why the latest plan was a plain step: "off" or "measure"
         self.last_gain: float | None = None  # the latest plan's predicted speedup (None: not evaluated)
@@ -322,20 +324,25 @@ class SpeculationController:
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup, -2 datastore.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
     # each (depth, k) is interpolated once.
-    def _once(self, key: tuple, compute) -> float:
-        """``compute()``, worked out on the first call per ``key`` and kept (the costs do not change)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
-
+    # (Each looks its key up before building anything: a closure made per call to compute on a miss cost
+    # as much as the lookup, on paths asked several times a round.)
     def raw_draft_step_ms(self, depth: int) -> float:
-        return self._once(("draft", depth), lambda: self._draft_step_ms(depth))
+        ms = self._memo.get(("draft", depth))
+        if ms is None:
+            ms = self._memo[("draft", depth)] = self._draft_step_ms(depth)
+        return ms
 
     def raw_verify_ms(self, depth: int, k: int) -> float:
-        return self._once(("verify", depth, k), lambda: self._verify_ms(depth, k))
+        ms = self._memo.get(("verify", depth, k))
+        if ms is None:
+            ms = self._memo[("verify", depth, k)] = self._verify_ms(depth, k)
+        return ms
 
     def raw_full_step(self) -> float:
-        return self._once(("full",), self.host.full_step)
+        ms = self._memo.get(("full",))
+        if ms is None:
+            ms = self._memo[("full",)] = self.host.full_step()
+        return ms
 
     # predictions corrected by what rounds measured on this host
     def draft_step_ms(self, depth: int) -> float:
@@ -393,7 +400,10 @@ class SpeculationController:
         (the shortlist head's measured single-row cost, scaled with rows as the full head scales).
         Asked for every row count up to the draft's room before each guessed pass (GuessLength.choose):
         interpolated once per (depth, rows), since recomputing it cost ~0.45 ms a pass, as much as the pass."""
-        return self._once(("pass", depth, rows), lambda: self._draft_pass_ms(depth, rows))
+        ms = self._memo.get(("pass", depth, rows))
+        if ms is None:
+            ms = self._memo[("pass", depth, rows)] = self._draft_pass_ms(depth, rows)
+        return ms
 
     def _draft_pass_ms(self, depth: int, rows: int) -> float:
         if self.draft_head_ms is None:
@@ -434,16 +444,23 @@ class SpeculationController:
         once: the expected tokens summed as it goes, the start-up verify costs of every k interpolated once
         per depth (plan() in a tight loop: 23 us when the loop asked for each k's costs by method calls,
         11-16 us now; inside the decode loop, where the interpreter's data has left the caches, 45-70 us
-        either way)."""
+        either way). Each depth's answer is kept with the five numbers it came from: a round changes
+        those of the depth it drafted at, so plan() runs the loop for that depth only (the other depths'
+        loops were ~75% of its time in the decode loop)."""
         alpha, full = self.alpha(depth), self.full_step()
         first, step = self.draft_first_ms(depth), self.draft_step_ms(depth)
         verify_ratio = self.timings.get(("verify", depth))
+        inputs = (alpha, full, first, step, verify_ratio)
+        kept = self._gains.get(depth)
+        if kept is not None and kept[0] == inputs:
+            return kept[1]
         best_gain, best_k, tokens = 0.0, 0, 0.0
         for k, raw_verify in enumerate(self.raw_verify_by_length(depth), start=1):
             tokens += alpha ** (k - 1)
-            gain = tokens * full / (self._round_ms(first, step, k) + raw_verify * verify_ratio)
+            gain = tokens * full / (first + (k - 1) * step + raw_verify * verify_ratio)  # _round_ms, k >= 1
             if gain >= best_gain:  # the longer draft on a tie
                 best_gain, best_k = gain, k
+        self._gains[depth] = (inputs, (best_gain, best_k))
         return best_gain, best_k
 
     def raw_verify_by_length(self, depth: int) -> tuple[float, ...]:
@@ -485,10 +502,18 @@ class SpeculationController:
 
     def draft_costs(self, depth: int) -> DraftCosts:
         """The costs a round drafting at ``depth`` (a stats key) reads, as they stand now."""
-        # verify_ms(depth, n) for n = 0..max_draft, from the start-up costs interpolated once per depth
-        verify_ratio = self.timings.get(("verify", depth))
-        verify = [ms * verify_ratio for ms in (self.raw_verify_ms(depth, 0), *self.raw_verify_by_length(depth))]
-        passes = tuple(self.measured_pass_ms(depth, rows) for rows in range(1, self.max_draft + 2)) if depth >= 1 else ()
+        # The start-up costs this reads, worked out once per depth: verify_ms(depth, n) for n = 0..max_draft
+        # and (self drafts) draft_pass_ms(depth, rows) for rows = 1..max_draft + 1.
+        raw = self._round_costs.get(depth)
+        if raw is None:
+            raw = self._round_costs[depth] = (
+                (self.raw_verify_ms(depth, 0), *self.raw_verify_by_length(depth)),
+                tuple(self.draft_pass_ms(depth, rows) for rows in range(1, self.max_draft + 2)) if depth >= 1 else ())
+        raw_verify, raw_passes = raw
+        verify_ratio, get = self.timings.get(("verify", depth)), self.timings.get
+        verify = [ms * verify_ratio for ms in raw_verify]
+        # measured_pass_ms(depth, rows), from the kept start-up costs
+        passes = tuple(ms * get(("pass", depth, rows)) for rows, ms in enumerate(raw_passes, start=1))
         return DraftCosts(full_step=self.full_step(), draft_step=self.draft_step_ms(depth),
                           marginal_verify=tuple(verify[n + 1] - verify[n] for n in range(self.max_draft)),
                           pass_ms=passes)
@@ -658,18 +683,13 @@ class SelfDrafter:
         guesses' running agreement (both only change after the round, or inside it as the C++ tracks)."""
         controller, stats, guesses, head = dec.controller, dec.controller.stats, dec.guesses, dec.draft_head
         costs = controller.draft_costs(depth)
-        rules = native.draft_rules()
-        rules.eos, rules.limit, rules.max_draft = list(dec.eos), limit, controller.max_draft
-        rules.length_cap, rules.fixed_length = controller.length_cap, controller.fixed_length is not None
+        rules = self._rules_for(dec, native)
+        rules.limit, rules.length_cap = limit, controller.length_cap
         rules.full_step, rules.draft_step, rules.marginal_verify = costs.full_step, costs.draft_step, costs.marginal_verify
         bins = stats.bins.get(depth) or [(0, 0)] * _CONFIDENCE_BINS
         rules.bin_accepted, rules.bin_total, rules.alpha = [b[0] for b in bins], [b[1] for b in bins], stats.alpha(depth)
-        rules.guesses, rules.pass_ms = dec.guess_drafts, costs.pass_ms
+        rules.pass_ms = costs.pass_ms
         rules.agreed, rules.compared = guesses.agreed.get(depth, 0), guesses.compared.get(depth, 0)
-        rules.prior_weight, rules.prior = guesses.PRIOR_WEIGHT, guesses.PRIOR
-        rules.max_ngram, rules.min_ngram = dec.ngrams.max_ngram, dec.ngrams.min_ngram
-        if dec.guess_drafts and dec.datastore is not None:
-            rules.set_store(*dec.datastore.tensors(), dec.datastore.vocab_size, GUESS_MIN_SHARE)
         pos = dec.pos
         out = native.draft_round(t0, pos, depth, dec.cache, head.heads.adapter(depth), head.weight_t, head.ids,
                                  head.panels, dec.context, rules)
@@ -686,6 +706,23 @@ class SelfDrafter:
                      stop_reason=out.stop, predicted_accept=out.predicted, confidences=confidences, macs=macs,
                      drafter=self.name, passes=len(pass_rows), guessed=out.guessed, rest_ms=out.rest_ms,
                      rest_drafts=len(tokens) - pass_used[0], first_rows=pass_rows[0])
+
+    @staticmethod
+    def _rules_for(dec: "SpeculativeDecoder", native: NativeLayers):
+        """The request's ``DraftRules`` with the fields that stay put for a request set (``_native_round``
+        sets the round's own). Made once per request: the C++ round takes a copy, and setting every field
+        anew cost ~10 us a round in a tight loop, several times that in the decode loop."""
+        if dec.native_rules is None:
+            controller, guesses = dec.controller, dec.guesses
+            rules = native.draft_rules()
+            rules.eos, rules.max_draft = list(dec.eos), controller.max_draft
+            rules.fixed_length = controller.fixed_length is not None
+            rules.guesses, rules.prior_weight, rules.prior = dec.guess_drafts, guesses.PRIOR_WEIGHT, guesses.PRIOR
+            rules.max_ngram, rules.min_ngram = dec.ngrams.max_ngram, dec.ngrams.min_ngram
+            if dec.guess_drafts and dec.datastore is not None:
+                rules.set_store(*dec.datastore.tensors(), dec.datastore.vocab_size, GUESS_MIN_SHARE)
+            dec.native_rules = rules
+        return dec.native_rules
 
     @staticmethod
     def _python_pass(dec: "SpeculativeDecoder", fed: list[int], pos: int, depth: int):
@@ -822,6 +859,7 @@ class SpeculativeDecoder(Decoder):
         # when it proposes nothing, the round drafts with the model (self or draft model) instead.
         self.free_drafter = LookupDrafter(datastore=datastore) if drafter == "lookup" else None
         self.datastore = datastore  # corpus n-grams: guesses where the context has no match (see ``guess``)
+        self.native_rules = None  # the C++ round's fixed rules, made on its first call (SelfDrafter._rules_for)
         self.draft_model = draft_model
         # The draft shortlist grows with the sequence: every emitted token joins it (ShortlistHead.add).
         self.draft_head = ShortlistHead(heads, draft_ids, spare=DRAFT_SHORTLIST_SPARE)
