@@ -462,7 +462,7 @@ class NativeModel {
 
 // An NgramStore's arrays (datastore.py) as draft_round.h's table; the tensors must outlive it.
 static draft::NgramTable ngram_table(const Tensor& keys, const Tensor& next, const Tensor& share, int64_t vocab,
-                              double min_share) {
+                                     double min_share) {
   TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong && keys.is_contiguous(), "keys: 1-d int64");
   TORCH_CHECK(next.dim() == 1 && next.scalar_type() == at::kInt && next.is_contiguous(), "next: 1-d int32");
   TORCH_CHECK(share.dim() == 1 && share.scalar_type() == at::kFloat && share.is_contiguous(), "share: 1-d float32");

@@ -283,25 +283,26 @@ class Runtime:
         guess_drafts = knobs.get("guess_drafts", True)  # see README, "Guessed drafts"
         if not isinstance(guess_drafts, bool):
             raise InvalidRequestError(f"guess_drafts must be true or false, got {guess_drafts!r}")
+        guessing = guess_drafts and sampler.config.greedy  # a sampled pass draws one token: nothing to guess
         controller = SpeculationController(self.host_costs(), L, self.acceptance, self.draft_depths, max_draft=max_draft,
                                            fixed_depth=depth, fixed_length=length, draft_model_step_ms=draft_step_ms,
                                            draft_head_ms=draft_head_ms, timings=self.round_timings,
-                                           draft_variant="guess" if guess_drafts and sampler.config.greedy else "")
+                                           draft_variant="guess" if guessing else "")
         overlap = knobs.get("overlap", False)  # off by default: see README, "Overlapped verification"
         if not isinstance(overlap, bool):
             raise InvalidRequestError(f"overlap must be true or false, got {overlap!r}")
         use_store = knobs.get("datastore", True)
         if not isinstance(use_store, bool):
             raise InvalidRequestError(f"datastore must be true or false, got {use_store!r}")
-        # lookup drafts from the corpus where the prompt has no match; self drafts guess from it likewise
-        datastore = self.datastore if use_store and drafter in ("lookup", "self") else None
+        # lookup drafts from the corpus where the prompt has no match; greedy self drafts that guess, likewise
+        datastore = self.datastore if use_store and (drafter == "lookup" or drafter == "self" and guessing) else None
         decoder = SpeculativeDecoder(self.model, self.costs, max_len, self.heads, controller, sampler, drafter, eos,
                                      draft_model=draft_model, draft_ids=draft_ids, datastore=datastore,
                                      guess_drafts=guess_drafts, overlap=overlap)
         settings = {"drafter": drafter, "draft_depth": depth if depth is not None else "adaptive",
                     "draft_length": length if length is not None else "adaptive", "max_draft": max_draft,
                     "draft_vocab": int(draft_ids.numel()) if draft_ids is not None else self.spec.vocab_size,
-                    "guess_drafts": guess_drafts and sampler.config.greedy,
+                    "guess_drafts": guessing,
                     "overlap": decoder.overlap,
                     "exit_heads": self.heads.source,
                     "datastore": f"{len(datastore)} 3-grams ({datastore.source})" if datastore is not None else None}

@@ -71,9 +71,14 @@ def test_self_drafts_guess_from_the_datastore_where_the_context_has_no_match():
     assert dec.ngrams.guess(novel, 4) == [] and dec.guess(novel, 4) == store.propose(novel, 4)[0]
     off, off_settings = rt._speculative_decoder({"datastore": False}, 60, Sampler(SamplingConfig()), set(), prompt)
     assert off.guess(novel, 4) == [] and off_settings["datastore"] is None
+    # no guesses (switched off, or sampling: a pass draws one token), no datastore for them
+    unguessed = rt._speculative_decoder({"guess_drafts": False}, 60, Sampler(SamplingConfig()), set(), prompt)[1]
+    sampled = rt._speculative_decoder({}, 60, Sampler(SamplingConfig(temperature=0.8)), set(), prompt)[1]
+    assert unguessed["datastore"] is None and sampled["datastore"] is None
     # lossless with the corpus's guesses, right or corrupted
     bad = NgramStore(store.keys, (store.next + 1) % rt.spec.vocab_size, store.share, rt.spec.vocab_size)
     for table in (store, bad):
         rt.datastore = table
         res = rt.generate(prompt, max_new_tokens=40, mode="speculative", stop_at_eos=False)
         assert res.token_ids == full.token_ids and res.stats["datastore"] is not None
+
