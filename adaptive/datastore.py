@@ -54,9 +54,16 @@ class NgramStore:
         if len(s) <= ORDER:
             raise ValueError("the corpus is too short for a datastore")
         V = vocab_size
-        keys = (s[:-3] * V + s[1:-2]) * V + s[2:-1]  # (n-3,) one key per 3-gram
-        pairs, counts = np.unique(keys * V + s[3:], return_counts=True)  # (3-gram, next) and how often
-        k, nxt = pairs // V, pairs % V
+        keys = (s[:-3] * V + s[1:-2]) * V + s[2:-1]  # (n-3,) one key per 3-gram: V^3 fits in int64
+        # Each distinct (3-gram, next) and how often. Sorted as pairs of columns: one number per pair,
+        # key * V + next (V^4), overflowed int64 silently from V = 55,109 on (Llama 3's and Qwen2's
+        # vocabularies), merging unrelated n-grams.
+        by_pair = np.lexsort((s[3:], keys))
+        key_sorted, next_sorted = keys[by_pair], s[3:][by_pair]
+        new_pair = (key_sorted[1:] != key_sorted[:-1]) | (next_sorted[1:] != next_sorted[:-1])
+        starts = np.flatnonzero(np.r_[True, new_pair])
+        counts = np.diff(np.r_[starts, len(key_sorted)])
+        k, nxt = key_sorted[starts], next_sorted[starts]
         order = np.lexsort((-counts, k))  # per key, the most frequent next token first
         k, nxt, counts = k[order], nxt[order], counts[order]
         first = np.r_[True, k[1:] != k[:-1]]

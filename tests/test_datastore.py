@@ -82,3 +82,21 @@ def test_self_drafts_guess_from_the_datastore_where_the_context_has_no_match():
         res = rt.generate(prompt, max_new_tokens=40, mode="speculative", stop_at_eos=False)
         assert res.token_ids == full.token_ids and res.stats["datastore"] is not None
 
+
+def test_build_counts_pairs_exactly_with_a_large_vocabulary():
+    """A 3-gram and its next token were once packed into one int64 (key * V + next, V^4): from V = 55,109
+    on that overflowed and merged unrelated n-grams. Counts must match a plain count at any vocabulary."""
+    from collections import Counter
+
+    g = np.random.default_rng(5)
+    V = 152_064  # Qwen2's vocabulary
+    corpus = g.choice(np.array([3, 70_001, 151_999, 120_000]), size=3000)  # few ids: every 3-gram recurs
+    store = NgramStore.build(corpus, V, min_count=1, min_share=0.0)
+    follows: dict[tuple, Counter] = {}
+    for i in range(len(corpus) - 3):
+        follows.setdefault(tuple(corpus[i:i + 3]), Counter())[int(corpus[i + 3])] += 1
+    assert len(store) == len(follows)
+    for gram, counter in follows.items():
+        tokens, shares = store.propose([int(t) for t in gram], 1, min_share=0.0)
+        count = max(counter.values())  # (a tie may go to any of the tied tokens)
+        assert counter[tokens[0]] == count and shares[0] == pytest.approx(count / sum(counter.values()))
