@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from adaptive import Runtime, native_layers
+from adaptive.datastore import NgramStore
 from adaptive.exits import ExitHeads
 from adaptive.kv_cache import CacheHoleError
 from adaptive.loading import from_hf_model
 from adaptive.model import LeanModel
 from adaptive.speculative import SelfDrafter
-from adaptive.datastore import NgramStore
 
 from conftest import make_model, prefilled_speculative_decoder, random_prompt
 
