@@ -25,6 +25,7 @@ from .errors import CheckpointError
 DATASTORE_FILE = "ngram_datastore.safetensors"
 DATASTORE_FORMAT = "adaptive-ngram-datastore"
 ORDER = 3
+MIN_SHARE = 0.5  # a 3-gram's next token is kept, and chained, while it follows this share of it or more
 
 
 class NgramStore:
@@ -47,7 +48,7 @@ class NgramStore:
         return self._tensors
 
     @classmethod
-    def build(cls, tokens: np.ndarray, vocab_size: int, min_count: int = 3, min_share: float = 0.5,
+    def build(cls, tokens: np.ndarray, vocab_size: int, min_count: int = 3, min_share: float = MIN_SHARE,
               source: str = "") -> "NgramStore":
         """Count every (3-gram, next token) in ``tokens`` and keep each 3-gram's most frequent next token."""
         s = np.asarray(tokens, dtype=np.int64)
@@ -73,7 +74,7 @@ class NgramStore:
         keep = (totals >= min_count) & (share >= min_share)
         return cls(k[keep], nxt[keep].astype(np.int32), share[keep].astype(np.float32), V, source)
 
-    def propose(self, context: list[int], limit: int, min_share: float = 0.5) -> tuple[list[int], list[float]]:
+    def propose(self, context: list[int], limit: int, min_share: float = MIN_SHARE) -> tuple[list[int], list[float]]:
         """Up to ``limit`` tokens continuing ``context``, with the share behind each."""
         if len(context) < ORDER or limit <= 0:
             return [], []

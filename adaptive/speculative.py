@@ -38,6 +38,7 @@ import torch
 
 from .draft_guesses import ContextNgrams, GuessLength, latest_continuation
 from .costs import CostModel
+from .datastore import MIN_SHARE
 from .decoding import Decoder
 from .errors import InvalidRequestError
 from .exits import ExitHeads, ShortlistHead
@@ -73,9 +74,6 @@ FIRST_LENGTH_CAP = 2
 # stayed off for the next requests that would have accepted 85-99% of their drafts.
 GUESS_PRIOR_WEIGHT, CALIBRATED_PRIOR_WEIGHT = 8, 64
 DRAFT_SHORTLIST_SPARE = 256  # room for tokens the sequence adds to the draft shortlist before a copy
-# A corpus guess keeps chaining while the 3-gram's most frequent next token has at least this share of its
-# occurrences (the datastore keeps no 3-gram below it: build_datastore's default).
-GUESS_MIN_SHARE = 0.5
 REQUEST_WINDOW, REQUEST_PRIOR = 32, 8  # a request's own latest verdicts, and the runtime-wide rate's weight
 
 
@@ -324,25 +322,23 @@ class SpeculationController:
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup, -2 datastore.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
     # each (depth, k) is interpolated once.
-    # (Each looks its key up before building anything: a closure made per call to compute on a miss cost
-    # as much as the lookup, on paths asked several times a round.)
-    def raw_draft_step_ms(self, depth: int) -> float:
-        ms = self._memo.get(("draft", depth))
+    def _once(self, key: tuple, compute, *args) -> float:
+        """``compute(*args)``, worked out on the first call per ``key`` and kept (the costs do not change).
+        The arguments are passed rather than closed over: a closure built per call cost as much as the
+        lookup, on paths asked several times a round."""
+        ms = self._memo.get(key)
         if ms is None:
-            ms = self._memo[("draft", depth)] = self._draft_step_ms(depth)
+            ms = self._memo[key] = compute(*args)
         return ms
+
+    def raw_draft_step_ms(self, depth: int) -> float:
+        return self._once(("draft", depth), self._draft_step_ms, depth)
 
     def raw_verify_ms(self, depth: int, k: int) -> float:
-        ms = self._memo.get(("verify", depth, k))
-        if ms is None:
-            ms = self._memo[("verify", depth, k)] = self._verify_ms(depth, k)
-        return ms
+        return self._once(("verify", depth, k), self._verify_ms, depth, k)
 
     def raw_full_step(self) -> float:
-        ms = self._memo.get(("full",))
-        if ms is None:
-            ms = self._memo[("full",)] = self.host.full_step()
-        return ms
+        return self._once(("full",), self.host.full_step)
 
     # predictions corrected by what rounds measured on this host
     def draft_step_ms(self, depth: int) -> float:
@@ -400,10 +396,7 @@ class SpeculationController:
         (the shortlist head's measured single-row cost, scaled with rows as the full head scales).
         Asked for every row count up to the draft's room before each guessed pass (GuessLength.choose):
         interpolated once per (depth, rows), since recomputing it cost ~0.45 ms a pass, as much as the pass."""
-        ms = self._memo.get(("pass", depth, rows))
-        if ms is None:
-            ms = self._memo[("pass", depth, rows)] = self._draft_pass_ms(depth, rows)
-        return ms
+        return self._once(("pass", depth, rows), self._draft_pass_ms, depth, rows)
 
     def _draft_pass_ms(self, depth: int, rows: int) -> float:
         if self.draft_head_ms is None:
@@ -457,7 +450,7 @@ class SpeculationController:
         best_gain, best_k, tokens = 0.0, 0, 0.0
         for k, raw_verify in enumerate(self.raw_verify_by_length(depth), start=1):
             tokens += alpha ** (k - 1)
-            gain = tokens * full / (first + (k - 1) * step + raw_verify * verify_ratio)  # _round_ms, k >= 1
+            gain = tokens * full / (self._round_ms(first, step, k) + raw_verify * verify_ratio)
             if gain >= best_gain:  # the longer draft on a tie
                 best_gain, best_k = gain, k
         self._gains[depth] = (inputs, (best_gain, best_k))
@@ -720,7 +713,7 @@ class SelfDrafter:
             rules.guesses, rules.prior_weight, rules.prior = dec.guess_drafts, guesses.PRIOR_WEIGHT, guesses.PRIOR
             rules.max_ngram, rules.min_ngram = dec.ngrams.max_ngram, dec.ngrams.min_ngram
             if dec.guess_drafts and dec.datastore is not None:
-                rules.set_store(*dec.datastore.tensors(), dec.datastore.vocab_size, GUESS_MIN_SHARE)
+                rules.set_store(*dec.datastore.tensors(), dec.datastore.vocab_size, MIN_SHARE)
             dec.native_rules = rules
         return dec.native_rules
 
@@ -906,7 +899,7 @@ class SpeculativeDecoder(Decoder):
         (``NativeModel::draft_round``) guesses alike."""
         found = self.ngrams.guess(recent[-self.ngrams.max_ngram:], length)
         if not found and self.datastore is not None:
-            found = self.datastore.propose(recent, length, GUESS_MIN_SHARE)[0]
+            found = self.datastore.propose(recent, length)[0]
         return found
 
     def guess_length(self, depth: int, room: int, pass_ms: tuple[float, ...] | None = None) -> int:

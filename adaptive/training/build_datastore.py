@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datastore import DATASTORE_FILE, NgramStore
+from ..datastore import DATASTORE_FILE, MIN_SHARE, NgramStore
 from ..runtime import Runtime
 
 
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--text", nargs="*", default=None, help="local UTF-8 text files (default: the stdlib train split)")
     p.add_argument("--min-count", type=int, default=3)
-    p.add_argument("--min-share", type=float, default=0.5)
+    p.add_argument("--min-share", type=float, default=MIN_SHARE)
     p.add_argument("--out", default=None, help=f"output file (default: MODEL/{DATASTORE_FILE})")
 
 
