@@ -212,7 +212,6 @@ class AcceptanceStats:
         self.prior_weight = prior_weight  # observations a prior is worth (see CALIBRATED_PRIOR_WEIGHT)
         self.counts: dict[int, list[int]] = {}  # depth -> [accepted, evaluated]
         self.bins: dict[int, list[list[int]]] = {}  # depth -> bin -> [accepted, evaluated]
-        self.changes: dict[int, int] = {}  # depth -> records so far (what a memo of alpha(depth) compares)
 
     def alpha(self, depth: int) -> float:
         """Acceptance rate at ``depth``: the running count, with the prior worth ``prior_weight``
@@ -231,7 +230,6 @@ class AcceptanceStats:
 
     def record(self, depth: int, confidences: list[float], accepted_flags: list[bool]) -> None:
         with self.lock:
-            self.changes[depth] = self.changes.get(depth, 0) + 1
             counts = self.counts.setdefault(depth, [0, 0])
             bins = self.bins.setdefault(depth, [[0, 0] for _ in range(_CONFIDENCE_BINS)])
             for conf, ok in zip(confidences, accepted_flags):
@@ -266,10 +264,6 @@ class RoundTimings:
         # drafted token, while a plain step with speculation switched off only records (its median
         # used to be recomputed on every one of those steps, 1% of a step on a small model).
         self.median: dict[tuple, float] = {}
-        # Records so far that change what a plan reads of a depth (its draft and verify ratios), and of the
-        # plain step: ``SpeculationController.predicted_speedup`` compares these instead of the ratios.
-        self.depth_changes: dict[int, int] = {}
-        self.full_changes = 0
 
     def get(self, key: tuple) -> float:
         """The typical measured / predicted ratio for ``key``: 1.0 (the start-up costs stand) until
@@ -290,10 +284,6 @@ class RoundTimings:
             self.count[key] = self.count.get(key, 0) + 1
             self.recent.setdefault(key, deque(maxlen=self.window)).append(measured_ms / predicted_ms)
             self.median.pop(key, None)
-            if key[0] == "full":
-                self.full_changes += 1
-            elif key[0] != "pass":  # ("draft_first" | "draft" | "verify", depth, ...); passes feed the guess length
-                self.depth_changes[key[1]] = self.depth_changes.get(key[1], 0) + 1
 
 
 class SpeculationController:
@@ -328,7 +318,6 @@ class SpeculationController:
         # This request's latest verdicts per path: acceptance varies by prompt far more than the
         # runtime-wide rate (which after a few requests barely moves) can follow.
         self.recent: dict[int, list[bool]] = {}
-        self.observed: dict[int, int] = {}  # depth -> rounds observed (with the change counts, see predicted_speedup)
 
     # measured costs (ms); "depth" is a stats key: d >= 1 self, 0 draft model, -1 lookup, -2 datastore.
     # They are fixed for the controller's lifetime and asked for several times per drafted token, so
@@ -431,7 +420,6 @@ class SpeculationController:
     def observe(self, depth: int, accepted_flags: list[bool]) -> None:
         """Record this request's verdicts on a round's drafts (the runtime-wide stats are fed separately)."""
         self.recent[depth] = (self.recent.get(depth, []) + accepted_flags)[-REQUEST_WINDOW:]
-        self.observed[depth] = self.observed.get(depth, 0) + 1
         if any(accepted_flags):  # the prompt is not hopeless: let the acceptance rule decide the length
             self.length_cap = min(self.max_draft, 2 * self.length_cap)
 
@@ -445,30 +433,27 @@ class SpeculationController:
         """(tokens per full-step time, best draft length) at ``depth`` under the running acceptance:
         the gain expected_tokens(alpha, k) * full / (draft_round_ms + verify_ms) maximised over k.
 
-        Asked for every depth before each round. Each depth's answer is kept with the change counts of
-        what it reads (the depth's acceptance, runtime-wide and this request's; its draft and verify
-        timings; the plain step's), so plan() recomputes only a depth whose inputs moved, usually the
-        one the last round drafted at. Comparing the inputs themselves meant fetching five of them per
-        depth through a dozen method calls: plan() took a median 72 us a round in the decode loop, 42 us
-        comparing counts (perf_counter stamps around it, bench prompts, two runs in different host phases).
-        A recomputation does the arithmetic from values fetched once: the expected tokens summed as it
-        goes, the start-up verify costs of every k interpolated once per depth."""
-        timings = self.timings
-        stamp = (self.stats.changes.get(depth, 0), self.observed.get(depth, 0),
-                 timings.depth_changes.get(depth, 0), timings.full_changes)
-        kept = self._gains.get(depth)
-        if kept is not None and kept[0] == stamp:
-            return kept[1]
+        Asked for every depth before each round, so the loop does the same arithmetic from values fetched
+        once: the expected tokens summed as it goes, the start-up verify costs of every k interpolated once
+        per depth (plan() in a tight loop: 23 us when the loop asked for each k's costs by method calls,
+        11-16 us now; inside the decode loop, where the interpreter's data has left the caches, 45-70 us
+        either way). Each depth's answer is kept with the five numbers it came from: a round changes
+        those of the depth it drafted at, so plan() runs the loop for that depth only (the other depths'
+        loops were ~75% of its time in the decode loop)."""
         alpha, full = self.alpha(depth), self.full_step()
         first, step = self.draft_first_ms(depth), self.draft_step_ms(depth)
-        verify_ratio = timings.get(("verify", depth))
+        verify_ratio = self.timings.get(("verify", depth))
+        inputs = (alpha, full, first, step, verify_ratio)
+        kept = self._gains.get(depth)
+        if kept is not None and kept[0] == inputs:
+            return kept[1]
         best_gain, best_k, tokens = 0.0, 0, 0.0
         for k, raw_verify in enumerate(self.raw_verify_by_length(depth), start=1):
             tokens += alpha ** (k - 1)
             gain = tokens * full / (self._round_ms(first, step, k) + raw_verify * verify_ratio)
             if gain >= best_gain:  # the longer draft on a tie
                 best_gain, best_k = gain, k
-        self._gains[depth] = (stamp, (best_gain, best_k))
+        self._gains[depth] = (inputs, (best_gain, best_k))
         return best_gain, best_k
 
     def raw_verify_by_length(self, depth: int) -> tuple[float, ...]:

@@ -271,46 +271,6 @@ def test_round_timings_judge_every_side_by_the_median():
     assert t.count[("full",)] == 10
 
 
-def test_kept_gains_follow_every_input_they_read():
-    """plan() reuses each depth's predicted gain until something it reads changes: after any recorded
-    round, verdict, plain step or runtime-wide record, every kept answer equals a fresh computation."""
-    import random
-    from adaptive.host_costs import HostCosts
-    from adaptive.speculative import AcceptanceStats, RoundTimings, SpeculationController
-
-    host = HostCosts(layer_ms={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}, head_ms={1: 0.8, 2: 0.9, 4: 1.0, 8: 1.3}, num_layers=8)
-    stats, timings, rng = AcceptanceStats({2: 0.6, 4: 0.8}), RoundTimings(), random.Random(0)
-    ctl = SpeculationController(host, 8, stats, depths=(2, 4, 6), timings=timings, draft_variant="guess")
-    other = SpeculationController(host, 8, stats, depths=(2, 4, 6), timings=timings)  # another request
-
-    def fresh(depth):
-        kept = ctl._gains.pop(depth)
-        try:
-            return ctl.predicted_speedup(depth)
-        finally:
-            ctl._gains[depth] = kept
-
-    changed = 0
-    for step in range(300):
-        before = {d: ctl.predicted_speedup(d) for d in ctl.depths}
-        depth, action = rng.choice(ctl.depths), rng.randrange(5)
-        if action == 0:
-            ctl.observe(depth, [rng.random() < 0.7 for _ in range(rng.randint(1, 8))])
-        elif action == 1:
-            stats.record(depth, [0.5] * 3, [rng.random() < 0.5 for _ in range(3)])
-        elif action == 2:
-            (ctl if rng.random() < 0.5 else other).record_round(
-                depth, 4, rng.uniform(1, 9), rng.uniform(1, 9), rng.uniform(0, 1), 2, 2)
-        elif action == 3:
-            ctl.record_round(None, 0, 0.0, rng.uniform(1, 5))  # a plain step
-        else:
-            ctl.record_pass(depth, 3, rng.uniform(1, 5))  # read by the guess length only
-        for d in ctl.depths:
-            assert ctl.predicted_speedup(d) == fresh(d), (step, action, d)
-            changed += ctl.predicted_speedup(d) != before[d]
-    assert changed > 100  # the inputs did move
-
-
 def test_controller_follows_the_requests_own_acceptance():
     """The runtime-wide rate is only a prior: a request whose drafts keep failing turns speculation off."""
     from adaptive.host_costs import HostCosts
